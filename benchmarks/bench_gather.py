@@ -1,0 +1,370 @@
+"""Token movement: gather_visible / scatter_tokens bandwidth against eager PyTorch.
+
+    python -m benchmarks.bench_gather [--quick]
+
+Shapes (method.md): Stage 1 = 16 clips x 4096 tokens x 768, 80% hidden (819 visible per
+clip), 4 prefix tokens, a shared position table; Stage 2 = 14 clips x 8192 tokens x 768,
+multi-block view A masks (8 tubes of 15% of the frame: 20-50% visible), 4 prefix tokens.
+For each shape, dtype, op and direction (fwd; bwd = the gradients of every input) it times
+the invnext backends (Triton; CUDA when built) and eager PyTorch formulations.
+
+Throughput is GB/s of the *minimal* traffic: each byte an ideal kernel must read or write,
+counted once (visible rows, the touched part of the position table, the outputs, the index);
+"of peak" divides it by this card's measured device-copy bandwidth.
+
+Two comparisons, because eager code that starts from a boolean mask pays for turning it
+into an index (nonzero: a host sync) while the kernels receive the index:
+- "index given": the best eager formulation handed the same index and cu_seqlens;
+- "incl. mask->index": the best eager formulation starting from the mask (boolean indexing,
+  or index derivation followed by the index-given code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from benchmarks.common import Row, do_bench, markdown_table, measured_peaks, need_gpu, write_results
+
+P = 4
+C = 768
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    grid: tuple[int, int, int]
+    hidden: torch.Tensor  # bool[B, N] on the GPU
+
+    @property
+    def N(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def _stage1(device) -> Case:
+    # Semantic masks keep a fixed count per clip; any fixed-count random subset moves the same bytes.
+    B, grid = 16, (16, 16, 16)
+    N = grid[0] * grid[1] * grid[2]
+    keep = round(0.2 * N)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.rand(B, N, generator=gen).argsort(1)
+    hidden = torch.ones(B, N, dtype=torch.bool)
+    hidden.scatter_(1, order[:, :keep], False)
+    return Case(f"stage1 {B}x{N}x{C} (80% hidden)", B, grid, hidden.to(device))
+
+
+def _stage2(device) -> Case:
+    B, grid = 14, (32, 16, 16)
+    N = grid[0] * grid[1] * grid[2]
+    try:
+        from invnext.ops.masks import multiblock_mask
+
+        hidden = multiblock_mask(B, grid, 8, (0.15, 0.15), (0.75, 1.5), seed=0, device="cpu")
+        how = "multi-block view A"
+    except Exception as exc:  # the masks module is not usable: a random mask of the same density
+        print(f"bench_gather: multiblock_mask unavailable ({exc}); using random masks of 25-55% visible")
+        gen = torch.Generator().manual_seed(0)
+        frac = 0.25 + 0.3 * torch.rand(B, 1, generator=gen)
+        hidden = torch.rand(B, N, generator=gen) >= frac
+        how = "random 25-55% visible"
+    vis = (~hidden).float().mean().item()
+    return Case(f"stage2 {B}x{N}x{C} ({how}, {100 * vis:.0f}% visible)", B, grid, hidden.to(device))
+
+
+# ----------------------------------------------------------------------------------------
+# eager formulations
+# ----------------------------------------------------------------------------------------
+def derive_index(hidden: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager mask -> (index int64[total], cu_seqlens int32[B+1]); ``nonzero`` syncs with the host."""
+    B, N = hidden.shape
+    keep = torch.cat([torch.ones(B, num_prefix, dtype=torch.bool, device=hidden.device), ~hidden], 1)
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    b, t = flat // (N + num_prefix), flat % (N + num_prefix)
+    index = torch.where(t >= num_prefix, b * N + t - num_prefix, torch.full_like(flat, -1))
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=hidden.device)
+    cu[1:] = keep.sum(1).cumsum(0)
+    return index, cu
+
+
+def gather_boolean(x, hidden, pos, prefix):
+    """``x[~hidden]`` style: pos added to the whole clip, prefix concatenated, boolean pick."""
+    B, N, _ = x.shape
+    full = torch.cat([prefix.expand(B, -1, -1), x + pos], 1)
+    keep = torch.cat([torch.ones(B, prefix.shape[1], dtype=torch.bool, device=x.device), ~hidden], 1)
+    return full[keep]
+
+
+def _prefix_source(index, cu, B, N, Bq, num_prefix):
+    """Row of every packed token in ``cat([x.view(B*N, C), prefix.view(Bq*P, C)])`` (no sync)."""
+    total = index.numel()
+    r = torch.arange(total, device=index.device)
+    b = torch.searchsorted(cu[1:].to(torch.int64), r, right=True)
+    j = r - cu.to(torch.int64)[b]
+    return torch.where(index >= 0, index, B * N + (b if Bq > 1 else 0) * num_prefix + j)
+
+
+def gather_table(x, index, cu, pos, prefix):
+    """torch.gather from one table of ``x + pos`` rows and prefix rows."""
+    B, N, C_ = x.shape
+    table = torch.cat([(x + pos).reshape(B * N, C_), prefix.reshape(-1, C_)])
+    src = _prefix_source(index, cu, B, N, prefix.shape[0], prefix.shape[1])
+    return torch.gather(table, 0, src[:, None].expand(-1, C_))
+
+
+def gather_index_select(x, index, cu, pos, prefix):
+    """index_select of the visible rows and their pos rows, add, then the prefix rows by where."""
+    B, N, C_ = x.shape
+    safe = index.clamp_min(0)
+    out = x.reshape(B * N, C_).index_select(0, safe) + pos.reshape(-1, C_).index_select(0, safe % N)
+    src = _prefix_source(index, cu, B, N, prefix.shape[0], prefix.shape[1]) - B * N
+    pre = prefix.reshape(-1, C_).index_select(0, src.clamp_min(0))
+    return torch.where((index < 0)[:, None], pre, out)
+
+
+def scatter_boolean(packed, index, hidden, mask_token, pos):
+    """``full[~hidden] = packed[index >= 0]``: two boolean index ops, each a host sync."""
+    B, N = hidden.shape
+    full = mask_token.expand(B, N, -1).clone()
+    full[~hidden] = packed[index >= 0]
+    return full + pos
+
+
+def _dump_target(index, places):
+    return torch.where(index >= 0, index, torch.full_like(index, places))
+
+
+def scatter_index_copy(packed, index, mask_token, pos, B, N):
+    """index_copy into the grid plus one dump row that takes the prefix rows."""
+    buf = mask_token.expand(B * N + 1, -1).index_copy(0, _dump_target(index, B * N), packed)
+    return buf[: B * N].view(B, N, -1) + pos
+
+
+def scatter_index_put(packed, index, mask_token, pos, B, N):
+    buf = mask_token.expand(B * N + 1, -1).index_put((_dump_target(index, B * N),), packed)
+    return buf[: B * N].view(B, N, -1) + pos
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------
+def _bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
+    return do_bench(fn, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+
+
+def _backward_of(make: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor):
+    out = make()
+    return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+def _invnext_impls(op: str, device) -> dict[str, Callable]:
+    from invnext.ops._dispatch import availability, resolve
+
+    impls = {}
+    for backend in ("triton", "cuda"):
+        ok, why = availability(op, backend, device)
+        if ok:
+            impls[f"invnext-{backend}"] = resolve(op, backend, device)[1]
+        else:
+            print(f"bench_gather: {op} backend {backend!r} skipped: {why}")
+    return impls
+
+
+def _rows_for(
+    bench: str,
+    mode: str,
+    shape: str,
+    dtype: torch.dtype,
+    nbytes: int,
+    timings: dict[str, tuple[float, float, float]],
+    eager_index: list[str],
+    eager_mask: list[str],
+    copy_gbps: float,
+) -> list[Row]:
+    dt = str(dtype).replace("torch.", "")
+
+    def row(impl, t, baseline=None, speedup=None, **extra):
+        gbps = nbytes / (t[0] * 1e-3) / 1e9
+        return Row(bench, impl, mode, shape, dt, t[0], t[1], t[2], gbps, "GB/s", gbps / copy_gbps if copy_gbps else None,
+                   baseline, speedup, dict(extra, minimal_bytes=nbytes))
+
+    rows = [row(name, timings[name]) for name in eager_index + eager_mask]
+    best_index = min(eager_index, key=lambda k: timings[k][0])
+    best_mask = min(eager_mask, key=lambda k: timings[k][0])
+    for name, t in timings.items():
+        if not name.startswith("invnext"):
+            continue
+        rows.append(row(name, t, f"best eager, index given: {best_index}", timings[best_index][0] / t[0]))
+        rows.append(row(name, t, f"best eager incl. mask->index: {best_mask}", timings[best_mask][0] / t[0]))
+    return rows
+
+
+def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
+    dev = case.hidden.device
+    B, N, hidden = case.B, case.N, case.hidden
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(B, N, C, device=dev, dtype=dtype, generator=gen)
+    pos = torch.randn(1, N, C, device=dev, dtype=dtype, generator=gen)
+    prefix = torch.randn(1, P, C, device=dev, dtype=dtype, generator=gen)
+    mask_token = torch.randn(C, device=dev, dtype=dtype, generator=gen)
+    index, cu = derive_index(hidden, P)
+    total = index.numel()
+    visible = total - B * P
+    esize = x.element_size()
+    pos_rows_touched = int((~hidden).any(0).sum())
+    idx_bytes = 8 * total + 4 * (B + 1)
+    shape = f"{case.name}, total={total}"
+    rows: list[Row] = []
+
+    # -------- gather_visible forward --------
+    g_impls = _invnext_impls("gather_visible", dev)
+    t: dict[str, tuple[float, float, float]] = {}
+    for name, impl in g_impls.items():
+        t[name] = _bench(lambda impl=impl: impl(x, index, cu, pos, prefix), quick)
+    try:  # the public op from the mask, with host-known counts (as the mask sampler has them): no sync
+        ops = importlib.import_module("invnext.ops.tokens")
+        counts = (~hidden).sum(1).tolist()
+        t["invnext-triton public op (mask given, num_visible)"] = _bench(
+            lambda: ops.gather_visible(x, hidden, pos=pos, prefix=prefix, num_visible=counts, backend="triton"), quick
+        )
+    except ImportError:
+        pass
+    eager_index = {
+        "eager torch.gather (index given)": lambda: gather_table(x, index, cu, pos, prefix),
+        "eager index_select+add (index given)": lambda: gather_index_select(x, index, cu, pos, prefix),
+    }
+    eager_mask = {
+        "eager bool-index x[keep] (mask given)": lambda: gather_boolean(x, hidden, pos, prefix),
+        "eager mask->index + torch.gather": lambda: gather_table(x, *derive_index(hidden, P), pos, prefix),
+        "eager mask->index + index_select+add": lambda: gather_index_select(x, *derive_index(hidden, P), pos, prefix),
+    }
+    for name, fn in {**eager_index, **eager_mask}.items():
+        t[name] = _bench(fn, quick)
+    nbytes = esize * (visible * C + pos_rows_touched * C + P * C + total * C) + idx_bytes
+    rows += _rows_for("gather_visible", "fwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+
+    # -------- gather_visible backward (dx, dpos, dprefix) --------
+    leaves = [t_.clone().requires_grad_(True) for t_ in (x, pos, prefix)]
+    grad = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
+    t = {}
+    for name, impl in g_impls.items():
+        t[name] = _bench(_backward_of(lambda impl=impl: impl(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad), quick)
+    eager_index = {
+        "eager torch.gather (index given)": _backward_of(
+            lambda: gather_table(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad
+        ),
+        "eager index_select+add (index given)": _backward_of(
+            lambda: gather_index_select(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad
+        ),
+    }
+    eager_mask = {
+        "eager bool-index x[keep] (mask given)": _backward_of(
+            lambda: gather_boolean(leaves[0], hidden, leaves[1], leaves[2]), leaves, grad
+        )
+    }
+    for name, fn in {**eager_index, **eager_mask}.items():
+        t[name] = _bench(fn, quick)
+    nbytes = esize * (total * C + B * N * C + N * C + P * C) + idx_bytes
+    rows += _rows_for("gather_visible", "bwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+    del leaves, grad
+
+    # -------- scatter_tokens forward --------
+    packed = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
+    s_impls = _invnext_impls("scatter_tokens", dev)
+    t = {}
+    for name, impl in s_impls.items():
+        t[name] = _bench(lambda impl=impl: impl(packed, index, mask_token, pos, B, N), quick)
+    eager_index = {
+        "eager index_copy (index given)": lambda: scatter_index_copy(packed, index, mask_token, pos, B, N),
+        "eager index_put (index given)": lambda: scatter_index_put(packed, index, mask_token, pos, B, N),
+    }
+    eager_mask = {
+        "eager bool-mask assign (mask given)": lambda: scatter_boolean(packed, index, hidden, mask_token, pos),
+        "eager mask->index + index_copy": lambda: scatter_index_copy(packed, derive_index(hidden, P)[0], mask_token, pos, B, N),
+    }
+    for name, fn in {**eager_index, **eager_mask}.items():
+        t[name] = _bench(fn, quick)
+    nbytes = esize * (visible * C + N * C + C + B * N * C) + 8 * total
+    rows += _rows_for("scatter_tokens", "fwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+
+    # -------- scatter_tokens backward (dpacked, dmask_token, dpos) --------
+    leaves = [t_.clone().requires_grad_(True) for t_ in (packed, mask_token, pos)]
+    grad = torch.randn(B, N, C, device=dev, dtype=dtype, generator=gen)
+    t = {}
+    for name, impl in s_impls.items():
+        t[name] = _bench(_backward_of(lambda impl=impl: impl(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad), quick)
+    eager_index = {
+        "eager index_copy (index given)": _backward_of(
+            lambda: scatter_index_copy(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad
+        ),
+        "eager index_put (index given)": _backward_of(
+            lambda: scatter_index_put(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad
+        ),
+    }
+    eager_mask = {
+        "eager bool-mask assign (mask given)": _backward_of(
+            lambda: scatter_boolean(leaves[0], index, hidden, leaves[1], leaves[2]), leaves, grad
+        )
+    }
+    for name, fn in {**eager_index, **eager_mask}.items():
+        t[name] = _bench(fn, quick)
+    nbytes = esize * (B * N * C + total * C + N * C + C) + 8 * total
+    rows += _rows_for("scatter_tokens", "bwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+    return rows
+
+
+def _check_agreement(case: Case) -> None:
+    """The timed kernels must compute what the eager code computes (bf16 forward, exact)."""
+    dev = case.hidden.device
+    from invnext._kernels_path import ensure_kernels_importable
+
+    ensure_kernels_importable()
+    tk = importlib.import_module("invnext_kernels.tokens")
+    x = torch.randn(case.B, case.N, C, device=dev, dtype=torch.bfloat16)
+    pos = torch.randn(1, case.N, C, device=dev, dtype=torch.bfloat16)
+    prefix = torch.randn(1, P, C, device=dev, dtype=torch.bfloat16)
+    mask_token = torch.randn(C, device=dev, dtype=torch.bfloat16)
+    index, cu = derive_index(case.hidden, P)
+    packed = tk.gather_visible(x, index, cu, pos, prefix)
+    want = gather_boolean(x.float(), case.hidden, pos.float(), prefix.float()).to(torch.bfloat16)
+    if not torch.equal(packed, want):
+        raise SystemExit("bench_gather: the Triton gather disagrees with the eager formulation")
+    full = tk.scatter_tokens(packed, index, mask_token, pos, case.B, case.N)
+    want = scatter_boolean(packed.float(), index, case.hidden, mask_token.float(), pos.float()).to(torch.bfloat16)
+    if not torch.equal(full, want):
+        raise SystemExit("bench_gather: the Triton scatter disagrees with the eager formulation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="bf16 only, shorter timing (under a minute on an H100)")
+    args = parser.parse_args(argv)
+    if not need_gpu("bench_gather"):
+        return 0
+    dev = torch.device("cuda")
+    copy_gbps = measured_peaks().get("copy_gbps", 0.0)
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    rows: list[Row] = []
+    for make in (_stage1, _stage2):
+        case = make(dev)
+        _check_agreement(case)
+        for dtype in dtypes:
+            rows += bench_case(case, dtype, args.quick, copy_gbps)
+            torch.cuda.empty_cache()
+    notes = (
+        "GB/s counts the minimal bytes (visible rows, touched pos rows, outputs, index). "
+        "Each invnext row appears twice: speedup vs the best eager code given the index, and vs the best "
+        "eager code starting from the mask (incl. the synchronising mask->index step)."
+    )
+    path = write_results("bench_gather" + ("_quick" if args.quick else ""), rows, notes)
+    print(markdown_table(rows, {"gpu": torch.cuda.get_device_name(0), "peaks": measured_peaks()}))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

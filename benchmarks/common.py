@@ -1,0 +1,128 @@
+"""Shared benchmark harness: the card's identity and measured peaks, timing, result files.
+
+Every benchmark row carries the GPU name, dtype, shape, the median and 20/80% quantiles
+in milliseconds, a throughput (TFLOP/s or GB/s), its fraction of this card's *measured*
+peak, and the baseline it was compared against in the same run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Row:
+    bench: str  # e.g. "masked_attention"
+    impl: str  # e.g. "invnext-triton", "sdpa-flash (padded, incl. gather)"
+    mode: str  # "fwd" | "bwd" | "fwd+bwd" | "step" ...
+    shape: str
+    dtype: str
+    ms_median: float
+    ms_p20: float
+    ms_p80: float
+    throughput: float | None = None  # in `unit`
+    unit: str = ""  # "TFLOP/s" | "GB/s" | "clips/s"
+    frac_of_peak: float | None = None
+    baseline: str | None = None  # the impl this row is compared against
+    speedup_vs_baseline: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def gpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def need_gpu(bench: str) -> bool:
+    """True when a CUDA GPU is present; otherwise print why the benchmark is skipped."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{bench}: needs a CUDA GPU (timing the CPU reference against the Triton interpreter means nothing); skipped.")
+    return False
+
+
+def do_bench(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms, timed with CUDA events by triton.testing.do_bench."""
+    import triton.testing
+
+    q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+_PEAKS: dict[str, float] = {}
+
+
+def measured_peaks() -> dict[str, float]:
+    """This card's bf16 matmul TFLOP/s and device-copy GB/s (bytes read + written), measured once."""
+    if _PEAKS or not torch.cuda.is_available():
+        return _PEAKS
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms, _, _ = do_bench(lambda: a @ b, warmup_ms=50, rep_ms=200)
+    _PEAKS["matmul_bf16_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+    del a, b
+    src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    ms, _, _ = do_bench(lambda: dst.copy_(src), warmup_ms=50, rep_ms=200)
+    _PEAKS["copy_gbps"] = 2 * src.numel() / (ms * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return _PEAKS
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def write_results(name: str, rows: list[Row], notes: str = "") -> Path:
+    """Write ``results/<name>_<gpu>_<date>.json`` and a markdown table beside it; return the json path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    date = _dt.date.today().isoformat()
+    stem = f"{name}_{_slug(gpu_name())}_{date}"
+    meta = {
+        "gpu": gpu_name(),
+        "date": date,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "peaks": measured_peaks(),
+        "notes": notes,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("INVNEXT_", "TRITON_"))},
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        meta["triton"] = None
+    path = RESULTS_DIR / f"{stem}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    (RESULTS_DIR / f"{stem}.md").write_text(markdown_table(rows, meta))
+    return path
+
+
+def markdown_table(rows: list[Row], meta: dict) -> str:
+    peaks = meta.get("peaks") or {}
+    head = (
+        f"# {meta.get('gpu')} · {meta.get('date')} · torch {meta.get('torch')} · triton {meta.get('triton')}\n\n"
+        f"Measured peaks: {peaks.get('matmul_bf16_tflops', float('nan')):.0f} TFLOP/s bf16 matmul, "
+        f"{peaks.get('copy_gbps', float('nan')):.0f} GB/s device copy.\n\n"
+    )
+    lines = ["| bench | impl | mode | shape | dtype | median ms | throughput | of peak | vs baseline |", "|" + "---|" * 9]
+    for r in rows:
+        thr = f"{r.throughput:.1f} {r.unit}" if r.throughput is not None else ""
+        frac = f"{100 * r.frac_of_peak:.0f}%" if r.frac_of_peak is not None else ""
+        sp = f"{r.speedup_vs_baseline:.2f}x vs {r.baseline}" if r.speedup_vs_baseline is not None else ""
+        lines.append(f"| {r.bench} | {r.impl} | {r.mode} | {r.shape} | {r.dtype} | {r.ms_median:.4f} | {thr} | {frac} | {sp} |")
+    return head + "\n".join(lines) + "\n"

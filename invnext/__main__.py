@@ -1,0 +1,3 @@
+from invnext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""InternVideo-Next models: encoder, predictor, diffusion decoder, teacher and both stages' objectives.
+
+Every attention, token gather/scatter, mask and diffusion step goes through the public ops of
+:mod:`invnext.ops`, so accelerated backends drop in without touching the models.
+"""
+from invnext.models.decoder import DiffusionDecoder
+from invnext.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput
+from invnext.models.io import load_weights, save_weights
+from invnext.models.predictor import Predictor
+from invnext.models.stage1 import Stage1Model, kept_per_frame
+from invnext.models.stage2 import Stage2Model
+from invnext.models.teacher import ImageTeacher, TeacherOutput, TinyTeacher, build_teacher
+
+__all__ = [
+    "DiffusionDecoder",
+    "Encoder",
+    "EncoderOutput",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTeacher",
+    "Predictor",
+    "Stage1Model",
+    "Stage2Model",
+    "TeacherOutput",
+    "TinyTeacher",
+    "build_teacher",
+    "kept_per_frame",
+    "load_weights",
+    "save_weights",
+]

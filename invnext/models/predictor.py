@@ -1,0 +1,165 @@
+"""The predictor ("world model"): ModernBERT-style layers over the full token grid.
+
+Input (method.md "Predictor"): the encoder's grid tokens at their visible places and a
+learned mask token at every hidden place, each mapped by ``embed`` (Linear-GELU-Linear-
+LayerNorm, encoder width -> predictor width), plus a learnable predictor position table.
+The predictor runs on the ``N`` grid tokens only, in raster order (t, h, w); the encoder's
+class tokens are dropped (their rows carry index -1, which ``ops.scatter_tokens`` ignores).
+Since ``embed`` acts per token, ``embed(mask_token)`` is computed once and scattered.
+
+Layers follow ModernBERT's structure so its weights map one-to-one (names included):
+
+    attn_norm: LayerNorm(no bias), Identity for ModernBERT layer 0
+    attn:      Wqkv (no bias) -> [total, 3, H, D] -> 1D RoPE on q, k -> attention -> Wo (no bias)
+    mlp_norm:  LayerNorm(no bias)
+    mlp:       Wi (no bias, width -> 2I) -> (input, gate) -> Wo(GELU(input) * gate)
+    x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x))
+
+``layer_id = first_layer_id + i`` is the layer's index in ModernBERT (default 23: the last
+5 of ModernBERT-large's 28); ``layer_id % global_every == 0`` layers attend globally with
+RoPE theta ``global_rope_theta``, the others within a window of ``local_window`` tokens
+(``|i - j| <= local_window // 2`` in raster order) with theta ``local_rope_theta``, or
+within the ``local_window_3d`` (t, h, w) box when configured.
+
+1D RoPE via the 3D op: raster index ``n`` is passed as coords ``(0, 0, n)`` with sections
+``(0, 0, D)``; a section of ``D`` channels rotates pair ``(j, j + D/2)`` by
+``n * theta^(-2j/D)``, exactly ModernBERT's rotate-half RoPE. With a 3D box window the
+coords must carry (t, h, w), so q and k are rotated beforehand with ``ops.apply_rope_3d``
+on the 1D coords and the attention gets the 3D coords for the window only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from invnext import ops
+from invnext.config import PredictorConfig
+from invnext.models.layers import MLPHead, PositionTable, grid_coords, uniform_cu_seqlens
+
+
+class PredictorAttention(nn.Module):
+    def __init__(self, cfg: PredictorConfig, is_global: bool):
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.width // cfg.heads
+        self.Wqkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.Wo = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.theta = cfg.global_rope_theta if is_global else cfg.local_rope_theta
+        if is_global:
+            self.window = None
+        else:
+            self.window = tuple(cfg.local_window_3d) if cfg.local_window_3d is not None else cfg.local_window
+
+    def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int, coords_1d, coords_3d) -> torch.Tensor:
+        total, width = x.shape
+        qkv = self.Wqkv(x).view(total, 3, self.heads, self.head_dim)
+        sections = (0, 0, self.head_dim)
+        if isinstance(self.window, tuple):
+            q, k, v = qkv.unbind(1)
+            q = ops.apply_rope_3d(q, coords_1d, self.theta, sections)
+            k = ops.apply_rope_3d(k, coords_1d, self.theta, sections)
+            out = ops.masked_attention(q, k, v, cu_seqlens, max_seqlen, coords=coords_3d, window=self.window)
+        else:
+            out = ops.masked_attention(
+                qkv, None, None, cu_seqlens, max_seqlen,
+                coords=coords_1d, rope=(self.theta, sections), window=self.window,
+            )
+        return self.Wo(out.reshape(total, width))
+
+
+class PredictorMLP(nn.Module):
+    """GeGLU: ``Wo(GELU(a) * g)`` with ``[a, g] = Wi(x)``."""
+
+    def __init__(self, cfg: PredictorConfig):
+        super().__init__()
+        self.Wi = nn.Linear(cfg.width, 2 * cfg.mlp_hidden, bias=False)
+        self.act = nn.GELU()
+        self.Wo = nn.Linear(cfg.mlp_hidden, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.act(a) * g)
+
+
+class PredictorLayer(nn.Module):
+    def __init__(self, cfg: PredictorConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_global = layer_id % cfg.global_every == 0
+        self.attn_norm = (
+            nn.Identity() if layer_id == 0 else nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False)
+        )
+        self.attn = PredictorAttention(cfg, self.is_global)
+        self.mlp_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False)
+        self.mlp = PredictorMLP(cfg)
+
+    def forward(self, x, cu_seqlens, max_seqlen, coords_1d, coords_3d) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, max_seqlen, coords_1d, coords_3d)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Predictor(nn.Module):
+    """``Predictor(cfg, in_dim, grid)``: encoder tokens (+ mask tokens) -> a latent per grid token.
+
+    Args:
+        cfg: :class:`PredictorConfig`.
+        in_dim: the encoder's width (the packed tokens' C).
+        grid: the preset (T, H, W) grid of the position table (resampled for other grids).
+    """
+
+    def __init__(self, cfg: PredictorConfig, in_dim: int, grid: tuple[int, int, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.width = cfg.width
+        self.in_dim = in_dim
+        self.embed = MLPHead(in_dim, cfg.width, cfg.width)
+        self.mask_token = nn.Parameter(torch.zeros(in_dim))
+        self.pos_embed = PositionTable(cfg.width, grid, num_prefix=0)
+        self.layers = nn.ModuleList(PredictorLayer(cfg, cfg.first_layer_id + i) for i in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False) if cfg.final_norm else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # ModernBERT's init: truncated normal (std 0.02, cut at 2 std); norms at 1.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
+        self.pos_embed.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, batch_size: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Predict a latent for every grid token.
+
+        Args:
+            tokens: ``[total, in_dim]`` packed encoder output (class rows included or not).
+            index: int64 ``[total]``, flat place ``b*N + n`` of each row, -1 for rows to drop.
+            batch_size: B.
+            grid: (T, H, W) of the clips.
+        Returns:
+            ``[B, N, width]``.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] != self.in_dim:
+            raise ValueError(f"Predictor: tokens must be [total, {self.in_dim}], got {list(tokens.shape)}")
+        T, H, W = grid
+        N = T * H * W
+        x = self.embed(tokens)
+        mask = self.embed(self.mask_token.to(tokens.dtype)[None])[0].to(x.dtype)
+        _, pos = self.pos_embed(grid)
+        x = ops.scatter_tokens(x, index, mask, pos.to(x.dtype), N, batch_size=batch_size)
+        return self.forward_grid(x, grid)
+
+    def forward_grid(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The layers on an embedded grid ``x[B, N, width]`` (positions added) -> ``[B, N, width]``."""
+        B, N, C = x.shape
+        device = x.device
+        n = torch.arange(N, device=device, dtype=torch.int64).repeat(B)
+        coords_1d = F.pad(n[:, None], (2, 0)).to(torch.int32)  # (0, 0, n)
+        coords_3d = grid_coords(n, grid) if self.cfg.local_window_3d is not None else None
+        cu = uniform_cu_seqlens(B, N, device)
+        h = x.reshape(B * N, C)
+        for layer in self.layers:
+            h = layer(h, cu, N, coords_1d, coords_3d)
+        return self.final_norm(h).view(B, N, C)

@@ -1,0 +1,110 @@
+"""Stage 2: frozen-target latent prediction (method.md "Losses", Stage 2).
+
+A frozen copy of the Stage-1 encoder (``requires_grad=False``, always eval, never updated:
+no EMA) encodes the full clip; its final-layer grid tokens, L2-normalised, are the targets.
+The student encoder (initialised from the same Stage-1 weights) sees each multi-block view's
+context: every visible token of every sample is kept (ragged packing; the release instead
+truncates every sample to the batch's smallest context). The predictor fills in the hidden
+places; ``head`` (Linear-GELU-Linear-LayerNorm, predictor width -> encoder width) maps the
+latents at hidden tokens, and the loss is the mean ``2 - 2 cos`` over hidden tokens, summed
+over views.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from invnext import ops
+from invnext.config import Stage2Config
+from invnext.models.encoder import Encoder
+from invnext.models.layers import MLPHead, cosine_loss, l2norm, true_positions
+from invnext.models.predictor import Predictor
+
+
+class Stage2Model(nn.Module):
+    """Student encoder + predictor + head, and the frozen target encoder.
+
+    Args:
+        cfg: :class:`Stage2Config`.
+        init_encoder: a (Stage-1) :class:`Encoder` whose weights initialise both the
+            student and the frozen target (position tables resampled to Stage 2's grid).
+            Without it both start from one random initialisation.
+    """
+
+    def __init__(self, cfg: Stage2Config, init_encoder: Encoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.encoder)
+        if init_encoder is not None:
+            self.encoder.load_resized(init_encoder.state_dict())
+        self.target = copy.deepcopy(self.encoder)
+        self.target.requires_grad_(False)
+        self.target.eval()
+        self.predictor = Predictor(cfg.predictor, cfg.encoder.width, cfg.encoder.grid)
+        self.head = MLPHead(cfg.predictor.width, cfg.predictor.width, cfg.encoder.width)
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode: bool = True) -> "Stage2Model":
+        super().train(mode)
+        self.target.eval()
+        return self
+
+    @torch.no_grad()
+    def targets(self, video: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's final grid tokens, L2-normalised: ``[B, N, width]``."""
+        tokens, _ = self.target.encode(video)
+        return l2norm(tokens.float())
+
+    def view_masks(self, batch_size: int, grid, device, generator: torch.Generator | None) -> list[torch.Tensor]:
+        """One ``hidden bool[B, N]`` per configured view."""
+        return [
+            ops.multiblock_mask(
+                batch_size, grid, v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale,
+                generator=generator, device=device,
+            )
+            for v in self.cfg.views
+        ]
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        masks: list[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One Stage-2 objective evaluation.
+
+        Args:
+            video: ``[B, 3, T, H, W]`` normalised with ``encoder.mean/std``.
+            generator: CPU ``torch.Generator`` for the view masks.
+            masks: optional list of ``hidden bool[B, N]`` (one per view) instead of sampling.
+        Returns:
+            dict: ``loss`` (weight * sum over views), ``view{i}`` per view, ``hidden{i}`` masks.
+        """
+        grid = self.encoder.grid_of(video)
+        B = video.shape[0]
+        N = grid[0] * grid[1] * grid[2]
+        target = self.targets(video).reshape(B * N, -1)
+        if masks is None:
+            masks = self.view_masks(B, grid, video.device, generator)
+        if len(masks) != len(self.cfg.views):
+            raise ValueError(f"Stage2Model: masks must hold one mask per view ({len(self.cfg.views)}), got {len(masks)}")
+        out: dict[str, torch.Tensor] = {}
+        total = video.new_zeros((), dtype=torch.float32)
+        for i, hidden in enumerate(masks):
+            counts = hidden.sum(1).cpu()  # one sync: sizes the packed batch and the hidden rows
+            enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist())
+            latents = self.predictor(enc.tokens, enc.index, B, grid)
+            where = true_positions(hidden.reshape(-1), int(counts.sum()))
+            pred = self.head(latents.reshape(B * N, -1)[where])
+            loss = cosine_loss(pred, target[where])
+            out[f"view{i}"] = loss
+            out[f"hidden{i}"] = hidden
+            total = total + loss
+        out["loss"] = self.cfg.loss_weight * total
+        return out

@@ -1,0 +1,164 @@
+"""The frozen image teacher of Stage 1: its interface and a small bundled implementation.
+
+A teacher sees every frame as an image and returns (method.md "Teacher"):
+
+    features: [B, K, T, S, Ct]  the outputs of its K chosen blocks, per frame, L2-normalised
+    pooled:   [B, T, Cp]        its attention-pool embedding per frame, L2-normalised
+    attn:     [B, T, S]         the pool head's attention over the S = h*w tokens of each
+                                frame (averaged over heads; each row sums to 1)
+
+with tokens in raster order (h, w). Stage 1 aligns student block ``align_layers[i]`` with
+``features[:, i]``, the pooled student embedding with ``pooled`` averaged over frames, and
+keeps the tokens ``attn`` ranks highest visible.
+
+:class:`TinyTeacher` is a small pre-LN ViT with a SigLIP-style attention-pool head (a
+learned probe query, multi-head cross-attention, then a residual MLP). It is what the tests
+and the ``tiny`` preset use; a SigLIP2 wrapper implementing :class:`ImageTeacher` plugs in
+the same way.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from invnext import ops
+from invnext.config import TeacherConfig
+from invnext.models.layers import init_linear_trunc_normal, l2norm, patchify, sincos_3d, uniform_cu_seqlens
+
+
+class TeacherOutput(NamedTuple):
+    features: torch.Tensor  # [B, K, T, S, Ct], L2-normalised
+    pooled: torch.Tensor  # [B, T, Cp], L2-normalised
+    attn: torch.Tensor  # [B, T, S], rows sum to 1
+
+
+@runtime_checkable
+class ImageTeacher(Protocol):
+    """What Stage 1 needs from a teacher (any frozen image model can implement it).
+
+    Attributes:
+        layers: the K block indices (0-based) whose outputs ``features`` holds, in order.
+        feature_dim: Ct.  pooled_dim: Cp.
+        img_size, patch_size: the square input size it expects and its patch (grid = img_size // patch_size).
+        mean, std: per-channel constants its input is normalised with.
+    """
+
+    layers: tuple[int, ...]
+    feature_dim: int
+    pooled_dim: int
+    img_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, video: torch.Tensor) -> TeacherOutput:
+        """``video[B, 3, T, img_size, img_size]`` (normalised with mean/std) -> :class:`TeacherOutput`."""
+        ...
+
+
+class _TeacherBlock(nn.Module):
+    """Pre-LN ViT block (SigLIP style: LayerNorm, qkv with bias, GELU MLP)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        hidden = round(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+        total, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(total, 3, self.heads, width // self.heads)
+        x = x + self.proj(ops.masked_attention(qkv, None, None, cu_seqlens, length).reshape(total, width))
+        return x + self.mlp(self.norm2(x))
+
+
+class _ProbePool(nn.Module):
+    """SigLIP's multihead attention pooling: a learned probe attends over the tokens, then a residual MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, out_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(1, width))
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.o = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        hidden = round(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.out = nn.Identity() if out_dim == width else nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x[F, S, C]`` -> ``(pooled [F, out_dim], attention [F, S] averaged over heads)``."""
+        F_, S, C = x.shape
+        H, D = self.heads, C // self.heads
+        q = self.q(self.probe).view(1, H, D)
+        k = self.k(x).view(F_, S, H, D)
+        v = self.v(x).view(F_, S, H, D)
+        w = torch.softmax(torch.einsum("qhd,fshd->fhs", q, k) * D**-0.5, dim=-1)  # [F, H, S]
+        o = self.o(torch.einsum("fhs,fshd->fhd", w, v).reshape(F_, C))
+        o = o + self.mlp(self.norm(o))
+        return self.out(o), w.mean(1)
+
+
+class TinyTeacher(nn.Module):
+    """A small frozen-able image ViT implementing :class:`ImageTeacher` (built from a ``TeacherConfig``)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = tuple(cfg.layers)
+        self.feature_dim = cfg.width
+        self.pooled_dim = cfg.pooled_dim
+        self.img_size, self.patch_size = cfg.img_size, cfg.patch_size
+        self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
+        g = cfg.img_size // cfg.patch_size
+        self.grid = (g, g)
+        self.patch_embed = nn.Linear(3 * cfg.patch_size**2, cfg.width)
+        self.pos_embed = nn.Parameter(sincos_3d(cfg.width, (1, g, g))[None].clone())
+        self.blocks = nn.ModuleList(_TeacherBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.post_norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.head = _ProbePool(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.pooled_dim)
+        init_linear_trunc_normal(self)
+        nn.init.trunc_normal_(self.head.probe, std=0.02, a=-0.04, b=0.04)
+
+    def forward(self, video: torch.Tensor) -> TeacherOutput:
+        if video.dim() != 5 or video.shape[1] != 3 or tuple(video.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(
+                f"TinyTeacher: video must be [B, 3, T, {self.img_size}, {self.img_size}], got {list(video.shape)}"
+            )
+        B, _, T, _, _ = video.shape
+        frames = video.transpose(1, 2).reshape(B * T, 3, 1, self.img_size, self.img_size)
+        x = self.patch_embed(patchify(frames, self.patch_size)) + self.pos_embed.to(video.dtype)  # [B*T, S, C]
+        F_, S, C = x.shape
+        cu = uniform_cu_seqlens(F_, S, x.device)
+        h = x.reshape(F_ * S, C)
+        wanted = set(self.layers)
+        kept = {}
+        for i, block in enumerate(self.blocks):
+            h = block(h, cu, S)
+            if i in wanted:
+                kept[i] = h
+        feats = torch.stack([kept[i] for i in self.layers], dim=0).view(len(self.layers), B, T, S, C)
+        pooled, attn = self.head(self.post_norm(h).view(F_, S, C))
+        return TeacherOutput(
+            features=l2norm(feats.transpose(0, 1)),
+            pooled=l2norm(pooled).view(B, T, -1),
+            attn=attn.view(B, T, S),
+        )
+
+
+def build_teacher(cfg: TeacherConfig) -> nn.Module:
+    """The bundled teacher for ``cfg.kind == "tiny"``; other kinds must be constructed by the caller."""
+    if cfg.kind == "tiny":
+        return TinyTeacher(cfg)
+    raise ValueError(
+        f"build_teacher: teacher kind {cfg.kind!r} ({cfg.name}) is not bundled; construct it and pass "
+        "it to Stage1Model(cfg, teacher=...)"
+    )

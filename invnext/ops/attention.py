@@ -1,0 +1,331 @@
+"""Masked attention over a ragged batch: the public op and its pure-PyTorch reference.
+
+``masked_attention(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale, coords, rope, window,
+num_prefix, backend)`` computes, for every token ``i`` of sample ``b`` and head ``h``::
+
+    out[i, h] = sum_j softmax_j( scale * <R_i q[i, h], R_j k[j, h]> + bias_ij ) v[j, h]
+
+over the keys ``j`` of the same sample, where ``bias_ij = 0`` if ``i`` may attend to ``j``
+and ``-inf`` otherwise, and ``R_i`` is the 3D RoPE rotation of token ``i`` (identity without
+``rope`` and for prefix tokens; see :mod:`invnext.ops.rope`). ``scale`` defaults to
+``1 / sqrt(D)``.
+
+Who may attend to whom (``p`` = a token's position within its sample, 0-based):
+
+* Samples never see each other (block-diagonal over ``cu_seqlens``).
+* The first ``num_prefix`` tokens of every sample are prefix (class) tokens: never rotated;
+  every query of the sample attends to every prefix key, and a prefix query attends to every
+  key of its sample, whatever the window.
+* ``window=None``: every token sees its whole sample.
+* ``window=w`` (int >= 1, 1D): non-prefix ``i`` sees non-prefix ``j`` iff
+  ``|p_i - p_j| <= w // 2`` (a ModernBERT local window of 128 is half-width 64).
+* ``window=(wt, wh, ww)`` (ints >= 1, needs ``coords``): non-prefix ``i`` sees non-prefix ``j``
+  iff ``|dt| <= wt // 2 and |dh| <= wh // 2 and |dw| <= ww // 2`` on their (t, h, w) coords.
+  ``(1, 1, 1)`` lets a grid token see only itself (plus the prefix).
+
+A token always sees itself, so no softmax row is ever empty. The coordinates of prefix rows
+are ignored everywhere (they may hold anything).
+
+Inputs: ``q, k, v`` ``[total, H, D]`` of one float dtype (float32/float16/bfloat16/float64) and
+device, or one packed ``qkv[total, 3, H, D]`` passed as ``q`` with ``k = v = None``; head dim
+``D`` in [16, 256] (the Triton kernel supports a subset, see its module); ``cu_seqlens``
+int32[B+1] (None = one sample of all ``total`` tokens); ``max_seqlen`` an int >= every sample
+length (None = computed from ``cu_seqlens``, a host sync on GPU); ``coords`` int32/int64
+``[total, 3]``, needed by ``rope`` and a 3D ``window`` (passed on as int32).
+Output: ``[total, H, D]`` in q's dtype.
+
+The reference computes in float32 (float64 for float64 inputs) and rounds once at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from invnext.ops import _validate as V
+from invnext.ops._dispatch import register_reference, resolve
+from invnext.ops.rope import COORD_DTYPES, apply_rope_3d, check_rope
+
+_OP = "masked_attention"
+HEAD_DIM_RANGE = (16, 256)
+
+# Score elements (heads x query rows x keys) materialised at once per sample; bounds the
+# reference's forward memory on long samples (a 4096-token, 16-head sample runs in 16 chunks).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_window(window: object, coords: torch.Tensor | None) -> None | int | tuple[int, int, int]:
+    if window is None:
+        return None
+    if isinstance(window, (tuple, list)):
+        if not (len(window) == 3 and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"{_OP}: window must be None, an int or three ints (wt, wh, ww), got {window!r}")
+        if any(w < 1 for w in window):
+            raise ValueError(f"{_OP}: window sizes must be >= 1, got {tuple(window)}")
+        if coords is None:
+            raise ValueError(f"{_OP}: window={tuple(window)} is spatio-temporal and needs coords[total, 3]")
+        return tuple(window)  # type: ignore[return-value]
+    w = _check_int("window", window)
+    if w < 1:
+        raise ValueError(f"{_OP}: window must be >= 1, got {w}")
+    return w
+
+
+def _unpack_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    V.check_tensor(_OP, "q", q, ndim=(3, 4), dtypes=V.FLOAT_DTYPES)
+    if k is None and v is None:
+        if q.dim() != 4 or q.shape[1] != 3:
+            raise ValueError(f"{_OP}: with k=v=None, q must be a packed qkv[total, 3, H, D], got shape {list(q.shape)}")
+        return q.unbind(1)  # strided views, no copy
+    if k is None or v is None:
+        given = "k" if v is None else "v"
+        raise ValueError(f"{_OP}: pass both k and v, or neither (packed qkv in q); got {given} only")
+    if q.dim() != 3:
+        raise ValueError(f"{_OP}: q must have shape [total, H, D] when k and v are given, got {list(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        V.check_tensor(_OP, name, t, ndim=3, device=q.device)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
+        if t.shape != q.shape:
+            raise ValueError(f"{_OP}: {name} has shape {list(t.shape)} but q has {list(q.shape)}; q, k, v must match")
+    return q, k, v
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    *,
+    softmax_scale: float | None = None,
+    coords: torch.Tensor | None = None,
+    rope: tuple[float, tuple[int, int, int]] | None = None,
+    window: None | int | tuple[int, int, int] = None,
+    num_prefix: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention within each sample of a packed ragged batch (semantics: module docstring).
+
+    Args:
+        q, k, v: ``[total, H, D]``, one float dtype and device; or ``q = qkv[total, 3, H, D]``
+            with ``k = v = None``. ``16 <= D <= 256``.
+        cu_seqlens: int32 ``[B+1]``: 0, non-decreasing, ends at ``total``. None = one sample.
+        max_seqlen: int >= every sample length. None = computed from ``cu_seqlens``.
+        softmax_scale: finite float > 0; default ``1 / sqrt(D)``.
+        coords: int32/int64 ``[total, 3]``, (t, h, w) per token; needed by ``rope`` and a
+            3D ``window``; prefix rows ignored.
+        rope: ``(theta, (st, sh, sw))``: 3D RoPE on q and k, sections even, sum <= D.
+        window: None, int ``w`` (1D, half-width ``w // 2``) or ``(wt, wh, ww)``; all >= 1.
+        num_prefix: prefix (class) tokens at the start of every sample; each sample must
+            have at least this many tokens.
+        backend: "auto", "torch", "triton" or "cuda" (see ``invnext.ops._dispatch``).
+
+    Returns:
+        ``[total, H, D]`` in q's dtype; differentiable in q, k, v.
+    """
+    V.check_backend(_OP, backend)
+    q, k, v = _unpack_qkv(q, k, v)
+    total, _, head_dim = q.shape
+    lo, hi = HEAD_DIM_RANGE
+    if not lo <= head_dim <= hi:
+        raise ValueError(f"{_OP}: head dim D (last dim of q) must be in [{lo}, {hi}], got {head_dim}")
+    device = q.device
+
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=device)
+    cu_seqlens = V.check_cu_seqlens(_OP, cu_seqlens, total, device)
+    num_prefix = _check_int("num_prefix", num_prefix)
+    if num_prefix < 0:
+        raise ValueError(f"{_OP}: num_prefix must be >= 0, got {num_prefix}")
+    lengths = None
+    if max_seqlen is None or V.values_checked(cu_seqlens):
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
+    longest = int(lengths.max()) if lengths is not None else None
+    if max_seqlen is None:
+        max_seqlen = longest
+    max_seqlen = _check_int("max_seqlen", max_seqlen)
+    if longest is not None and max_seqlen < longest:
+        raise ValueError(f"{_OP}: max_seqlen={max_seqlen} is smaller than the longest sample ({longest} tokens)")
+    if lengths is not None and num_prefix > 0 and int(lengths.min()) < num_prefix:
+        raise ValueError(
+            f"{_OP}: every sample needs its num_prefix={num_prefix} prefix tokens, "
+            f"but one has {int(lengths.min())} (cu_seqlens={cu_seqlens.tolist()})"
+        )
+
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{_OP}: softmax_scale must be a float, got {softmax_scale!r}")
+    softmax_scale = float(softmax_scale)
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"{_OP}: softmax_scale must be finite and > 0, got {softmax_scale}")
+
+    if coords is not None:
+        V.check_tensor(_OP, "coords", coords, ndim=2, dtypes=COORD_DTYPES, device=device)
+        V.check_shape(_OP, "coords", coords, (total, 3))
+        if coords.dtype == torch.int64 and V.values_checked(coords) and coords.numel():
+            lo_c, hi_c = int(coords.min()), int(coords.max())
+            if lo_c < -(2**31) or hi_c >= 2**31:
+                raise ValueError(f"{_OP}: coords must fit in int32, found values in [{lo_c}, {hi_c}]")
+        coords = coords.to(torch.int32).contiguous()
+    if rope is not None:
+        if coords is None:
+            raise ValueError(f"{_OP}: rope needs coords[total, 3] (the (t, h, w) of every token)")
+        rope = check_rope(_OP, rope, head_dim)
+    window = _check_window(window, coords)
+
+    _, impl = resolve(_OP, backend, device)
+    return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def prefix_mask(cu_seqlens: torch.Tensor, total: int, num_prefix: int) -> torch.Tensor:
+    """``bool[total]``, True at the first ``num_prefix`` tokens of every sample (lengths >= num_prefix)."""
+    mask = torch.zeros(total, dtype=torch.bool, device=cu_seqlens.device)
+    if num_prefix > 0:
+        starts = cu_seqlens[:-1].long()
+        mask[(starts[:, None] + torch.arange(num_prefix, device=mask.device)).flatten()] = True
+    return mask
+
+
+def dense_attention_mask(
+    cu_seqlens: torch.Tensor,
+    total: int,
+    coords: torch.Tensor | None = None,
+    window: None | int | tuple[int, int, int] = None,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """``bool[total, total]``: entry ``[i, j]`` True iff query ``i`` may attend to key ``j``.
+
+    Built over the whole packed batch by broadcast comparisons (an independent formulation
+    of the rules in the module docstring, for tests and for benchmarks' dense baselines).
+    ``O(total^2)`` memory: small batches only.
+    """
+    device = cu_seqlens.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
+    pos = torch.arange(total, device=device) - cu_seqlens.long()[seg]
+    is_prefix = pos < num_prefix
+    allowed = seg[:, None] == seg[None, :]
+    if window is None:
+        return allowed
+    if isinstance(window, int):
+        near = (pos[:, None] - pos[None, :]).abs() <= window // 2
+    else:
+        if coords is None:
+            raise ValueError("dense_attention_mask: a 3D window needs coords")
+        c = coords.long()
+        half = torch.tensor([w // 2 for w in window], device=device)
+        near = ((c[:, None, :] - c[None, :, :]).abs() <= half).all(dim=-1)
+    return allowed & (near | is_prefix[:, None] | is_prefix[None, :])
+
+
+def _chunk_mask(
+    r0: int, r1: int, length: int, coords: torch.Tensor | None, window, num_prefix: int, device
+) -> torch.Tensor:
+    """``bool[r1 - r0, length]`` for query rows ``r0:r1`` of one sample (local positions)."""
+    qi = torch.arange(r0, r1, device=device)[:, None]
+    kj = torch.arange(length, device=device)[None, :]
+    if isinstance(window, int):
+        near = (qi - kj).abs() <= window // 2
+    else:
+        near = torch.ones(r1 - r0, length, dtype=torch.bool, device=device)
+        for a, w in enumerate(window):  # per axis: avoids a [rows, keys, 3] temporary
+            c = coords[:, a]
+            near &= (c[r0:r1, None] - c[None, :]).abs() <= w // 2
+    return near | (qi < num_prefix) | (kj < num_prefix)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _explicit_attention(q, k, v, scale: float, allowed: torch.Tensor | None) -> torch.Tensor:
+    """q ``[H, r, D]``, k/v ``[H, L, D]``, allowed ``bool[r, L]`` or None -> ``[H, r, D]``."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # Softmax is shift-invariant, so the max only guards exp() from overflow and carries no
+    # gradient. It is finite: every row allows at least its own token.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    e = torch.exp(s - m)
+    return torch.matmul(e / e.sum(dim=-1, keepdim=True), v)
+
+
+def _reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, explicit: bool):
+    """The reference body; ``explicit=False`` lets SDPA do the per-chunk softmax (same math)."""
+    total, heads, _ = q.shape
+    bounds = cu_seqlens.tolist()
+    if num_prefix and min(e - s for s, e in zip(bounds[:-1], bounds[1:])) < num_prefix:
+        raise ValueError(f"{_OP}: every sample needs its num_prefix={num_prefix} prefix tokens, cu_seqlens={bounds}")
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if rope is not None:
+        # q and k share each token's angles: rotate them as one [total, 2H, D] tensor.
+        pm = prefix_mask(cu_seqlens, total, num_prefix)
+        qk = apply_rope_3d(torch.cat([qc, kc], dim=1), coords, rope[0], rope[1], pm)
+        qc, kc = qk[:, :heads], qk[:, heads:]
+    local_coords = coords.long() if coords is not None else None
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        length = end - start
+        if length == 0:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (qc, kc, vc))  # [H, L, D]
+        cs = local_coords[start:end] if local_coords is not None else None
+        if window is None and not explicit:
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=softmax_scale))
+            continue
+        rows = max(1, _CHUNK_ELEMENTS // (heads * length))
+        for r0 in range(0, length, rows):
+            r1 = min(r0 + rows, length)
+            allowed = None if window is None else _chunk_mask(r0, r1, length, cs, window, num_prefix, q.device)
+            if explicit:
+                outs.append(_explicit_attention(qs[:, r0:r1], ks, vs, softmax_scale, allowed))
+            else:
+                o = F.scaled_dot_product_attention(qs[:, r0:r1], ks, vs, attn_mask=allowed, scale=softmax_scale)
+                outs.append(o)
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs, dim=1).transpose(0, 1).to(q.dtype)
+
+
+@register_reference("masked_attention")
+def masked_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    coords: torch.Tensor | None,
+    rope: tuple[float, tuple[int, int, int]] | None,
+    window: None | int | tuple[int, int, int],
+    num_prefix: int,
+) -> torch.Tensor:
+    """Pure-PyTorch ``masked_attention`` with the canonical (already validated) arguments.
+
+    Loops over samples, upcasts to float32 (float64 for float64 inputs), applies RoPE to
+    q and k, and chunks query rows to bound memory. Float64 runs an explicit masked
+    softmax; lower precisions hand the same masked problem to
+    ``F.scaled_dot_product_attention`` (faster on CPU). Returns ``[total, H, D]`` in q's dtype.
+    """
+    del max_seqlen  # the reference reads the lengths themselves
+    return _reference(
+        q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, explicit=q.dtype == torch.float64
+    )

@@ -1,0 +1,423 @@
+"""Mask samplers: which tokens of a clip the encoder does not see.
+
+Conventions (kernels.md): ``grid = (T, H, W)``, ``N = T*H*W`` tokens in raster order
+(t, h, w), ``S = H*W`` tokens per frame; every sampler returns ``hidden: bool[B, N]`` with
+True = hidden from the encoder.
+
+Randomness: every random number is ``philox_uniform(seed, stream, counter)`` or
+``philox_bits(seed, stream, counter)`` (``invnext.ops.philox``), with one stream per
+sampler and a counter given by the sample/block/token index (documented per op). So one
+seed gives the same mask on the CPU, the GPU and in any dataloader worker, and a kernel
+reproduces the reference bit for bit by evaluating the same counters. ``seed=None`` draws
+a seed from ``generator`` (a CPU ``torch.Generator``) or from torch's default CPU generator.
+
+Counts: ``count(ratio, S) = min(floor(ratio * S + 1/2), S - 1)`` tokens of a frame are
+hidden (round half up). The ``S - 1`` cap keeps the promise of ``ratio < 1``: every frame
+keeps at least one visible token, so no sample reaches the encoder empty.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from invnext.ops._dispatch import register_reference, resolve
+from invnext.ops._validate import (
+    FLOAT_DTYPES,
+    check_backend,
+    check_grid,
+    check_range,
+    check_tensor,
+    values_checked,
+)
+from invnext.ops.philox import philox_bits, philox_uniform, seed_from
+
+# Philox streams, one per sampler (kernels must use the same numbers).
+STREAM_TUBE = 1
+STREAM_MULTIBLOCK = 2
+STREAM_SEMANTIC = 3
+# Uniforms reserved per (sample, block) in multiblock_mask; 6 are used.
+MULTIBLOCK_SLOTS = 8
+
+SEMANTIC_MODES = ("topk", "sample")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_positive_int(op: str, name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+    return value
+
+
+def _check_ratio(op: str, ratio: object) -> float:
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"{op}: ratio must be a real number, got {type(ratio).__name__}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"{op}: ratio must lie in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+def _seed(op: str, generator: object, seed: object) -> int:
+    try:
+        return seed_from(generator, seed)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+
+
+def _device(op: str, device: object) -> torch.device:
+    try:
+        return torch.device("cpu") if device is None else torch.device(device)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"{op}: device must be a torch.device or device string, got {device!r}") from exc
+
+
+def hidden_count(ratio: float, frame_size: int) -> int:
+    """Tokens hidden per frame: ``min(floor(ratio * S + 1/2), S - 1)`` (round half up)."""
+    return min(math.floor(ratio * frame_size + 0.5), frame_size - 1)
+
+
+def _hide_all_but(order: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool mask of ``order``'s shape: False at the first ``keep`` indices of each row of ``order``."""
+    hidden = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+    return hidden.scatter_(-1, order[..., :keep], False)
+
+
+# --------------------------------------------------------------------------- tube
+
+
+def tube_mask(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    ratio: float,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """VideoMAE tube mask: one random spatial mask per sample, repeated through every frame.
+
+    Per sample exactly ``hidden_count(ratio, H*W)`` positions of the frame are hidden,
+    chosen uniformly among all subsets of that size.
+
+    Args:
+        batch_size: B >= 1.
+        grid: (T, H, W) ints.
+        ratio: fraction of each frame hidden, in [0, 1).
+        seed / generator: see the module docstring.
+        device: where the mask is built (default CPU).
+        backend: "auto", "torch" or "cuda".
+
+    Returns:
+        hidden: bool[B, T*H*W] on ``device``.
+    """
+    op = "tube_mask"
+    check_backend(op, backend)
+    batch_size = _check_positive_int(op, "batch_size", batch_size)
+    grid = check_grid(op, grid)
+    ratio = _check_ratio(op, ratio)
+    device = _device(op, device)
+    _, impl = resolve(op, backend, device)
+    return impl(batch_size, grid, ratio, _seed(op, generator, seed), device)
+
+
+@register_reference("tube_mask")
+def tube_mask_reference(
+    batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    # key[b, p] = philox_bits(seed, STREAM_TUBE, b*S + p) (uint32); the positions with the
+    # `hidden_count` smallest keys are hidden, ties to the lower index (stable sort). A uniform
+    # random order restricted to its first k elements is a uniform k-subset; 32-bit keys tie
+    # with probability ~S^2 / 2^33 per sample, a negligible bias.
+    T, H, W = grid
+    S = H * W
+    k = hidden_count(ratio, S)
+    counter = torch.arange(batch_size * S, dtype=torch.int64, device=device).view(batch_size, S)
+    order = torch.sort(philox_bits(seed, STREAM_TUBE, counter), dim=1, stable=True).indices
+    hidden_frame = torch.zeros(batch_size, S, dtype=torch.bool, device=device)
+    hidden_frame.scatter_(1, order[:, :k], True)
+    return hidden_frame[:, None, :].expand(batch_size, T, S).reshape(batch_size, T * S)
+
+
+# --------------------------------------------------------------------------- multi-block
+
+
+def multiblock_mask(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    num_blocks: int,
+    spatial_scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    temporal_scale: tuple[float, float] = (1.0, 1.0),
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """V-JEPA multi-block mask: hidden = the union of ``num_blocks`` boxes per sample.
+
+    Each box (see :func:`multiblock_boxes` for the exact draw) covers about a
+    ``spatial_scale`` fraction of the frame with height/width ratio drawn log-uniformly from
+    ``aspect_ratio``, and a ``temporal_scale`` fraction of the frames; ``(1, 1)`` makes it
+    a tube through every frame. Stage 2 (method.md): view A ``num_blocks=8,
+    spatial_scale=(0.15, 0.15)``; view B ``num_blocks=2, spatial_scale=(0.7, 0.7)``; both
+    ``aspect_ratio=(0.75, 1.5), temporal_scale=(1.0, 1.0)``.
+
+    Boxes lie wholly inside the grid with their top (left, start) uniform over *all*
+    ``H - h + 1`` valid placements, the last one included. In-frame placement still hides
+    border positions less often than central ones, by geometry: with ``h`` fixed, row ``y``
+    is covered with probability ``(min(y, H-h) - max(0, y-h+1) + 1) / (H-h+1)``, which is
+    ``1/(H-h+1)`` for the first and last rows. tests/test_masks.py checks the empirical
+    frequency of every position against this exact value.
+
+    Args:
+        batch_size: B >= 1.
+        grid: (T, H, W) ints.
+        num_blocks: boxes per sample, >= 1.
+        spatial_scale: (min, max) area fraction, within [0, 1].
+        aspect_ratio: (min, max) height/width ratio, both > 0.
+        temporal_scale: (min, max) fraction of the frames, within [0, 1].
+        seed / generator: see the module docstring.
+        device: where the mask is built (default CPU).
+        backend: "auto", "torch" or "cuda".
+
+    Returns:
+        hidden: bool[B, T*H*W] on ``device``.
+    """
+    op = "multiblock_mask"
+    check_backend(op, backend)
+    batch_size = _check_positive_int(op, "batch_size", batch_size)
+    grid = check_grid(op, grid)
+    num_blocks = _check_positive_int(op, "num_blocks", num_blocks)
+    spatial_scale = check_range(op, "spatial_scale", spatial_scale, 0.0, 1.0)
+    aspect_ratio = check_range(op, "aspect_ratio", aspect_ratio, 0.0, math.inf)
+    if aspect_ratio[0] <= 0.0:
+        raise ValueError(f"{op}: aspect_ratio must be > 0, got {aspect_ratio}")
+    temporal_scale = check_range(op, "temporal_scale", temporal_scale, 0.0, 1.0)
+    device = _device(op, device)
+    _, impl = resolve(op, backend, device)
+    return impl(
+        batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, _seed(op, generator, seed), device
+    )
+
+
+def multiblock_boxes(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    num_blocks: int,
+    spatial_scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    temporal_scale: tuple[float, float],
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """The boxes of :func:`multiblock_mask` (arguments already validated).
+
+    For sample b, block j: ``u_i = philox_uniform(seed, STREAM_MULTIBLOCK, (b*J + j)*8 + i)``,
+    i = 0..5, then in float64, with ``round(x) = floor(x + 1/2)``::
+
+        s = s0 + (s1 - s0) u_0                   area fraction
+        a = exp(log a0 + (log a1 - log a0) u_1)  height / width
+        h = clamp(round(sqrt(s H W a)), 1, H),   w = clamp(round(sqrt(s H W / a)), 1, W)
+        l = clamp(round(T (t0 + (t1 - t0) u_2)), 1, T)
+        start = floor(u_3 (T - l + 1)),  top = floor(u_4 (H - h + 1)),  left = floor(u_5 (W - w + 1))
+
+    Returns:
+        int64[B, J, 6]: (start, length, top, height, left, width) of every box.
+    """
+    T, H, W = grid
+    J = num_blocks
+    counter = torch.arange(batch_size * J * MULTIBLOCK_SLOTS, dtype=torch.int64, device=device)
+    u = philox_uniform(seed, STREAM_MULTIBLOCK, counter.view(batch_size, J, MULTIBLOCK_SLOTS)[..., :6])
+    u = u.to(torch.float64).unbind(-1)
+    s = spatial_scale[0] + (spatial_scale[1] - spatial_scale[0]) * u[0]
+    log_a0, log_a1 = math.log(aspect_ratio[0]), math.log(aspect_ratio[1])
+    a = torch.exp(log_a0 + (log_a1 - log_a0) * u[1])
+    area = s * (H * W)
+    h = torch.floor(torch.sqrt(area * a) + 0.5).clamp(1, H)
+    w = torch.floor(torch.sqrt(area / a) + 0.5).clamp(1, W)
+    length = torch.floor(T * (temporal_scale[0] + (temporal_scale[1] - temporal_scale[0]) * u[2]) + 0.5).clamp(1, T)
+    # u < 1 and u * n is exact in float64, so floor(u * n) <= n - 1: every placement 0..n-1 is reachable.
+    start = torch.floor(u[3] * (T - length + 1))
+    top = torch.floor(u[4] * (H - h + 1))
+    left = torch.floor(u[5] * (W - w + 1))
+    return torch.stack((start, length, top, h, left, w), dim=-1).to(torch.int64)
+
+
+@register_reference("multiblock_mask")
+def multiblock_mask_reference(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    num_blocks: int,
+    spatial_scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    temporal_scale: tuple[float, float],
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    # hidden[b, t, y, x] = OR_j [start_j <= t < start_j + l_j] [top_j <= y < top_j + h_j] [left_j <= x < left_j + w_j]
+    T, H, W = grid
+    boxes = multiblock_boxes(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device)
+    start, length, top, h, left, w = (c[..., None] for c in boxes.unbind(-1))  # each [B, J, 1]
+
+    def inside(lo: torch.Tensor, size: torch.Tensor, n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device)
+        return (i >= lo) & (i < lo + size)  # [B, J, n]
+
+    in_t, in_y, in_x = inside(start, length, T), inside(top, h, H), inside(left, w, W)
+    box = in_t[:, :, :, None, None] & in_y[:, :, None, :, None] & in_x[:, :, None, None, :]
+    return box.any(dim=1).reshape(batch_size, T * H * W)
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def semantic_mask(
+    attn: torch.Tensor,
+    keep: int,
+    mode: str = "topk",
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per frame, keep the ``keep`` tokens the teacher attends to; hide the rest.
+
+    ``"topk"`` (paper): the ``keep`` largest attentions, ties to the lower index, so the
+    mask is deterministic and identical on every backend (no randomness; the generator is
+    not touched). ``"sample"`` (release): ``keep`` tokens drawn without replacement with
+    probability proportional to attention, by Gumbel-top-k (see the reference). Tokens of
+    zero attention are never kept while positive ones remain; a frame with fewer than
+    ``keep`` positive tokens fills up with zero-attention tokens in index order.
+
+    Args:
+        attn: float[B, T, S] (float32/16, bfloat16 or float64), non-negative and finite:
+            the teacher's pooling attention of every frame over its S = H*W tokens.
+        keep: tokens kept per frame, 1 <= keep <= S.
+        mode: "topk" or "sample".
+        seed / generator: see the module docstring ("sample" only).
+        backend: "auto", "torch" or "cuda".
+
+    Returns:
+        hidden: bool[B, T*S] on ``attn``'s device.
+    """
+    op = "semantic_mask"
+    check_backend(op, backend)
+    attn = check_tensor(op, "attn", attn, ndim=3, dtypes=FLOAT_DTYPES)
+    S = attn.shape[2]
+    if not isinstance(keep, int) or isinstance(keep, bool):
+        raise TypeError(f"{op}: keep must be an int, got {type(keep).__name__}")
+    if not 1 <= keep <= S:
+        raise ValueError(f"{op}: keep must satisfy 1 <= keep <= S (tokens per frame, S={S}), got keep={keep}")
+    if mode not in SEMANTIC_MODES:
+        raise ValueError(f"{op}: mode must be one of {SEMANTIC_MODES}, got {mode!r}")
+    if values_checked(attn):
+        if not bool(torch.isfinite(attn).all()):
+            raise ValueError(f"{op}: attn must be finite (found inf or nan)")
+        if bool((attn < 0).any()):
+            raise ValueError(f"{op}: attn must be non-negative, found min {float(attn.min())}")
+    _, impl = resolve(op, backend, attn.device)
+    if mode == "sample":
+        seed = _seed(op, generator, seed)
+    elif seed is not None:
+        seed = _seed(op, None, seed)
+    return impl(attn, keep, mode, 0 if seed is None else seed)
+
+
+@register_reference("semantic_mask")
+def semantic_mask_reference(attn: torch.Tensor, keep: int, mode: str, seed: int) -> torch.Tensor:
+    # topk:   score = attn.
+    # sample: score = log(attn) + g,  g = -log(-log(v)),  v = u + 2^-25 in (0, 1),
+    #         u = philox_uniform(seed, STREAM_SEMANTIC, (b*T + t)*S + s), in float64.
+    # The `keep` largest Gumbel-perturbed log-weights are a draw without replacement with
+    # probabilities proportional to attn (Gumbel-top-k). Zero attention scores -inf; every
+    # positive weight scores finite because v is bounded away from 0 and 1.
+    # Kept = the first `keep` of a stable descending sort of score (ties to the lower index).
+    B, T, S = attn.shape
+    if mode == "sample":
+        counter = torch.arange(B * T * S, dtype=torch.int64, device=attn.device).view(B, T, S)
+        v = philox_uniform(seed, STREAM_SEMANTIC, counter).to(torch.float64) + 2.0**-25
+        score = torch.log(attn.to(torch.float64)) - torch.log(-torch.log(v))
+    else:
+        score = attn
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return _hide_all_but(order, keep).reshape(B, T * S)
+
+
+# --------------------------------------------------------------------------- motion
+
+
+def motion_mask(tokens: torch.Tensor, ratio: float, *, backend: str = "auto") -> torch.Tensor:
+    """Per frame, keep the tokens whose embedding changed most since the previous frame.
+
+    Change of token s in frame t: ``||x[t, s] - x[t-1, s]||_2`` for t >= 1; frame 0 has no
+    predecessor and uses its change to frame 1 (the same value as frame 1), so it keeps
+    the same positions as frame 1. T = 1 raises ValueError (no motion is defined). Each
+    frame keeps ``S - hidden_count(ratio, S)`` tokens (at least one), ties to the lower index.
+
+    Args:
+        tokens: float[B, T, S, C], T >= 2 (patch embeddings, S = H*W tokens per frame).
+        ratio: fraction of each frame hidden, in [0, 1).
+        backend: "auto" or "torch" (the only implementation).
+
+    Returns:
+        hidden: bool[B, T*S] on ``tokens``' device.
+    """
+    op = "motion_mask"
+    check_backend(op, backend)
+    tokens = check_tensor(op, "tokens", tokens, ndim=4, dtypes=FLOAT_DTYPES)
+    B, T, S, C = tokens.shape
+    if T < 2:
+        raise ValueError(f"{op}: tokens must have T >= 2 frames to measure motion, got shape {list(tokens.shape)}")
+    if S < 1:
+        raise ValueError(f"{op}: tokens must have S >= 1 tokens per frame, got shape {list(tokens.shape)}")
+    ratio = _check_ratio(op, ratio)
+    _, impl = resolve(op, backend, tokens.device)
+    return impl(tokens, S - hidden_count(ratio, S))
+
+
+@register_reference("motion_mask")
+def motion_mask_reference(tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    # change[t] = ||x[t] - x[t-1]||^2 (t >= 1), change[0] = change[1]; squared norms rank the
+    # same as norms. Kept = the first `keep` of a stable descending sort of change.
+    B, T, S, _ = tokens.shape
+    x = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+    change = (x[:, 1:] - x[:, :-1]).square().sum(-1)  # [B, T-1, S]
+    change = torch.cat((change[:, :1], change), dim=1)
+    order = torch.sort(change, dim=-1, descending=True, stable=True).indices
+    return _hide_all_but(order, keep).reshape(B, T * S)
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def mask_counts(hidden: torch.Tensor, num_prefix: int = 0) -> tuple[torch.Tensor, int]:
+    """Packed-sequence bookkeeping of a mask: visible tokens (+ prefix) per sample.
+
+    Call it where the mask was sampled, on the CPU (e.g. in the dataloader): it is then
+    free, and the model gets ``max_seqlen`` as a host int without reading GPU memory. On a
+    CUDA mask the ``max_seqlen`` read synchronises.
+
+    Args:
+        hidden: bool[B, N].
+        num_prefix: P >= 0 prefix (class) tokens per sample, never hidden.
+
+    Returns:
+        cu_seqlens: int32[B+1] on ``hidden``'s device, prefix sums of ``P + visible_b``;
+        max_seqlen: int, the largest ``P + visible_b`` (0 when B = 0).
+    """
+    op = "mask_counts"
+    hidden = check_tensor(op, "hidden", hidden, ndim=2, dtypes=(torch.bool,))
+    if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
+        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {num_prefix!r}")
+    lengths = (~hidden).sum(dim=1) + num_prefix
+    cu_seqlens = torch.zeros(hidden.shape[0] + 1, dtype=torch.int32, device=hidden.device)
+    cu_seqlens[1:] = torch.cumsum(lengths, dim=0)
+    max_seqlen = int(lengths.max()) if hidden.shape[0] else 0
+    return cu_seqlens, max_seqlen

@@ -1,0 +1,236 @@
+"""Pieces shared by the masked-attention kernels: tile loads with fused RoPE, and the host-side
+tables (RoPE channel tables, window tile lists) the kernels read.
+
+RoPE inside a tile. Channel ``c`` of a rotated section pairs with ``partner[c] = c +- s/2``
+(rotate-half), so for one token with per-channel angle ``a_c``::
+
+    y[c] = x[c] cos(a_c) + sign[c] x[partner[c]] sin(a_c),    sign = -1 (first half), +1 (second)
+    a_c  = t * f_t[c] + h * f_h[c] + w * f_w[c]             (two of the three f's are 0 at c)
+
+The kernels load a tile ``x`` and a second, column-permuted copy ``x[:, partner]`` (the same
+cache lines, so it hits L1), and evaluate the line above in fp32. Channels outside every
+section have ``f = 0, sign = 0``: cos 0 = 1, sin 0 = 0, the identity; so does a prefix token,
+whose coordinates are read as 0. This works for any sections layout and padded head dims.
+
+The gradient goes back through ``R^T``: ``dx[c] = g[c] cos(a_c) - sign[c] g[partner[c]] sin(a_c)``.
+``g`` lives in registers, where Triton cannot permute columns, so ``g[:, partner]`` is a matmul
+with a 0/1 permutation matrix, exact when ``g`` is split into three bfloat16 parts
+(hi + mid + lo carries fp32's 24 mantissa bits) - three small tensor-core products once per
+program, not per tile.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- device helpers
+
+# Under the CPU interpreter (tests) dots are evaluated in float64 and rounded once. Triton 3.9's
+# interpreter multiplies the raw uint16 storage of bfloat16 operands, and numpy's BLAS sums in
+# an order that differs between ``q @ k^T`` and ``k @ q^T``, so the backward's recomputed
+# scores would not match the forward's to the last bit (on the GPU both are the same FMA chain).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation (``acc`` fp32 or None)."""
+    if _INTERPRETED:
+        r = tl.dot(a.to(tl.float64), b.to(tl.float64))
+        if acc is not None:
+            r = r + acc.to(tl.float64)
+        out = r.to(tl.float32)
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, offs_d, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, ROW_MASK: tl.constexpr):
+    """Load ``[R, HEAD_DP]``; masks only what can be out of range (rows on boundary tiles, padded channels)."""
+    if ROW_MASK:
+        if HEAD_DIM == HEAD_DP:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DP:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w):
+    """fp32 ``[R, HEAD_DP]`` angles of tokens at positions ``rows`` (coords of prefix rows read as 0)."""
+    cm = row_ok & (rows >= num_prefix)
+    ct = tl.load(crd_ptr + rows * 3 + 0, mask=cm, other=0).to(tl.float32)
+    ch = tl.load(crd_ptr + rows * 3 + 1, mask=cm, other=0).to(tl.float32)
+    cw = tl.load(crd_ptr + rows * 3 + 2, mask=cm, other=0).to(tl.float32)
+    return ct[:, None] * f_t[None, :] + ch[:, None] * f_h[None, :] + cw[:, None] * f_w[None, :]
+
+
+@triton.jit
+def load_tile_rope(
+    base, rows, row_ok, offs_d, partner, stride_t, crd_ptr, num_prefix, f_t, f_h, f_w, sgn,
+    HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, ROW_MASK: tl.constexpr, HAS_ROPE: tl.constexpr,
+):
+    """Tile ``x[rows, :]`` of one head, rotated when ``HAS_ROPE``; returned in the input dtype."""
+    x = load_tile(base + rows[:, None] * stride_t + offs_d[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
+    if HAS_ROPE:
+        xp = load_tile(base + rows[:, None] * stride_t + partner[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
+        ang = rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w)
+        y = x.to(tl.float32) * tl.cos(ang) + sgn[None, :] * xp.to(tl.float32) * tl.sin(ang)
+        x = y.to(x.dtype)
+    return x
+
+
+@triton.jit
+def rope_transpose(g, pmat, crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w, sgn):
+    """``R^T g`` for fp32 ``g[R, HEAD_DP]`` (the gradient w.r.t. rotated rows -> w.r.t. unrotated)."""
+    hi = g.to(tl.bfloat16)
+    r1 = g - hi.to(tl.float32)
+    mid = r1.to(tl.bfloat16)
+    lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+    gp = mma(hi, pmat, None, "ieee")
+    gp = mma(mid, pmat, gp, "ieee")
+    gp = mma(lo, pmat, gp, "ieee")
+    ang = rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w)
+    return g * tl.cos(ang) - sgn[None, :] * gp * tl.sin(ang)
+
+
+@triton.jit
+def window_ok(qt, qh, qw, q_pre, crd_ptr, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w):
+    """bool ``[M, N]``: query (coords qt/qh/qw, prefix flag q_pre) may see key ``offs_n``."""
+    kt = tl.load(crd_ptr + offs_n * 3 + 0, mask=n_ok, other=0)
+    kh = tl.load(crd_ptr + offs_n * 3 + 1, mask=n_ok, other=0)
+    kw = tl.load(crd_ptr + offs_n * 3 + 2, mask=n_ok, other=0)
+    near = (tl.abs(qt[:, None] - kt[None, :]) <= rad_t) & (tl.abs(qh[:, None] - kh[None, :]) <= rad_h)
+    near = near & (tl.abs(qw[:, None] - kw[None, :]) <= rad_w)
+    return (near | q_pre[:, None] | (offs_n[None, :] < num_prefix)) & n_ok[None, :]
+
+
+# --------------------------------------------------------------------------- host tables
+
+
+def head_dim_padded(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+_ROPE_CACHE: dict = {}
+
+
+def rope_tables(theta: float, sections: tuple[int, int, int], head_dp: int, device: torch.device):
+    """``ftab fp32[4, DP]`` (f_t, f_h, f_w, sign), ``partner int32[DP]``, ``pmat bf16[DP, DP]``.
+
+    inv_freq is evaluated in float64 and rounded once to fp32, as in ``invnext.ops.rope``.
+    ``pmat[partner[c], c] = 1`` so that ``(g @ pmat)[:, c] = g[:, partner[c]]``.
+    """
+    key = (float(theta), tuple(sections), head_dp, str(device))
+    hit = _ROPE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    ftab = torch.zeros(4, head_dp, dtype=torch.float64)
+    partner = torch.arange(head_dp, dtype=torch.int64)
+    off = 0
+    for axis, s in enumerate(sections):
+        half = s // 2
+        for j in range(half):
+            f = theta ** (-2.0 * j / s)
+            for c, sign, p in ((off + j, -1.0, off + half + j), (off + half + j, 1.0, off + j)):
+                ftab[axis, c] = f
+                ftab[3, c] = sign
+                partner[c] = p
+        off += s
+    pmat = torch.zeros(head_dp, head_dp, dtype=torch.float32)
+    pmat[partner, torch.arange(head_dp)] = 1.0
+    out = (
+        ftab.to(torch.float32).to(device),
+        partner.to(torch.int32).to(device),
+        pmat.to(torch.bfloat16).to(device),
+    )
+    _ROPE_CACHE[key] = out
+    return out
+
+
+def window_geometry(window, coords: torch.Tensor | None, cu_seqlens: torch.Tensor, total: int):
+    """``(wcoords int32[total, 3], (rt, rh, rw))`` for a 3D window, or a 1D window ``w`` seen as
+    the box ``(1, 1, w)`` on synthetic coordinates ``(0, 0, position in sample)``."""
+    if isinstance(window, int) or len(window) == 1:
+        w = window if isinstance(window, int) else window[0]
+        device = cu_seqlens.device
+        tok = torch.arange(total, device=device, dtype=torch.int32)
+        seg = torch.searchsorted(cu_seqlens, tok, right=True) - 1
+        pos = tok - cu_seqlens[seg]
+        wc = torch.zeros(total, 3, dtype=torch.int32, device=device)
+        wc[:, 2] = pos
+        return wc, (0, 0, w // 2)
+    return coords, tuple(int(w) // 2 for w in window)
+
+
+def _block_boxes(cu: torch.Tensor, max_seqlen: int, wcoords: torch.Tensor, num_prefix: int, bs: int):
+    """Per (sample, block of ``bs`` positions): min/max coords of its non-prefix tokens (empty box:
+    lo = +big, hi = -big), whether it holds any token, all ``bs`` tokens, or a prefix position."""
+    device = cu.device
+    B = cu.numel() - 1
+    nb = triton.cdiv(max_seqlen, bs)
+    starts = cu[:-1].long()
+    lens = cu[1:].long() - starts
+    j = torch.arange(nb * bs, device=device)
+    valid = (j[None, :] < lens[:, None]) & (j[None, :] >= num_prefix)
+    rows = (starts[:, None] + j[None, :]).clamp_(0, max(wcoords.shape[0] - 1, 0))
+    c = wcoords[rows].long()  # [B, nb*bs, 3]
+    big = 1 << 40
+    v = valid[..., None]
+    lo = torch.where(v, c, big).view(B, nb, bs, 3).amin(2)
+    hi = torch.where(v, c, -big).view(B, nb, bs, 3).amax(2)
+    blk0 = torch.arange(nb, device=device) * bs
+    has_tok = blk0[None, :] < lens[:, None]
+    whole = (blk0[None, :] + bs) <= lens[:, None]
+    has_prefix = (blk0 < num_prefix)[None, :]
+    return lo, hi, has_tok, whole, has_prefix
+
+
+def window_tiles(cu, max_seqlen, wcoords, radius, num_prefix, block_q, block_k, by_key: bool):
+    """Classify every (query block, key block) pair of every sample, ``[B, NQ, NK]`` bools:
+    ``full`` (every pair allowed and the streamed block lies inside the sample: loaded and
+    computed without masks) and ``part`` (some pair allowed: a masked tile); the rest is
+    skipped. Blocks are compared through the bounding boxes of their tokens' coordinates.
+    ``by_key``: the kernel's programs own key blocks and stream query blocks."""
+    qlo, qhi, q_has, q_whole, q_pre = _block_boxes(cu, max_seqlen, wcoords, num_prefix, block_q)
+    klo, khi, k_has, k_whole, k_pre = _block_boxes(cu, max_seqlen, wcoords, num_prefix, block_k)
+    r = torch.tensor(radius, device=cu.device, dtype=torch.long)
+    qlo, qhi = qlo[:, :, None, :], qhi[:, :, None, :]
+    klo, khi = klo[:, None, :, :], khi[:, None, :, :]
+    meet = ((qlo - r <= khi) & (klo <= qhi + r)).all(-1)
+    # the farthest (query, key) pair on every axis is within the radius (empty boxes: negative)
+    near_all = (torch.maximum(qhi - klo, khi - qlo) <= r).all(-1)
+    anyp = q_has[:, :, None] & k_has[:, None, :] & (meet | q_pre[:, :, None] | k_pre[:, None, :])
+    streamed_whole = q_whole[:, :, None] if by_key else k_whole[:, None, :]
+    full = anyp & streamed_whole & near_all
+    return full, anyp & ~full
+
+
+def tile_list(m: torch.Tensor):
+    """bool ``[B, R, C]`` -> (``idx int32[B, R, C]`` listing the True columns first, ``cnt int32[B, R]``)."""
+    cnt = m.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return idx.contiguous(), cnt.contiguous()
+
+
+def window_lists(cu, max_seqlen, wcoords, radius, num_prefix, block_q, block_k, by_key: bool):
+    """Tile lists for a kernel whose programs own query blocks (``by_key=False``: key blocks to
+    visit) or key blocks (``by_key=True``: query blocks to visit): (full idx, full cnt, part idx, part cnt)."""
+    full, part = window_tiles(cu, max_seqlen, wcoords, radius, num_prefix, block_q, block_k, by_key)
+    if by_key:
+        full, part = full.transpose(1, 2), part.transpose(1, 2)
+    return (*tile_list(full), *tile_list(part))
+
+
+def log2e() -> float:
+    return 1.0 / math.log(2.0)

@@ -1,0 +1,195 @@
+"""The decoder's hybrid loss (eps MSE + variational bound) in one pass, and its backward.
+
+Per row (C channels, model_out = [eps, v], tables read at the row's t, fp32 throughout)::
+
+    mse     = mean_c (noise - eps)^2
+    x0p     = sra x_t - srm1 eps                 (eps detached below this line)
+    mean    = c1 x0p + c2 x_t                    mean_q = c1 x0 + c2 x_t  =>  mean_q - mean = c1 (x0 - x0p)
+    dl      = frac (lb - lvc),  logvar = lvc + dl,    frac = (v + 1) / 2
+    t > 0:  kl  = 0.5 (-1 + dl + exp(-dl) + (mean_q - mean)^2 exp(-logvar))        (logvar_q = lvc)
+    t = 0:  nll = -log P(bin of x0 | mean, logvar), the CDF approximated by
+                  Phi(y) ~ 0.5 (1 + tanh(k (y + 0.044715 y^3))) = sigmoid(2k (y + 0.044715 y^3)),  k = sqrt(2/pi)
+                  y+- = exp(-logvar/2) (x0 - mean +- 1/255)
+                  log P = log max(Phi(y+), 1e-12)            x0 < -0.999
+                          log max(1 - Phi(y-), 1e-12)        x0 >  0.999
+                          log max(Phi(y+) - Phi(y-), 1e-12)  otherwise
+    loss    = mse + mean_c (kl or nll) / ln 2
+
+The sigmoid form is the same function as the tanh form, evaluated without the cancellation of
+``1 + tanh`` in the lower tail and of ``Phi(y+) - Phi(y-)`` near 1 (taken as
+``(1 - Phi(y-)) - (1 - Phi(y+))`` there), so the kernel is at least as accurate as the
+float32 reference wherever the clamps are not active, and agrees with it where they are.
+
+Backward for an incoming ``g[M]`` (the loss is linear in each element's term)::
+
+    d eps = g 2 (eps - noise) / C                                        (from the MSE only)
+    d v   = g / (C ln 2) * d(term)/d(logvar) * (lb - lvc) / 2            (from vb only)
+    dkl/dlogvar  = 0.5 (1 - exp(-dl) - (mean_q - mean)^2 exp(-logvar))
+    dnll/dlogvar = -dlogP/dlogvar, with dy/dlogvar = -y/2 and dPhi/dy = s (1 - s) 2k (1 + 3 0.044715 y^2),
+                   s = sigmoid(2k (y + 0.044715 y^3)); a clamped log has zero gradient (as torch.clamp).
+
+Nothing is saved for backward but the inputs (references, no copies): the backward kernel
+recomputes the row's terms. The NLL branch runs only in tiles that hold a t = 0 row.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._diffusion_common import exp_, load_rows_t, log_, round_to, sigmoid_, table
+
+# Constants are written out inside the jit functions (Triton reads no Python globals):
+# 0.7978845608028654 = sqrt(2/pi), 1.4426950408889634 = 1/ln 2, 1/255 = half a pixel bin.
+
+
+@triton.jit
+def _logit(y):
+    # tanh(u) = 2 sigmoid(2u) - 1, so 0.5 (1 + tanh(k u)) = sigmoid(2k u)
+    return 2.0 * 0.7978845608028654 * (y + 0.044715 * y * y * y)
+
+
+@triton.jit
+def _dlogit_dlogvar(y):
+    # d logit(y) / d logvar with dy/dlogvar = -y / 2
+    return 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * y * y) * (-0.5 * y)
+
+
+@triton.jit
+def _nll_bin(x0, cx, inv_std, ACCURATE: tl.constexpr):
+    """(-log P, d(-log P)/d logvar) of x0's 8-bit bin, element-wise."""
+    yp = inv_std * (cx + 1.0 / 255.0)
+    ym = inv_std * (cx - 1.0 / 255.0)
+    ap = _logit(yp)
+    am = _logit(ym)
+    cdf_p = sigmoid_(ap, ACCURATE)  # Phi(y+)
+    sf_p = sigmoid_(-ap, ACCURATE)  # 1 - Phi(y+)
+    cdf_m = sigmoid_(am, ACCURATE)  # Phi(y-)
+    sf_m = sigmoid_(-am, ACCURATE)  # 1 - Phi(y-)
+    # Subtract the two small tail masses, never two numbers near 1.
+    delta = tl.where(am > 0.0, sf_m - sf_p, cdf_p - cdf_m)
+    lo = x0 < -0.999
+    hi = x0 > 0.999
+    arg = tl.where(lo, cdf_p, tl.where(hi, sf_m, delta))
+    live = arg >= 1e-12  # torch.clamp(min=) passes the gradient where input >= min
+    log_p = log_(tl.maximum(arg, 1e-12), ACCURATE)
+    # dPhi(y)/dlogvar = s (1 - s) dlogit/dlogvar
+    dcdf_p = cdf_p * sf_p * _dlogit_dlogvar(yp)
+    dcdf_m = cdf_m * sf_m * _dlogit_dlogvar(ym)
+    dlog_lo = sf_p * _dlogit_dlogvar(yp)  # (dPhi(y+)/dlv) / Phi(y+)
+    dlog_hi = -cdf_m * _dlogit_dlogvar(ym)  # (-dPhi(y-)/dlv) / (1 - Phi(y-))
+    dlog_mid = tl.div_rn(dcdf_p - dcdf_m, tl.where(live, delta, 1.0))
+    dlog_p = tl.where(lo, dlog_lo, tl.where(hi, dlog_hi, dlog_mid))
+    dlog_p = tl.where(live, dlog_p, 0.0)
+    return -log_p, -dlog_p
+
+
+@triton.jit
+def _row_terms(
+    mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0,
+    sra, srm1, c1, c2, lvc, lb,
+    C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
+    XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr,
+    ACCURATE: tl.constexpr,
+):  # fmt: skip
+    """Element terms of one [BLOCK_M, BLOCK_C] tile: (eps - noise, vb term, d term / d logvar).
+
+    The forward kernel ignores the derivative and the backward the term; the compiler drops
+    the dead half of each.
+    """
+    r64 = rows.to(tl.int64)[:, None]
+    mo_off = r64 * MO_S0 + cols[None, :] * MO_S1
+    eps = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(mo_ptr + mo_off + C * MO_S1, mask=mask, other=0.0).to(tl.float32)
+    x0 = tl.load(x0_ptr + r64 * X0_S0 + cols[None, :] * X0_S1, mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(xt_ptr + r64 * XT_S0 + cols[None, :] * XT_S1, mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(nz_ptr + r64 * N_S0 + cols[None, :] * N_S1, mask=mask, other=0.0).to(tl.float32)
+
+    diff = eps - nz
+    x0p = sra * xt - srm1 * eps
+    mean = c1 * x0p + c2 * xt
+    dmean = c1 * (x0 - x0p)  # mean_q - mean
+    dl = (v + 1.0) * 0.5 * (lb - lvc)  # logvar - logvar_q
+    logvar = lvc + dl
+    e_dl = exp_(-dl, ACCURATE)
+    e_lv = exp_(-logvar, ACCURATE)
+    term = 0.5 * (-1.0 + dl + e_dl + dmean * dmean * e_lv)
+    dterm = 0.5 * (1.0 - e_dl - dmean * dmean * e_lv)
+    if any0:
+        # Rows with t > 0 evaluate the likelihood at a harmless point (cx = 0), as the reference.
+        cx = tl.where(is0, x0 - mean, 0.0)
+        nll, dnll = _nll_bin(x0, cx, exp_(-0.5 * logvar, ACCURATE), ACCURATE)
+        term = tl.where(is0, nll, term)
+        dterm = tl.where(is0, dnll, dterm)
+    term = tl.where(mask, term, 0.0)
+    return diff, term, dterm
+
+
+@triton.jit
+def loss_fwd_kernel(
+    loss_ptr, mo_ptr, x0_ptr, xt_ptr, nz_ptr, t_ptr,
+    sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr,
+    M, S,
+    C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
+    XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr, T_S: tl.constexpr,
+    ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    t, ok = load_rows_t(t_ptr, rows, row_ok, T_S, S)
+    sra = table(sra_ptr, t, ok)[:, None]
+    srm1 = table(srm1_ptr, t, ok)[:, None]
+    c1 = table(c1_ptr, t, ok)[:, None]
+    c2 = table(c2_ptr, t, ok)[:, None]
+    lvc = table(lvc_ptr, t, ok)[:, None]
+    lb = table(lb_ptr, t, ok)[:, None]
+    is0 = ((t == 0) & row_ok)[:, None]
+    any0 = tl.max(is0.to(tl.int32)) > 0
+
+    mse = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    vb = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        diff, term, _ = _row_terms(
+            mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, lb,
+            C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
+        )  # fmt: skip
+        mse += diff * diff
+        vb += term
+    loss = tl.sum(mse, axis=1) * (1.0 / C) + tl.sum(vb, axis=1) * (1.0 / C) * 1.4426950408889634
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+
+@triton.jit
+def loss_bwd_kernel(
+    dmo_ptr, g_ptr, mo_ptr, x0_ptr, xt_ptr, nz_ptr, t_ptr,
+    sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr,
+    M, S,
+    C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
+    XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr, T_S: tl.constexpr,
+    G_S: tl.constexpr, DMO_DTYPE: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    t, ok = load_rows_t(t_ptr, rows, row_ok, T_S, S)
+    sra = table(sra_ptr, t, ok)[:, None]
+    srm1 = table(srm1_ptr, t, ok)[:, None]
+    c1 = table(c1_ptr, t, ok)[:, None]
+    c2 = table(c2_ptr, t, ok)[:, None]
+    lvc = table(lvc_ptr, t, ok)[:, None]
+    lb = table(lb_ptr, t, ok)[:, None]
+    is0 = ((t == 0) & row_ok)[:, None]
+    any0 = tl.max(is0.to(tl.int32)) > 0
+    g = tl.load(g_ptr + rows.to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+
+    diff, _, dterm = _row_terms(
+        mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, lb,
+        C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
+    )  # fmt: skip
+    d_eps = g * (2.0 / C) * diff
+    d_v = g * (1.4426950408889634 / C) * dterm * (0.5 * (lb - lvc))
+    out = rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
+    tl.store(dmo_ptr + out, round_to(d_eps, DMO_DTYPE), mask=mask)
+    tl.store(dmo_ptr + out + C, round_to(d_v, DMO_DTYPE), mask=mask)

@@ -1,0 +1,359 @@
+"""Fused masked-token attention for ragged packed batches: Triton forward and backward with 3D RoPE
+applied inside the kernel and spatio-temporal windows that skip whole tiles.
+
+Math (per sample ``b``, head ``h``; ``R_i`` the RoPE rotation of token ``i``, identity for prefix
+tokens and without rope)::
+
+    out_i = sum_j softmax_j(scale * <R_i q_i, R_j k_j> + bias_ij) v_j,   bias_ij in {0, -inf}
+
+with the visibility rules of ``invnext.ops.attention`` (samples never mix; the first
+``num_prefix`` tokens of a sample see and are seen by all of it; a window box elsewhere).
+The kernels never build the ``[L, L]`` score matrix: an online softmax runs over key tiles in
+fp32 and only the per-row logsumexp is kept for the backward (FlashAttention-2).
+
+Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` (views of one packed
+``qkv[total, 3, H, D]`` need no copy), ``cu_seqlens int32[B+1]``. Launch grid
+``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past their sample's length exit at once, so
+lengths are runtime values and nothing recompiles per length. Head dims 16..128 are padded to
+the next power of two with masks (64 and 128 exact; 80, 88, 96 run as 128).
+
+Windows and token order. Tile skipping works on the bounding boxes of each block of tokens
+(``BLOCK`` consecutive tokens of a sample), so it pays off when consecutive tokens are close in
+(t, h, w). Raster order (t, then h, then w) - the order ``gather_visible`` keeps - makes a block
+of 64-128 tokens a few rows of one frame: compact in t and h, spanning w. With a
+``(wt, wh, ww)`` window a query block then reaches about ``wt`` frames x ``(rows + wh)`` rows of
+keys; the rest of the sample is skipped. An order by (t, h-bands, w-bands) (e.g. 8x8 patches
+of a frame, raster inside) would make blocks square in (h, w) and skip more when ``ww`` is
+small against the frame width; the kernel accepts any order (it reads coords, never assumes a
+layout), so such a reordering can be added by the caller without touching it.
+
+Precision: fp16/bf16 inputs run the two matmuls on tensor cores with fp32 accumulation and
+fp32 softmax; fp32 inputs run them in full fp32 (``input_precision="ieee"``, no TF32), as
+PyTorch does by default. RoPE angles, cos/sin and the rotation run in fp32; the rotated tile
+is rounded to the input dtype before its matmul, as a PyTorch RoPE-then-attention would be.
+"""
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
+from ._attention_fwd import attn_fwd_kernel
+
+__all__ = ["masked_attention", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIM_RANGE = (16, 128)
+_OP = "masked_attention"
+
+# Tile shapes (BLOCK_M query rows, BLOCK_N key rows) per kernel. Fixed per head-dim class so
+# that window tile lists built on the host match the kernel; only warps/stages are tuned
+# (plus BLOCK_N of the unwindowed forward, which needs no list). The interpreter uses tiny
+# tiles so that small test samples still span several blocks.
+_INTERPRET_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _gpu_blocks(kind: str, head_dp: int) -> Tuple[int, int]:
+    if kind == "fwd":
+        return 128, 64
+    if kind == "dkdv":  # (query rows streamed, key rows owned)
+        return (64, 128) if head_dp <= 64 else (64, 64)
+    return (128, 64) if head_dp <= 64 else (64, 64)  # dq
+
+
+def _blocks(kind: str, head_dp: int) -> Tuple[int, int]:
+    return _INTERPRET_BLOCKS[kind] if _interpret() else _gpu_blocks(kind, head_dp)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    return max(64, triton.next_power_of_2(max(1, max_seqlen)))
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_TUNERS: dict = {}
+
+
+def _tunes_block_n(kind: str, head_dp: int, window: bool) -> bool:
+    # Only the unwindowed forward may pick its key tile: nothing on the host depends on it.
+    return kind == "fwd" and not window and head_dp <= 64 and not _interpret()
+
+
+def _configs(kind: str, head_dp: int, window: bool):
+    C = triton.Config
+    if _tunes_block_n(kind, head_dp, window):
+        return [C({"BLOCK_N": 64}, num_warps=4, num_stages=3), C({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+                C({"BLOCK_N": 64}, num_warps=8, num_stages=3)]
+    if kind == "fwd":
+        return [C({}, num_warps=4, num_stages=3), C({}, num_warps=8, num_stages=3), C({}, num_warps=8, num_stages=2)]
+    return [C({}, num_warps=4, num_stages=2), C({}, num_warps=8, num_stages=2), C({}, num_warps=4, num_stages=3)]
+
+
+def _launcher(kind: str, kernel, head_dp: int, window: bool):
+    """The kernel itself under the interpreter, else an autotuner (one per kernel and variant),
+    keyed on the head dim, flags and a power-of-two bucket of max_seqlen; Triton adds the
+    tensors' dtypes to the key."""
+    if _interpret():
+        return kernel
+    key = (kind, head_dp, window)
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune(
+            configs=_configs(kind, head_dp, window),
+            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"],
+        )(kernel)
+        _TUNERS[key] = tuner
+    return tuner
+
+
+def _meta(kind: str, head_dp: int, window: bool) -> dict:
+    """Launch-time tile constexprs (those the autotuner does not choose)."""
+    bm, bn = _blocks(kind, head_dp)
+    if _tunes_block_n(kind, head_dp, window):
+        return {"BLOCK_M": bm}
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
+
+
+# --------------------------------------------------------------------------- argument prep
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Prep:
+    """Everything the three launches share: shapes, RoPE tables, window coords and radius."""
+
+    def __init__(self, q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
+        self.total, self.heads, self.head_dim = q.shape
+        self.batch = cu_seqlens.numel() - 1
+        self.max_seqlen = int(max_seqlen)
+        self.head_dp = head_dim_padded(self.head_dim)
+        self.sm_scale = float(softmax_scale)
+        self.qk_scale = self.sm_scale * log2e()
+        self.num_prefix = int(num_prefix)
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        dev = q.device
+        self.cu = cu_seqlens
+        self.has_rope = len(rope_sections) == 3 and sum(rope_sections) > 0
+        if self.has_rope:
+            self.ftab, self.ptab, self.pmat = rope_tables(rope_theta, tuple(rope_sections), self.head_dp, dev)
+            self.crd_r = coords
+        else:
+            self.ftab = self.ptab = self.pmat = self.crd_r = cu_seqlens  # never read
+        self.has_window = len(window) > 0
+        if self.has_window:
+            win = window[0] if len(window) == 1 else tuple(window)
+            self.crd_w, self.radius = window_geometry(win, coords, cu_seqlens, self.total)
+        else:
+            self.crd_w, self.radius = cu_seqlens, (0, 0, 0)
+        self.bucket = _seq_bucket(self.max_seqlen)
+
+    def lists(self, kind: str):
+        """Window tile lists for ``kind`` (dummies without a window) and their row lengths."""
+        bm, bn = _blocks(kind, self.head_dp)
+        nq, nk = triton.cdiv(self.max_seqlen, bm), triton.cdiv(self.max_seqlen, bn)
+        if not self.has_window:
+            d = self.cu
+            return (d, d, d, d), nq, nk
+        by_key = kind == "dkdv"
+        lists = window_lists(self.cu, self.max_seqlen, self.crd_w, self.radius, self.num_prefix, bm, bn, by_key)
+        return lists, nq, nk
+
+    def common(self):
+        rt, rh, rw = self.radius
+        return dict(
+            total=self.total, num_heads=self.heads, qk_scale=self.qk_scale, num_prefix=self.num_prefix,
+            rad_t=rt, rad_h=rh, rad_w=rw,
+        )
+
+    def flags(self):
+        return dict(
+            SEQ_BUCKET=self.bucket, HEAD_DIM=self.head_dim, HEAD_DP=self.head_dp,
+            HAS_ROPE=self.has_rope, HAS_WINDOW=self.has_window, DOT_PREC=self.dot_prec,
+        )
+
+
+def _grid(prep: _Prep, rows_key: str):
+    def grid(meta):
+        return (triton.cdiv(prep.max_seqlen, meta[rows_key]), prep.heads, prep.batch)
+
+    return grid
+
+
+def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
+    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((prep.heads, prep.total), dtype=torch.float32, device=q.device)
+    if prep.total == 0 or prep.max_seqlen == 0 or prep.heads == 0:
+        return out, lse
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
+    fn = _launcher("fwd", attn_fwd_kernel, prep.head_dp, prep.has_window)
+    fn[_grid(prep, "BLOCK_M")](
+        q, k, v, out, lse, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, fi, fc, pi, pc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(), **_meta("fwd", prep.head_dp, prep.has_window),
+    )
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
+              window, num_prefix):
+    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if prep.total == 0 or prep.heads == 0:
+        return dq, dk, dv
+    if prep.max_seqlen == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+
+    delta = torch.empty_like(lse)
+    block = 64 if not _interpret() else 32
+    attn_bwd_delta_kernel[(triton.cdiv(prep.total, block), prep.heads)](
+        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), prep.total,
+        HEAD_DIM=prep.head_dim, HEAD_DP=prep.head_dp, BLOCK=block,
+    )
+    common = prep.common()
+    common["sm_scale"] = prep.sm_scale
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1))
+
+    (fi, fc, pi, pc), nq, nk = prep.lists("dkdv")
+    fn = _launcher("dkdv", attn_bwd_dkdv_kernel, prep.head_dp, prep.has_window)
+    fn[_grid(prep, "BLOCK_N")](
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
+        fi, fc, pi, pc, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        list_nk=nk, list_nq=nq, **common, **prep.flags(), **_meta("dkdv", prep.head_dp, prep.has_window),
+    )
+    (fi, fc, pi, pc), nq, nk = prep.lists("dq")
+    fn = _launcher("dq", attn_bwd_dq_kernel, prep.head_dp, prep.has_window)
+    fn[_grid(prep, "BLOCK_M")](
+        q, k, v, dout, dq, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
+        fi, fc, pi, pc, *strides, dq.stride(0), dq.stride(1),
+        list_nq=nq, list_nk=nk, **common, **prep.flags(), **_meta("dq", prep.head_dp, prep.has_window),
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- torch.library ops
+# Two custom ops (forward, backward) with fake implementations, so torch.compile traces
+# through the kernel as one opaque node, and autograd registered on the forward op.
+
+
+def _define_ops():
+    ns = torch.ops.invnext
+    if hasattr(ns, "masked_attention_fwd") and hasattr(ns, "masked_attention_bwd"):
+        return ns.masked_attention_fwd, ns.masked_attention_bwd  # a second import of this module
+
+    @torch.library.custom_op("invnext::masked_attention_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+        softmax_scale: float, coords: Optional[torch.Tensor], rope_theta: float, rope_sections: List[int],
+        window: List[int], num_prefix: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
+                        window, num_prefix)
+
+    @fwd_op.register_fake
+    def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
+        total, heads, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
+
+    @torch.library.custom_op("invnext::masked_attention_bwd", mutates_args=())
+    def bwd_op(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, coords: Optional[torch.Tensor],
+        rope_theta: float, rope_sections: List[int], window: List[int], num_prefix: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
+                         rope_sections, window, num_prefix)
+
+    @bwd_op.register_fake
+    def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
+          window, num_prefix):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, coords)
+        ctx.args = (max_seqlen, softmax_scale, rope_theta, rope_sections, window, num_prefix)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens, coords = ctx.saved_tensors
+        max_seqlen, softmax_scale, rope_theta, rope_sections, window, num_prefix = ctx.args
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
+                            list(rope_sections), list(window), num_prefix)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+masked_attention_fwd, masked_attention_bwd = _define_ops()
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def _check(q, k, v, cu_seqlens, coords, rope, window) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{_OP} (triton): {name} has dtype {t.dtype}; the kernel supports float16, bfloat16 and float32 "
+                f"(use backend='torch' for float64)"
+            )
+        if t.dim() != 3 or t.shape != q.shape:
+            raise ValueError(f"{_OP} (triton): {name} must have q's shape [total, H, D], got {list(t.shape)}")
+    lo, hi = HEAD_DIM_RANGE
+    if not lo <= q.shape[-1] <= hi:
+        raise ValueError(f"{_OP} (triton): head dim D={q.shape[-1]} is outside the kernel's range [{lo}, {hi}]")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{_OP} (triton): cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    needs_coords = rope is not None or (window is not None and not isinstance(window, int))
+    if needs_coords and (coords is None or coords.dtype != torch.int32 or coords.shape != (q.shape[0], 3)):
+        raise ValueError(f"{_OP} (triton): coords must be int32 [total, 3] with rope or a 3D window")
+
+
+def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix):
+    """Canonical implementation of ``invnext.ops.masked_attention`` (arguments already validated).
+
+    Args:
+        q, k, v: ``[total, H, D]`` float16/bfloat16/float32, unit stride on D (may be views of a
+            packed ``qkv[total, 3, H, D]``); ``16 <= D <= 128``.
+        cu_seqlens: int32 ``[B+1]``; max_seqlen: int >= every sample length.
+        softmax_scale: float.
+        coords: int32 ``[total, 3]`` (t, h, w) or None; needed by ``rope`` and a 3D window.
+        rope: None or ``(theta, (st, sh, sw))``.
+        window: None, int ``w`` or ``(wt, wh, ww)``.
+        num_prefix: int, prefix tokens per sample.
+
+    Returns:
+        ``[total, H, D]`` in q's dtype, differentiable in q, k, v (backward: Triton kernels).
+    """
+    _check(q, k, v, cu_seqlens, coords, rope, window)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    theta, sections = (0.0, []) if rope is None else (float(rope[0]), [int(s) for s in rope[1]])
+    if window is None:
+        win: List[int] = []
+    elif isinstance(window, int):
+        win = [int(window)]
+    else:
+        win = [int(w) for w in window]
+    cu = cu_seqlens.contiguous()
+    crd = coords.contiguous() if coords is not None else None
+    out, _ = masked_attention_fwd(q, k, v, cu, int(max_seqlen), float(softmax_scale), crd, theta, sections, win,
+                                  int(num_prefix))
+    return out

@@ -1,0 +1,312 @@
+"""Triton implementations of the diffusion-decoder ops of :mod:`invnext.ops.diffusion`.
+
+Each function takes the canonical arguments of ``docs/ops_contract.md`` (the public op has
+validated them) and computes what the pure-PyTorch reference computes: fp32 math on fp32 /
+bf16 / fp16 inputs, float32 tables read per row at ``t``, outputs in the reference's dtypes.
+
+    q_sample(x0[M,C], noise[M,C], t int64[M], schedule)                       -> x_t[M,C]   (x0's dtype)
+    diffusion_loss(model_out[M,2C], x0, x_t, noise, t, schedule)              -> float32[M]
+    p_sample_step(model_out[M,2C], x_t[M,C], t, schedule, noise, temperature) -> x_{t-1}[M,C] (x_t's dtype)
+    ddim_step(model_out[M,2C], x_t[M,C], t, schedule, noise or None, eta)     -> x_prev[M,C]  (x_t's dtype)
+    adaln_modulate(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
+
+Kernels live in ``_diffusion_steps.py`` (element-wise), ``_diffusion_loss.py`` and
+``_diffusion_adaln.py``; each op here owns its ``torch.autograd.Function``:
+- ``q_sample``: backward scales the incoming gradient by the same per-row coefficients.
+- ``diffusion_loss``: differentiable w.r.t. ``model_out`` only (as the reference, whose
+  ``x0``, ``x_t``, ``noise`` are detached targets); the backward kernel recomputes every
+  term from the saved inputs, nothing else is stored.
+- ``adaln_modulate``: saves ``mean``/``rstd`` (fp32 [M]); returns full ``[M, W]`` gradients
+  for ``shift`` and ``scale``. When the public op passed stride-0 (broadcast) views, autograd's
+  expand/reshape backward sums those over the broadcast rows; ``dshift`` is ``dy`` itself
+  (no kernel, no copy when the dtypes agree).
+- ``p_sample_step`` / ``ddim_step`` are sampling steps: one kernel, no graph. If autograd
+  is recording and an input requires grad they run the reference instead, so a caller who
+  differentiates through a step still gets gradients.
+
+Float64 inputs (the checking mode of the reference: float64 tables and math) run the
+reference; the kernels are float32 machines. Arguments may be strided views (``model_out``
+halves are read in place; ``shift``/``scale`` may have row stride 0); nothing is copied.
+A ``t`` outside ``[0, S)`` turns its row into NaN and reads no memory out of bounds.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from invnext.ops import diffusion as _ref
+from invnext.ops.diffusion_schedule import DiffusionSchedule
+
+from . import _diffusion_adaln as _ka
+from . import _diffusion_loss as _kl
+from . import _diffusion_steps as _ks
+from ._diffusion_common import TORCH_TO_TL, accurate, col_block, row_block, stride1, strides2
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows run the reference
+_LOSS_TILE = 1024  # elements per loss-forward chunk: the NLL branch needs many live registers
+
+
+def _kernel_ok(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tracks_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _tables(schedule: DiffusionSchedule, *names: str) -> list[torch.Tensor]:
+    return [getattr(schedule, n) for n in names]
+
+
+_POSTERIOR = (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",
+    "log_betas",
+)
+
+
+def _grid2(M: int, C: int) -> tuple[tuple[int, int], int, int]:
+    bc = col_block(C)
+    bm = row_block(bc)
+    return (triton.cdiv(M, bm), triton.cdiv(C, bc)), bm, bc
+
+
+# ----------------------------------------------------------------------------------------
+# q_sample
+# ----------------------------------------------------------------------------------------
+class _QSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x0, noise, t, schedule):
+        M, C = x0.shape
+        out = torch.empty((M, C), dtype=x0.dtype, device=x0.device)
+        ctx.schedule, ctx.dtypes = schedule, (x0.dtype, noise.dtype)
+        ctx.save_for_backward(t)
+        if M == 0 or C == 0:
+            return out
+        grid, bm, bc = _grid2(M, C)
+        with _on(x0.device):
+            _ks.q_sample_fwd_kernel[grid](
+                out, x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
+                M, schedule.num_steps, C, *strides2(x0), *strides2(noise), stride1(t),
+                TORCH_TO_TL[x0.dtype], bm, bc, num_warps=4,
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (t,) = ctx.saved_tensors
+        schedule = ctx.schedule
+        need_x0, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        M, C = g.shape
+        dx0 = torch.empty((M, C), dtype=ctx.dtypes[0], device=g.device) if need_x0 else None
+        dnoise = torch.empty((M, C), dtype=ctx.dtypes[1], device=g.device) if need_noise else None
+        if M and C and (need_x0 or need_noise):
+            grid, bm, bc = _grid2(M, C)
+            with _on(g.device):
+                _ks.q_sample_bwd_kernel[grid](
+                    dx0 if need_x0 else g, dnoise if need_noise else g, g, t,
+                    schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
+                    M, schedule.num_steps, C, *strides2(g), stride1(t), need_x0, need_noise,
+                    TORCH_TO_TL[ctx.dtypes[0]], TORCH_TO_TL[ctx.dtypes[1]], bm, bc, num_warps=4,
+                )  # fmt: skip
+        return dx0, dnoise, None, None
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
+    if not _kernel_ok(x0, noise):
+        return _ref._q_sample_ref(x0, noise, t, schedule)
+    return _QSample.apply(x0, noise, t, schedule)
+
+
+# ----------------------------------------------------------------------------------------
+# diffusion_loss
+# ----------------------------------------------------------------------------------------
+def _loss_args(model_out, x0, x_t, noise, t, schedule):
+    return (
+        model_out, x0, x_t, noise, t, *_tables(schedule, *_POSTERIOR),
+        x0.shape[0], schedule.num_steps, x_t.shape[1],
+        *strides2(model_out), *strides2(x0), *strides2(x_t), *strides2(noise), stride1(t),
+    )  # fmt: skip
+
+
+class _DiffusionLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, model_out, x0, x_t, noise, t, schedule):
+        M, C = x_t.shape
+        loss = torch.empty(M, dtype=torch.float32, device=x_t.device)
+        ctx.schedule = schedule
+        ctx.save_for_backward(model_out, x0, x_t, noise, t)
+        if M == 0:
+            return loss
+        if C == 0:
+            return loss.fill_(float("nan"))  # the reference's mean over no channels
+        bc = col_block(C)
+        bm = row_block(bc, _LOSS_TILE)
+        with _on(x_t.device):
+            _kl.loss_fwd_kernel[(triton.cdiv(M, bm),)](
+                loss, *_loss_args(model_out, x0, x_t, noise, t, schedule), accurate(), bm, bc, num_warps=4
+            )
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        model_out, x0, x_t, noise, t = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        M, C = x_t.shape
+        dmo = torch.empty((M, 2 * C), dtype=model_out.dtype, device=model_out.device)
+        if M and C:
+            grid, bm, bc = _grid2(M, C)
+            with _on(x_t.device):
+                _kl.loss_bwd_kernel[grid](
+                    dmo, g, *_loss_args(model_out, x0, x_t, noise, t, ctx.schedule), stride1(g),
+                    TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=4,
+                )  # fmt: skip
+        return dmo, None, None, None, None, None
+
+
+def diffusion_loss(
+    model_out: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    schedule: DiffusionSchedule,
+) -> torch.Tensor:
+    """Per-row hybrid loss ``float32[M]`` (eps MSE + vb in bits); grads flow to ``model_out[M, 2C]`` only."""
+    if not _kernel_ok(model_out, x0, x_t, noise):
+        return _ref._diffusion_loss_ref(model_out, x0, x_t, noise, t, schedule)
+    return _DiffusionLoss.apply(model_out, x0, x_t, noise, t, schedule)
+
+
+# ----------------------------------------------------------------------------------------
+# reverse steps
+# ----------------------------------------------------------------------------------------
+def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
+    """:func:`p_sample_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+    M, C = x_t.shape
+    if M and C:
+        grid, bm, bc = _grid2(M, C)
+        with _on(x_t.device):
+            _ks.p_sample_kernel[grid](
+                out, model_out, x_t, noise, t, *_tables(schedule, *_POSTERIOR),
+                M, schedule.num_steps, float(temperature), C,
+                *strides2(model_out), *strides2(x_t), *strides2(noise), stride1(t), out.stride(0) if M > 1 else 0,
+                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=4,
+            )  # fmt: skip
+    return out
+
+
+def p_sample_step(
+    model_out: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    schedule: DiffusionSchedule,
+    noise: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """One ancestral step ``x_{t-1}[M, C]`` (x_t's dtype) from ``model_out[M, 2C] = [eps, v]``."""
+    if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
+        return _ref._p_sample_step_ref(model_out, x_t, t, schedule, noise, temperature)
+    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    return p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature)
+
+
+def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
+    """:func:`ddim_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+    M, C = x_t.shape
+    # The reference adds noise only when it is given and eta != 0.
+    has_noise = noise is not None and eta != 0.0
+    if M and C:
+        grid, bm, bc = _grid2(M, C)
+        nz = noise if has_noise else x_t
+        with _on(x_t.device):
+            _ks.ddim_kernel[grid](
+                out, model_out, x_t, nz, t,
+                *_tables(schedule, "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                         "alphas_cumprod", "alphas_cumprod_prev"),
+                M, schedule.num_steps, float(eta), C,
+                *strides2(model_out), *strides2(x_t), *strides2(nz), stride1(t), out.stride(0) if M > 1 else 0,
+                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=4,
+            )  # fmt: skip
+    return out
+
+
+def ddim_step(
+    model_out: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    schedule: DiffusionSchedule,
+    noise: torch.Tensor | None,
+    eta: float,
+) -> torch.Tensor:
+    """One DDIM step ``x_prev[M, C]`` (x_t's dtype); ``noise`` is used only when given and ``eta != 0``."""
+    if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
+        return _ref._ddim_step_ref(model_out, x_t, t, schedule, noise, eta)
+    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    return ddim_step_into(out, model_out, x_t, t, schedule, noise, eta)
+
+
+# ----------------------------------------------------------------------------------------
+# adaln_modulate
+# ----------------------------------------------------------------------------------------
+def _adaln_shape(W: int) -> tuple[int, int, int]:
+    bw = triton.next_power_of_2(max(W, 1))
+    bm = max(1, min(16, 4096 // bw))
+    return bw, bm, (4 if bw * bm <= 2048 else 8)
+
+
+class _AdaLN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        M, W = x.shape
+        y = torch.empty((M, W), dtype=x.dtype, device=x.device)
+        mean = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        if M and W:
+            bw, bm, warps = _adaln_shape(W)
+            with _on(x.device):
+                _ka.adaln_fwd_kernel[(triton.cdiv(M, bm),)](
+                    y, mean, rstd, x, shift, scale, M, float(eps), W,
+                    *strides2(x), *strides2(shift), *strides2(scale),
+                    TORCH_TO_TL[x.dtype], bm, bw, num_warps=warps,
+                )  # fmt: skip
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, mean, rstd = ctx.saved_tensors
+        need_dx, need_dshift, need_dscale = ctx.needs_input_grad[:3]
+        M, W = x.shape
+        dx = torch.empty((M, W), dtype=x.dtype, device=x.device) if need_dx else None
+        dscale = torch.empty((M, W), dtype=scale.dtype, device=x.device) if need_dscale else None
+        if M and W and (need_dx or need_dscale):
+            bw, bm, warps = _adaln_shape(W)
+            with _on(x.device):
+                _ka.adaln_bwd_kernel[(triton.cdiv(M, bm),)](
+                    dx if need_dx else dy, dscale if need_dscale else dy, dy, x, scale, mean, rstd, M, W,
+                    *strides2(dy), *strides2(x), *strides2(scale), need_dx, need_dscale,
+                    TORCH_TO_TL[x.dtype], TORCH_TO_TL[scale.dtype], bm, bw, num_warps=warps,
+                )  # fmt: skip
+        dshift = dy.to(ctx.shift_dtype) if need_dshift else None
+        return dx, dshift, dscale, None
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
+    if not _kernel_ok(x, shift, scale) or x.shape[1] > _MAX_ADALN_WIDTH:
+        return _ref._adaln_modulate_ref(x, shift, scale, eps)
+    return _AdaLN.apply(x, shift, scale, eps)

@@ -1,0 +1,609 @@
+"""Triton kernels for the token-movement ops ``gather_visible`` and ``scatter_tokens``.
+
+Both ops are copies with an optional position add; every kernel here is bandwidth bound, so
+the design goal is the minimal byte count: each input byte read once, each output byte
+written once, no intermediate ``[B, N, C]`` tensor.
+
+Math (index[r] = b*N + n for a visible token, -1 on prefix rows; P = prefix rows per sample)::
+
+    gather:   out[r] = prefix[b|0, j]                    if j = r - cu_seqlens[b] < P
+                     = x[b, n] + pos[b|0, n]             otherwise           (fp32 add, one rounding)
+    scatter:  out[b, n] = packed[r] + pos[b|0, n]        if index[r] = b*N + n for some r
+                        = mask_token + pos[b|0, n]       otherwise
+
+    gather backward:   dx[b, n] = g[r] where index[r] = b*N + n, else 0
+                       dpos = dx (Bp = B) or sum_b dx[b] (Bp = 1)
+                       dprefix[b, j] = g[cu_seqlens[b] + j]  (summed over b when Bq = 1)
+    scatter backward:  dpacked[r] = g[index[r]] (0 where index[r] = -1)
+                       dmask_token = sum of g over the places no row names
+                       dpos = g (Bp = B) or sum_b g[b] (Bp = 1)
+
+Kernels. Two shapes of program cover every pass:
+- *row* programs walk packed rows ``[BLOCK_R, BLOCK_C]`` (gather forward, the prefix-grad
+  gather). The sample ``b`` of a row is found by a vectorised binary search of ``r`` in
+  ``cu_seqlens`` inside the kernel: ``ceil(log2(B+1))`` loads from a B+1-entry table that
+  stays in L1, instead of a ``searchsorted`` precompute that would write and re-read 8 bytes
+  per row. It runs only when a prefix or a per-sample ``pos`` needs ``b``.
+- *place* programs own ``[BLOCK_N, BLOCK_C]`` places of the grid and loop over the batch
+  (scatter forward, both backwards). The loop keeps a shared ``pos`` tile (Bp = 1) and the
+  mask token in registers for every sample, and lets the batch sums for ``dpos`` and the
+  masked sum for ``dmask_token`` accumulate in fp32 registers: the full-grid gradient is
+  read exactly once. They find the packed row of a place through an inverse map
+  ``inv[b*N + n] = r`` (int32, -1 for places no row names), built by a tiny kernel.
+
+``dmask_token`` is reduced in two deterministic steps (fp32 partials per place block, then a
+torch sum over blocks); the other batch sums happen in registers. Nothing synchronises with
+the host: ``total`` is ``index.shape[0]``.
+
+Rows are contiguous with stride C; when C is a multiple of 8 (bf16/fp16) or 4 (fp32) the
+row offsets are hinted with ``tl.multiple_of`` so the loads and stores become 16-byte
+vectors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from invnext.ops import _validate as V
+from invnext.ops._dispatch import triton_interpreter
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TILE_ELEMS = 2048  # elements per program tile: 16 per thread at 4 warps
+# Triton's CPU interpreter (3.x) truncates fp32 -> bf16 where the GPU rounds to nearest even;
+# under the interpreter the kernels round by hand, so CPU tests check the bits a GPU writes.
+_EMULATE_BF16_RNE = tl.constexpr(triton_interpreter())
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _round_to(val, dtype: tl.constexpr):
+    """``val.to(dtype)`` with round-to-nearest-even, also under the interpreter."""
+    out = val.to(dtype)
+    if _EMULATE_BF16_RNE:
+        if dtype == tl.bfloat16:
+            bits = val.to(tl.float32).to(tl.uint32, bitcast=True)
+            half = ((bits >> 16) & 1) + 0x7FFF  # ties go to the even neighbour
+            top = (bits + half) >> 16
+            top = tl.where(val != val, 0x7FC0, top)  # keep NaN a (quiet) NaN
+            out = top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return out
+
+
+@triton.jit
+def _gather_rows_kernel(
+    out_ptr,  # [total, C]
+    x_ptr,  # [B*N, C]
+    index_ptr,  # int64[total]
+    cu_ptr,  # int32[B+1] (read only when NEED_SAMPLE)
+    pos_ptr,  # [Bp, N, C]
+    prefix_ptr,  # [Bq, P, C]
+    total,
+    C,
+    N,
+    BN,
+    B,
+    P,
+    pos_bstride,  # N*C when Bp = B, else 0
+    prefix_bstride,  # P*C when Bq = B, else 0
+    HAS_POS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    NEED_SAMPLE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < total
+    col_ok = cols < C
+    idx = tl.load(index_ptr + rows, mask=row_ok, other=-1)
+    # An index outside [0, B*N) (bad input) reads nothing: its row becomes 0.
+    named = row_ok & (idx >= 0) & (idx < BN)
+
+    b = tl.zeros([BLOCK_R], dtype=tl.int32)
+    if NEED_SAMPLE:
+        # b = the largest s in [0, B] with cu[s] <= r; each step halves [lo, hi].
+        lo = tl.zeros([BLOCK_R], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_R], dtype=tl.int32) + B
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi + 1) // 2
+            start = tl.load(cu_ptr + mid, mask=row_ok, other=0)
+            go = start <= rows
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        b = tl.minimum(lo, B - 1)
+
+    col2 = cols[None, :]
+    tok_mask = named[:, None] & col_ok[None, :]
+    src = tl.where(named, idx, 0)
+    x_row = tl.multiple_of(src * C, ALIGN)
+    val = tl.load(x_ptr + x_row[:, None] + col2, mask=tok_mask, other=0.0).to(ACC)
+    if HAS_POS:
+        pos_row = tl.multiple_of(b.to(tl.int64) * pos_bstride + (src % N) * C, ALIGN)
+        val += tl.load(pos_ptr + pos_row[:, None] + col2, mask=tok_mask, other=0.0).to(ACC)
+    if HAS_PREFIX:
+        j = rows - tl.load(cu_ptr + b, mask=row_ok, other=0)
+        is_pre = row_ok & (j >= 0) & (j < P)
+        pre_row = tl.multiple_of(b.to(tl.int64) * prefix_bstride + tl.where(is_pre, j, 0).to(tl.int64) * C, ALIGN)
+        pre = tl.load(prefix_ptr + pre_row[:, None] + col2, mask=is_pre[:, None] & col_ok[None, :], other=0.0)
+        val = tl.where(is_pre[:, None], pre.to(ACC), val)
+    out_row = tl.multiple_of(rows.to(tl.int64) * C, ALIGN)
+    tl.store(out_ptr + out_row[:, None] + col2, _round_to(val, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _invert_index_kernel(inv_ptr, index_ptr, total, BN, BLOCK: tl.constexpr):
+    # inv[index[r]] = r for every row that names a place; inv was filled with -1.
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < total
+    idx = tl.load(index_ptr + rows, mask=ok, other=-1)
+    named = ok & (idx >= 0) & (idx < BN)
+    tl.store(inv_ptr + tl.where(named, idx, 0), rows, mask=named)
+
+
+@triton.jit
+def _zero_unnamed_rows_kernel(out_ptr, index_ptr, total, C, BN, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Rows that name no place (prefix rows) get a zero gradient; the others are written elsewhere.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = rows < total
+    idx = tl.load(index_ptr + rows, mask=ok, other=0)
+    unnamed = ok & ((idx < 0) | (idx >= BN))
+    zero = tl.zeros([BLOCK_R, BLOCK_C], dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], zero, mask=unnamed[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def _scatter_places_kernel(
+    out_ptr,  # [B*N, C]
+    packed_ptr,  # [total, C]
+    inv_ptr,  # int32[B*N]
+    mask_ptr,  # [C]
+    pos_ptr,  # [Bp, N, C]
+    B,
+    N,
+    C,
+    HAS_POS: tl.constexpr,
+    POS_SHARED: tl.constexpr,  # Bp = 1
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    col_ok = cols < C
+    col2 = cols[None, :]
+    tile_ok = n_ok[:, None] & col_ok[None, :]
+    fill = tl.load(mask_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    if HAS_POS and POS_SHARED:
+        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        pos_shared = tl.load(pos_ptr + pos_row[:, None] + col2, mask=tile_ok, other=0.0).to(ACC)
+    n64 = n.to(tl.int64)
+    for b in range(0, B):
+        place = n64 + b * N
+        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
+        vis = row >= 0
+        src = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+        tok = tl.load(packed_ptr + src[:, None] + col2, mask=vis[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        val = tl.where(vis[:, None], tok, fill[None, :])
+        dst = tl.multiple_of(place * C, ALIGN)
+        if HAS_POS:
+            if POS_SHARED:
+                val += pos_shared
+            else:
+                val += tl.load(pos_ptr + dst[:, None] + col2, mask=tile_ok, other=0.0).to(ACC)
+        tl.store(out_ptr + dst[:, None] + col2, _round_to(val, out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _gather_bwd_places_kernel(
+    dx_ptr,  # [B*N, C]
+    dpos_ptr,  # [Bp*N, C]
+    grad_ptr,  # [total, C]
+    inv_ptr,  # int32[B*N]
+    B,
+    N,
+    C,
+    STORE_DX: tl.constexpr,
+    POS_MODE: tl.constexpr,  # 0: no dpos, 1: dpos per sample (= dx), 2: dpos summed over the batch
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    col_ok = cols < C
+    col2 = cols[None, :]
+    tile_ok = n_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+    n64 = n.to(tl.int64)
+    for b in range(0, B):
+        place = n64 + b * N
+        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
+        vis = row >= 0
+        src = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+        g = tl.load(grad_ptr + src[:, None] + col2, mask=vis[:, None] & col_ok[None, :], other=0.0)
+        dst = tl.multiple_of(place * C, ALIGN)
+        if STORE_DX:
+            tl.store(dx_ptr + dst[:, None] + col2, g, mask=tile_ok)
+        if POS_MODE == 1:
+            tl.store(dpos_ptr + dst[:, None] + col2, g, mask=tile_ok)
+        if POS_MODE == 2:
+            acc += g.to(ACC)
+    if POS_MODE == 2:
+        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        tl.store(dpos_ptr + pos_row[:, None] + col2, _round_to(acc, dpos_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _scatter_bwd_places_kernel(
+    dpacked_ptr,  # [total, C]
+    dpos_ptr,  # [N, C] (only when POS_SUM)
+    mask_part_ptr,  # ACC[num_place_blocks, C]
+    grad_ptr,  # [B*N, C]
+    inv_ptr,  # int32[B*N]
+    B,
+    N,
+    C,
+    STORE_PACKED: tl.constexpr,
+    POS_SUM: tl.constexpr,
+    MASK_GRAD: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    col_ok = cols < C
+    col2 = cols[None, :]
+    tile_ok = n_ok[:, None] & col_ok[None, :]
+    acc_pos = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+    acc_mask = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+    n64 = n.to(tl.int64)
+    for b in range(0, B):
+        place = n64 + b * N
+        g = tl.load(grad_ptr + tl.multiple_of(place * C, ALIGN)[:, None] + col2, mask=tile_ok, other=0.0)
+        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
+        vis = row >= 0
+        if STORE_PACKED:
+            dst = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+            tl.store(dpacked_ptr + dst[:, None] + col2, g, mask=vis[:, None] & col_ok[None, :])
+        if POS_SUM:
+            acc_pos += g.to(ACC)
+        if MASK_GRAD:
+            acc_mask += tl.where(vis[:, None], 0.0, g.to(ACC))
+    if POS_SUM:
+        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        tl.store(dpos_ptr + pos_row[:, None] + col2, _round_to(acc_pos, dpos_ptr.dtype.element_ty), mask=tile_ok)
+    if MASK_GRAD:
+        tl.store(mask_part_ptr + pid_n.to(tl.int64) * C + cols, tl.sum(acc_mask, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiles(C: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, rows per program, num_warps, ALIGN) for rows of C elements.
+
+    BLOCK_C is the power of two <= 256 that pads C least (ties to the larger), so C = 768
+    runs as 3 x 256 and C = 1408 as 11 x 128 with no masked lanes. ALIGN is the largest
+    power of two (<= 16) dividing C, the row-offset hint that unlocks 16-byte accesses.
+    """
+    if C <= 256:
+        block_c = triton.next_power_of_2(max(C, 1))
+    else:
+        block_c = min((256, 128, 64), key=lambda bc: (triton.cdiv(C, bc) * bc - C, -bc))
+    rows = max(1, _TILE_ELEMS // block_c)
+    align = 1
+    while align < 16 and C % (align * 2) == 0:
+        align *= 2
+    return block_c, rows, 4, align
+
+
+def _inverse_map(index: torch.Tensor, places: int) -> torch.Tensor:
+    """int32[places]: inv[p] = the row r with index[r] = p, -1 where no row names p."""
+    inv = torch.full((places,), -1, dtype=torch.int32, device=index.device)
+    total = index.shape[0]
+    if total > 0 and places > 0:
+        block = 1024
+        _invert_index_kernel[(triton.cdiv(total, block),)](inv, index, total, places, BLOCK=block, num_warps=4)
+    return inv
+
+
+def _gather_rows(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    pos: torch.Tensor | None,
+    prefix: torch.Tensor | None,
+) -> torch.Tensor:
+    """The gather forward kernel on contiguous inputs; also serves the prefix-grad gather."""
+    B, N, C = x.shape
+    total = index.shape[0]
+    out = torch.empty(total, C, dtype=x.dtype, device=x.device)
+    if total == 0 or C == 0:
+        return out
+    P = prefix.shape[1] if prefix is not None else 0
+    has_prefix = P > 0
+    per_sample_pos = pos is not None and pos.shape[0] > 1
+    need_sample = has_prefix or per_sample_pos
+    block_c, block_r, warps, align = _tiles(C)
+    grid = (triton.cdiv(total, block_r), triton.cdiv(C, block_c))
+    _gather_rows_kernel[grid](
+        out,
+        x,
+        index,
+        cu_seqlens if need_sample else index,
+        pos if pos is not None else x,
+        prefix if has_prefix else x,
+        total,
+        C,
+        N,
+        B * N,
+        B,
+        P,
+        N * C if per_sample_pos else 0,
+        P * C if has_prefix and prefix.shape[0] > 1 else 0,
+        HAS_POS=pos is not None,
+        HAS_PREFIX=has_prefix,
+        NEED_SAMPLE=need_sample,
+        SEARCH_STEPS=max(1, B.bit_length()),
+        ALIGN=align,
+        ACC=_acc_dtype(x.dtype),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return out
+
+
+def _prefix_rows(cu_seqlens: torch.Tensor, P: int) -> torch.Tensor:
+    """int64[B*P]: packed row of prefix token j of sample b, -1 where the sample is shorter."""
+    cu = cu_seqlens.to(torch.int64)
+    rows = cu[:-1, None] + torch.arange(P, device=cu.device, dtype=torch.int64)
+    return torch.where(rows < cu[1:, None], rows, torch.full_like(rows, -1)).reshape(-1)
+
+
+def _sum_batch(t: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [1, ...]: summed in fp32 (fp64 for fp64), rounded once."""
+    return t.to(_acc_torch(t.dtype)).sum(0, keepdim=True).to(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# gather_visible
+# ----------------------------------------------------------------------------------------
+class _GatherVisible(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, pos, prefix, index, cu_seqlens):
+        out = _gather_rows(x, index, cu_seqlens, pos, prefix)
+        ctx.save_for_backward(index, cu_seqlens)
+        ctx.x_shape = x.shape
+        ctx.pos_batch = None if pos is None else pos.shape[0]
+        ctx.prefix_shape = None if prefix is None else prefix.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, cu_seqlens = ctx.saved_tensors
+        B, N, C = ctx.x_shape
+        need_x, need_pos, need_prefix = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        dx = dpos = dprefix = None
+        pos_mode = 0 if not need_pos else (1 if ctx.pos_batch > 1 else 2)
+        if need_x or pos_mode:
+            inv = _inverse_map(index, B * N)
+            dx = torch.empty(B, N, C, dtype=grad.dtype, device=grad.device) if need_x else None
+            dpos = torch.empty(ctx.pos_batch, N, C, dtype=grad.dtype, device=grad.device) if pos_mode else None
+            if B * N > 0 and C > 0:
+                block_c, block_n, warps, align = _tiles(C)
+                grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+                _gather_bwd_places_kernel[grid](
+                    dx if dx is not None else grad,
+                    dpos if dpos is not None else grad,
+                    grad,
+                    inv,
+                    B,
+                    N,
+                    C,
+                    STORE_DX=need_x,
+                    POS_MODE=pos_mode,
+                    ALIGN=align,
+                    ACC=_acc_dtype(grad.dtype),
+                    BLOCK_N=block_n,
+                    BLOCK_C=block_c,
+                    num_warps=warps,
+                )
+        if need_prefix:
+            Bq, P, _ = ctx.prefix_shape
+            rows = _prefix_rows(cu_seqlens, P)
+            dprefix = _gather_rows(grad.view(1, -1, C), rows, None, None, None).view(B, P, C)
+            if Bq == 1:
+                dprefix = _sum_batch(dprefix)
+        return dx, dpos, dprefix, None, None
+
+
+def gather_visible(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pos: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pack rows of ``x`` (plus ``pos``) with each sample's prefix first; Triton backend.
+
+    Args:
+        x: [B, N, C] fp32/fp16/bf16/fp64 tokens of the full clips.
+        index: int64[total], flat place ``b*N + n`` of each packed row, -1 on prefix rows.
+        cu_seqlens: int32[B+1], row offsets of the samples in the packed batch.
+        pos: optional [1 or B, N, C] in x's dtype, added to every gathered token.
+        prefix: optional [1 or B, P, C] in x's dtype, copied into the first P rows of each sample.
+    Returns:
+        [total, C] in x's dtype; the add runs in fp32 (fp64 for fp64) and rounds once.
+    Differentiable w.r.t. x, pos and prefix. No host synchronisation.
+    """
+    op = "gather_visible"
+    V.check_tensor(op, "x", x, ndim=3, dtypes=_DTYPES)
+    dev = x.device
+    B, N, C = x.shape
+    V.check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64,), device=dev)
+    V.check_tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=dev)
+    V.check_shape(op, "cu_seqlens", cu_seqlens, (B + 1,))
+    for name, t, rows in (("pos", pos, N), ("prefix", prefix, None)):
+        if t is None:
+            continue
+        V.check_tensor(op, name, t, ndim=3, dtypes=(x.dtype,), device=dev)
+        if t.shape[0] not in (1, B) or t.shape[2] != C or (rows is not None and t.shape[1] != rows):
+            want = f"[1 or {B}, {rows if rows is not None else 'P'}, {C}]"
+            raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
+    contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return _GatherVisible.apply(x.contiguous(), contig(pos), contig(prefix), index.contiguous(), cu_seqlens.contiguous())
+
+
+# ----------------------------------------------------------------------------------------
+# scatter_tokens
+# ----------------------------------------------------------------------------------------
+class _ScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, packed, mask_token, pos, index, batch_size, N):
+        total, C = packed.shape
+        inv = _inverse_map(index, batch_size * N)
+        out = torch.empty(batch_size, N, C, dtype=packed.dtype, device=packed.device)
+        if batch_size * N > 0 and C > 0:
+            block_c, block_n, warps, align = _tiles(C)
+            grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+            _scatter_places_kernel[grid](
+                out,
+                packed,
+                inv,
+                mask_token,
+                pos if pos is not None else packed,
+                batch_size,
+                N,
+                C,
+                HAS_POS=pos is not None,
+                POS_SHARED=pos is not None and pos.shape[0] == 1,
+                ALIGN=align,
+                ACC=_acc_dtype(packed.dtype),
+                BLOCK_N=block_n,
+                BLOCK_C=block_c,
+                num_warps=warps,
+            )
+        ctx.save_for_backward(index, inv)
+        ctx.dims = (batch_size, N, total, C)
+        ctx.pos_batch = None if pos is None else pos.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, inv = ctx.saved_tensors
+        B, N, total, C = ctx.dims
+        need_packed, need_mask, need_pos = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        dpacked = dmask = dpos = None
+        pos_sum = need_pos and ctx.pos_batch == 1
+        if need_pos and not pos_sum:
+            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
+        if need_packed or need_mask or pos_sum:
+            acc = _acc_torch(grad.dtype)
+            block_c, block_n, warps, align = _tiles(C)
+            n_blocks = triton.cdiv(N, block_n)
+            dpacked = torch.empty(total, C, dtype=grad.dtype, device=grad.device) if need_packed else None
+            dpos_sum = torch.empty(1, N, C, dtype=grad.dtype, device=grad.device) if pos_sum else None
+            parts = torch.empty(n_blocks, C, dtype=acc, device=grad.device) if need_mask else None
+            if B * N > 0 and C > 0:
+                _scatter_bwd_places_kernel[(n_blocks, triton.cdiv(C, block_c))](
+                    dpacked if dpacked is not None else grad,
+                    dpos_sum if dpos_sum is not None else grad,
+                    parts if parts is not None else grad,
+                    grad,
+                    inv,
+                    B,
+                    N,
+                    C,
+                    STORE_PACKED=need_packed,
+                    POS_SUM=pos_sum,
+                    MASK_GRAD=need_mask,
+                    ALIGN=align,
+                    ACC=_acc_dtype(grad.dtype),
+                    BLOCK_N=block_n,
+                    BLOCK_C=block_c,
+                    num_warps=warps,
+                )
+            if need_packed and total > 0 and C > 0:
+                rows = max(1, _TILE_ELEMS // block_c)
+                _zero_unnamed_rows_kernel[(triton.cdiv(total, rows), triton.cdiv(C, block_c))](
+                    dpacked, index, total, C, B * N, BLOCK_R=rows, BLOCK_C=block_c, num_warps=warps
+                )
+            if pos_sum:
+                dpos = dpos_sum
+            if need_mask:
+                dmask = parts.sum(0).to(grad.dtype) if B * N > 0 else torch.zeros(C, dtype=grad.dtype, device=grad.device)
+        return dpacked, dmask, dpos, None, None, None
+
+
+def scatter_tokens(
+    packed: torch.Tensor,
+    index: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos: torch.Tensor | None,
+    batch_size: int,
+    N: int,
+) -> torch.Tensor:
+    """Put packed rows back on the ``[batch_size, N]`` grid, ``mask_token`` elsewhere, ``pos`` added; Triton backend.
+
+    Args:
+        packed: [total, C] fp32/fp16/bf16/fp64 rows.
+        index: int64[total], place ``b*N + n`` of each row; -1 rows (prefix) are dropped.
+            The places named must be distinct (as ``gather_visible`` builds them).
+        mask_token: [C] in packed's dtype, written at every place no row names.
+        pos: optional [1 or batch_size, N, C] in packed's dtype, added everywhere.
+        batch_size, N: the grid.
+    Returns:
+        [batch_size, N, C] in packed's dtype; adds in fp32 (fp64 for fp64), one rounding.
+    Differentiable w.r.t. packed, mask_token and pos. No host synchronisation.
+    """
+    op = "scatter_tokens"
+    V.check_tensor(op, "packed", packed, ndim=2, dtypes=_DTYPES)
+    dev = packed.device
+    total, C = packed.shape
+    V.check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64,), device=dev)
+    V.check_shape(op, "index", index, (total,))
+    V.check_tensor(op, "mask_token", mask_token, ndim=1, dtypes=(packed.dtype,), device=dev)
+    V.check_shape(op, "mask_token", mask_token, (C,))
+    for name, value in (("batch_size", batch_size), ("N", N)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    if pos is not None:
+        V.check_tensor(op, "pos", pos, ndim=3, dtypes=(packed.dtype,), device=dev)
+        if pos.shape[0] not in (1, batch_size) or tuple(pos.shape[1:]) != (N, C):
+            raise ValueError(f"{op}: pos must have shape [1 or {batch_size}, {N}, {C}], got {list(pos.shape)}")
+    return _ScatterTokens.apply(
+        packed.contiguous(),
+        mask_token.contiguous(),
+        None if pos is None else pos.contiguous(),
+        index.contiguous(),
+        batch_size,
+        N,
+    )

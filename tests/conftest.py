@@ -1,0 +1,49 @@
+"""Test configuration.
+
+Triton kernels run on the CPU interpreter unless the caller set TRITON_INTERPRET itself
+(the GPU check script sets TRITON_INTERPRET=0). The variable must be set before any
+``@triton.jit`` function is created, hence here, at the top of conftest.
+
+Nothing here queries the GPU at import or collection: ``requires_cuda`` tests are
+skipped at setup time when torch sees no CUDA device.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_cuda: needs a CUDA GPU; skipped at setup when none is visible")
+    config.addinivalue_line("markers", "triton: runs Triton kernels (on the CPU interpreter unless TRITON_INTERPRET=0)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("requires_cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("requires a CUDA GPU (none visible to torch)")
+    if item.get_closest_marker("triton") is not None:
+        from invnext.ops._dispatch import _triton_import_error
+
+        err = _triton_import_error()
+        if err:
+            pytest.skip(err)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where Triton tests put their tensors: the GPU when kernels are compiled, else the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 but no CUDA GPU is visible")
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

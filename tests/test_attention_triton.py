@@ -1,0 +1,293 @@
+"""The Triton masked-attention kernel (``invnext_kernels.attention``) against float64 ground truth.
+
+Tolerance rule (kernels.md): the kernel's max abs error against the float64 reference is at
+most 2x (output) / 3x (gradients) the error of the *same-dtype PyTorch computation*. That
+computation is plain attention written as PyTorch would run it in the input dtype: RoPE in
+fp32 rounded to the dtype (``apply_rope_3d``), ``q @ k^T`` as a matmul in the dtype, softmax in
+fp32 (as SDPA does), the probabilities rounded to the dtype, ``p @ v`` in the dtype; its
+gradients come from autograd through the same graph. (The reference op itself upcasts 16-bit
+inputs to fp32, so its error would not be "the same dtype".) Ground truth is the reference
+op on float64 copies of the inputs.
+
+Under the CPU interpreter the kernels run with 16/32-row tiles (``_INTERPRET_BLOCKS``) so
+samples of 7-113 tokens still span several tiles: boundary tiles, full tiles, skipped tiles.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from invnext._kernels_path import ensure_kernels_importable
+from invnext.ops.attention import dense_attention_mask, masked_attention, prefix_mask
+from invnext.ops.rope import apply_rope_3d
+
+ensure_kernels_importable()
+
+from invnext_kernels import _attention_common as common  # noqa: E402
+from invnext_kernels import attention as kattn  # noqa: E402
+
+pytestmark = pytest.mark.triton
+F64 = torch.float64
+ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_cu(lengths, device) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def make_coords(lengths, num_prefix, grid, device) -> torch.Tensor:
+    """Per sample: distinct cells of ``grid`` in raster order (visible tokens); prefix rows garbage."""
+    T, H, W = grid
+    rows = []
+    for n in lengths:
+        keep = n - num_prefix
+        idx = torch.randperm(T * H * W)[:keep].sort().values
+        rows.append(torch.randint(-1000, 1000, (num_prefix, 3)))
+        rows.append(torch.stack([idx // (H * W), (idx // W) % H, idx % W], dim=-1))
+    return torch.cat(rows).to(torch.int32).to(device)
+
+
+def same_dtype_attention(q, k, v, cu, scale, coords, rope, window, num_prefix):
+    """Attention as PyTorch computes it in q's dtype (module docstring); dense over the packed batch."""
+    total, _, _ = q.shape
+    if rope is not None:
+        pm = prefix_mask(cu, total, num_prefix)
+        q = apply_rope_3d(q, coords, rope[0], rope[1], pm)
+        k = apply_rope_3d(k, coords, rope[0], rope[1], pm)
+    allowed = dense_attention_mask(cu, total, coords, window, num_prefix)
+    s = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0))  # [H, total, total] in the dtype
+    s = (s.float() * scale).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_case(lengths, heads, dim, dtype, device, *, rope=None, window=None, num_prefix=0, grid=(4, 6, 6),
+               packed=False, scale=None):
+    cu = make_cu(lengths, device)
+    total = sum(lengths)
+    coords = make_coords(lengths, num_prefix, grid, device)
+    base = torch.randn(total, 3, heads, dim, device=device)
+    dout = torch.randn(total, heads, dim, device=device)
+    kw = dict(softmax_scale=scale, coords=coords, rope=rope, window=window, num_prefix=num_prefix)
+
+    def run(dt, fn):
+        leaf = base.to(dt).requires_grad_(True)
+        q, k, v = leaf.unbind(1) if packed else (t.contiguous() for t in leaf.unbind(1))
+        out = fn(q, k, v)
+        (grad,) = torch.autograd.grad(out, leaf, dout.to(dt))
+        return out.detach(), grad.unbind(1)
+
+    gt_out, gt_grads = run(F64, lambda q, k, v: masked_attention(q, k, v, cu, max(lengths), backend="torch", **kw))
+    out, grads = run(dtype, lambda q, k, v: masked_attention(q, k, v, cu, max(lengths), backend="triton", **kw))
+    sc = scale if scale is not None else dim**-0.5
+    ref_out, ref_grads = run(dtype, lambda q, k, v: same_dtype_attention(q, k, v, cu, sc, coords, rope, window, num_prefix))
+
+    assert out.dtype == dtype and out.shape == (total, heads, dim)
+    e_k, e_t = max_err(out, gt_out), max_err(ref_out, gt_out)
+    assert e_k <= 2 * e_t, f"out: kernel err {e_k:.3g} > 2x same-dtype torch err {e_t:.3g}"
+    for name, g, g_gt, g_ref in zip("qkv", grads, gt_grads, ref_grads):
+        e_k, e_t = max_err(g, g_gt), max_err(g_ref, g_gt)
+        assert e_k <= 3 * e_t, f"d{name}: kernel err {e_k:.3g} > 3x same-dtype torch err {e_t:.3g}"
+    return out, grads
+
+
+# --------------------------------------------------------------------------- numerics (interpreter-sized)
+
+
+def test_plain_ragged_bf16_d64(triton_device):
+    # one-token sample, odd lengths, no window: every key tile full but each sample's last.
+    check_case([1, 7, 113, 30], 2, 64, torch.bfloat16, triton_device)
+
+
+def test_rope_window3d_prefix_fp16_d88(triton_device):
+    # padded head dim (88 -> 128), RoPE over all channels, a box window that skips tiles.
+    check_case([7, 113, 45], 2, 88, torch.float16, triton_device, rope=(100.0, (24, 32, 32)),
+               window=(3, 5, 5), num_prefix=4)
+
+
+def test_window1d_fp32_d64(triton_device):
+    check_case([1, 7, 113], 1, 64, torch.float32, triton_device, window=9, scale=0.3)
+
+
+def test_self_only_window_rope_prefix_bf16(triton_device):
+    # (1, 1, 1): a grid token sees itself and the 4 prefix tokens only.
+    check_case([5, 60, 33], 2, 64, torch.bfloat16, triton_device, rope=(50.0, (16, 24, 24)),
+               window=(1, 1, 1), num_prefix=4)
+
+
+def test_rope_passthrough_channels_fp16_d32(triton_device):
+    # sections cover 24 of 32 channels (the last 8 pass through); one axis section is empty.
+    check_case([113, 9], 1, 32, torch.float16, triton_device, rope=(10.0, (8, 0, 16)), num_prefix=4)
+
+
+def test_window_covering_sample_is_all_full_tiles_packed_qkv(triton_device):
+    # a window larger than the grid: every pair allowed, so the window lists hold only
+    # full tiles (plus boundary ones); q, k, v are strided views of one packed qkv.
+    check_case([1, 70, 51], 2, 64, torch.bfloat16, triton_device, window=(9, 13, 13), packed=True)
+
+
+def test_even_window_sizes_fp32_rope_d48(triton_device):
+    check_case([40, 3, 77], 1, 48, torch.float32, triton_device, rope=(1000.0, (16, 16, 16)),
+               window=(2, 4, 4), num_prefix=1)
+
+
+def test_max_seqlen_larger_than_samples(triton_device):
+    # programs past every sample's end must exit without writing.
+    lengths = [20, 9]
+    cu = make_cu(lengths, triton_device)
+    q, k, v = (torch.randn(29, 1, 32, device=triton_device, dtype=torch.float16) for _ in range(3))
+    ref = masked_attention(q, k, v, cu, 20, backend="torch")
+    out = masked_attention(q, k, v, cu, 100, backend="triton")
+    assert max_err(out, ref) <= 2e-3
+
+
+# --------------------------------------------------------------------------- tile classification
+
+
+@pytest.mark.parametrize("by_key", [False, True])
+def test_window_tiles_match_dense_mask(by_key):
+    """``full`` tiles have every pair allowed, skipped tiles none; some tiles are skipped."""
+    torch.manual_seed(1)
+    lengths, P, bm, bn = [5, 120, 64, 37], 4, 16, 32
+    cu = make_cu(lengths, "cpu")
+    coords = make_coords(lengths, P, (6, 6, 6), "cpu")
+    window = (3, 3, 5)
+    wc, radius = common.window_geometry(window, coords, cu, sum(lengths))
+    full, part = common.window_tiles(cu, max(lengths), wc, radius, P, bm, bn, by_key)
+    allowed = dense_attention_mask(cu, sum(lengths), coords, window, P)
+    skipped = 0
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        L = e - s
+        for i in range(full.shape[1]):
+            for j in range(full.shape[2]):
+                q0, k0 = i * bm, j * bn
+                blk = allowed[s + q0: s + min(q0 + bm, L), s + k0: s + min(k0 + bn, L)]
+                streamed_whole = (q0 + bm <= L) if by_key else (k0 + bn <= L)
+                if full[b, i, j]:
+                    assert blk.numel() and bool(blk.all()) and streamed_whole
+                elif not part[b, i, j]:
+                    assert not bool(blk.any())
+                    skipped += int(q0 < L and k0 < L)
+                else:
+                    assert bool(blk.any())
+    assert skipped > 0
+
+
+def test_window_1d_geometry_is_position_box():
+    cu = make_cu([3, 5], "cpu")
+    wc, radius = common.window_geometry(7, None, cu, 8)
+    assert radius == (0, 0, 3)
+    assert wc.tolist() == [[0, 0, p] for p in [0, 1, 2, 0, 1, 2, 3, 4]]
+
+
+def test_rope_tables_pair_channels():
+    ftab, partner, pmat = common.rope_tables(10.0, (4, 0, 2), 8, torch.device("cpu"))
+    assert partner.tolist() == [2, 3, 0, 1, 5, 4, 6, 7]
+    assert ftab[3].tolist() == [-1, -1, 1, 1, -1, 1, 0, 0]
+    assert ftab[0, :4].tolist() == pytest.approx([1.0, 10.0**-0.5, 1.0, 10.0**-0.5])
+    assert ftab[2, 4:6].tolist() == [1.0, 1.0] and ftab[1].abs().sum() == 0
+    g = torch.randn(3, 8)
+    assert torch.equal((g.bfloat16().float() @ pmat.float()), g.bfloat16().float()[:, partner.long()])
+
+
+# --------------------------------------------------------------------------- torch.library / compile
+
+
+def _tiny_args(device, rope=True):
+    lengths = [3, 17]
+    cu = make_cu(lengths, device)
+    coords = make_coords(lengths, 1, (2, 4, 4), device)
+    q, k, v = (torch.randn(20, 1, 16, device=device, requires_grad=True) for _ in range(3))
+    return q, k, v, cu, 17, 0.25, coords, (10.0 if rope else 0.0), ([4, 4, 4] if rope else []), [1, 3, 3], 1
+
+
+def test_opcheck_custom_op(triton_device):
+    args = _tiny_args(triton_device)
+    torch.library.opcheck(kattn.masked_attention_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_traces_through_op(triton_device):
+    q, k, v, cu, ms, sc, coords, *_ = _tiny_args(triton_device)
+
+    def f(q, k, v):
+        return masked_attention(q, k, v, cu, ms, softmax_scale=sc, coords=coords, rope=(10.0, (4, 4, 4)),
+                                window=(1, 3, 3), num_prefix=1, backend="triton").sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v)
+    gq = torch.autograd.grad(got, q)[0]
+    want = f(q, k, v)
+    assert torch.equal(got, want)
+    assert torch.equal(gq, torch.autograd.grad(want, q)[0])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_rejects_float64(triton_device):
+    q = torch.randn(4, 1, 32, dtype=F64, device=triton_device)
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        masked_attention(q, q, q, make_cu([4], triton_device), 4, backend="triton")
+
+
+def test_rejects_head_dim_over_128(triton_device):
+    q = torch.randn(4, 1, 160, device=triton_device)
+    with pytest.raises(ValueError, match="head dim D=160"):
+        masked_attention(q, q, q, make_cu([4], triton_device), 4, backend="triton")
+
+
+# --------------------------------------------------------------------------- GPU only (compiled kernels)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels only (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("dim", [32, 64, 80, 88, 96, 128])
+def test_gpu_large_bf16_all_head_dims(dim):
+    torch.manual_seed(dim)
+    sec = dim // 3 // 2 * 2
+    rope = (10000.0, (sec, sec, sec)) if dim in (64, 88, 96) else None
+    window = (3, 7, 7) if dim in (64, 88, 128) else None
+    prefix = 0 if dim in (32, 80) else 4
+    lengths = [1500, 1, 1031, 7, 600] if prefix == 0 else [1500, 4, 1031, 7, 600]
+    check_case(lengths, 3, dim, torch.bfloat16, "cuda", rope=rope, window=window, num_prefix=prefix, grid=(16, 16, 16))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels only (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("rope,window", [(None, None), ((10000.0, (16, 24, 24)), (4, 8, 8))])
+def test_gpu_backward_deterministic(rope, window):
+    torch.manual_seed(3)
+    lengths = [1028, 913, 1150]
+    cu = make_cu(lengths, "cuda")
+    coords = make_coords(lengths, 4, (16, 16, 16), "cuda")
+    q, k, v = (torch.randn(sum(lengths), 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def grads():
+        out = masked_attention(q, k, v, cu, max(lengths), coords=coords, rope=rope, window=window, num_prefix=4,
+                               backend="triton")
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels only (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_dtypes_window_rope(dtype):
+    torch.manual_seed(5)
+    check_case([1200, 3, 777], 2, 64, dtype, "cuda", rope=(100.0, (16, 24, 24)), window=(4, 8, 8),
+               num_prefix=4, grid=(16, 16, 16))

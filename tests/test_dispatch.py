@@ -1,0 +1,102 @@
+"""Backend selection: auto on CPU is the reference; unavailable backends say why; doctor lists every op."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from invnext.ops import _dispatch
+from invnext.ops._dispatch import BackendUnavailableError, availability, resolve
+
+KERNELS_MD_OPS = {
+    "tube_mask",
+    "semantic_mask",
+    "motion_mask",
+    "multiblock_mask",
+    "gather_visible",
+    "scatter_tokens",
+    "masked_attention",
+    "q_sample",
+    "diffusion_loss",
+    "p_sample_step",
+    "ddim_step",
+    "adaln_modulate",
+    "p_sample_loop",
+    "ddim_sample_loop",
+}
+
+
+def test_every_kernels_md_op_is_declared_and_has_a_reference():
+    import invnext.ops as ops
+
+    ops.load_all()
+    assert set(_dispatch.ops()) == KERNELS_MD_OPS
+    assert set(_dispatch._REFERENCE) == KERNELS_MD_OPS
+
+
+def test_auto_on_cpu_is_the_reference():
+    import invnext.ops as ops
+
+    ops.load_all()
+    for op in KERNELS_MD_OPS:
+        name, fn = resolve(op, "auto", torch.device("cpu"))
+        assert name == "torch" and fn is _dispatch._REFERENCE[op]
+
+
+def test_reasons_name_the_cause(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = availability("masked_attention", "triton", "cpu")
+    assert not ok and "CUDA tensors" in why
+    ok, why = availability("gather_visible", "cuda", "cpu")
+    assert not ok and "CUDA tensors" in why
+    ok, why = availability("masked_attention", "cuda", "cpu")
+    assert not ok and "no cuda implementation" in why
+    with pytest.raises(BackendUnavailableError, match="masked_attention: backend 'triton' is unavailable"):
+        resolve("masked_attention", "triton", "cpu")
+
+
+def test_missing_triton_is_reported(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_triton_import_error", lambda: "triton is not installed (pip install triton; Linux only)")
+    ok, why = availability("masked_attention", "triton", "cuda")
+    assert not ok and "triton is not installed" in why
+
+
+def test_missing_implementation_module_is_reported(monkeypatch):
+    monkeypatch.setitem(_dispatch._ACCELERATED, "q_sample", {"triton": "invnext_kernels.no_such_module:q_sample"})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, why = availability("q_sample", "triton", "cpu")
+    assert not ok and "invnext_kernels.no_such_module is not present" in why
+
+
+def test_unknown_op_and_backend():
+    with pytest.raises(KeyError, match="unknown op"):
+        availability("flash", "torch", "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        availability("q_sample", "tpu", "cpu")
+
+
+def test_doctor_lists_every_op_with_torch_available():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-m", "invnext", "doctor"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for op in KERNELS_MD_OPS:
+        row = next(line for line in lines if line.startswith(op + " "))
+        assert row.split()[1] == "yes", row
+    assert "why a backend is missing" in out.stdout
+    if not torch.cuda.is_available():
+        assert "need CUDA tensors" in out.stdout
+
+
+def test_import_touches_no_gpu_or_triton():
+    code = (
+        "import sys, invnext, invnext.ops; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'invnext_kernels' not in sys.modules; "
+        "import torch; assert not torch.cuda.is_initialized()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

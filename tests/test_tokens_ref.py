@@ -1,0 +1,190 @@
+"""gather_visible / scatter_tokens reference vs an independent per-sample formulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invnext.ops import gather_visible, packed_structure, scatter_tokens
+from invnext.ops._dispatch import BackendUnavailableError
+
+
+def _random_hidden(B: int, N: int, *, all_hidden_sample: int | None = None, one_visible_sample: int | None = None):
+    hidden = torch.rand(B, N) < 0.7
+    if all_hidden_sample is not None:
+        hidden[all_hidden_sample] = True
+    if one_visible_sample is not None:
+        hidden[one_visible_sample] = True
+        hidden[one_visible_sample, N - 1] = False
+    return hidden
+
+
+def _expected_gather(x, hidden, pos, prefix):
+    """Per-sample boolean indexing: the obvious way, independent of the packed index maths."""
+    rows, lens = [], []
+    for b in range(x.shape[0]):
+        vis = ~hidden[b]
+        tok = x[b][vis].double()
+        if pos is not None:
+            tok = tok + pos[b if pos.shape[0] > 1 else 0][vis].double()
+        parts = [tok]
+        if prefix is not None:
+            parts.insert(0, prefix[b if prefix.shape[0] > 1 else 0].double())
+        sample = torch.cat(parts)
+        rows.append(sample)
+        lens.append(sample.shape[0])
+    return torch.cat(rows), lens
+
+
+@pytest.mark.parametrize("P", [0, 4])
+@pytest.mark.parametrize("pos_batch", [None, 1, "B"])
+def test_gather_matches_per_sample_indexing(P, pos_batch):
+    B, T, S, C = 5, 3, 7, 13
+    N = T * S
+    x = torch.randn(B, N, C, dtype=torch.float64)
+    hidden = _random_hidden(B, N, all_hidden_sample=1, one_visible_sample=3)
+    pos = None if pos_batch is None else torch.randn(1 if pos_batch == 1 else B, N, C, dtype=torch.float64)
+    prefix = torch.randn(B, P, C, dtype=torch.float64) if P else None
+    out = gather_visible(x, hidden, pos=pos, prefix=prefix)
+    want, lens = _expected_gather(x, hidden, pos, prefix)
+    assert torch.allclose(out.tokens, want, rtol=0, atol=1e-15)
+    assert out.cu_seqlens.dtype == torch.int32
+    assert out.cu_seqlens.tolist() == [0] + torch.tensor(lens).cumsum(0).tolist()
+    assert out.max_seqlen == max(lens)
+    # index: flat place of every visible row, -1 on prefix rows
+    for b in range(B):
+        lo, hi = out.cu_seqlens[b].item(), out.cu_seqlens[b + 1].item()
+        assert (out.index[lo : lo + P] == -1).all()
+        places = (~hidden[b]).nonzero().flatten() + b * N
+        assert torch.equal(out.index[lo + P : hi], places)
+
+
+def test_gather_half_precision_adds_in_fp32_and_rounds_once():
+    B, N, C = 3, 50, 64
+    x = torch.randn(B, N, C).to(torch.bfloat16)
+    pos = torch.randn(1, N, C).to(torch.bfloat16)
+    hidden = _random_hidden(B, N)
+    out = gather_visible(x, hidden, pos=pos)
+    want, _ = _expected_gather(x.float(), hidden, pos.float(), None)
+    assert out.tokens.dtype == torch.bfloat16
+    assert torch.equal(out.tokens, want.float().to(torch.bfloat16))
+
+
+def test_num_visible_avoids_recount_and_is_checked():
+    B, N, C = 4, 30, 8
+    x = torch.randn(B, N, C)
+    hidden = _random_hidden(B, N)
+    counts = (~hidden).sum(1).tolist()
+    a = gather_visible(x, hidden, num_visible=counts)
+    b = gather_visible(x, hidden)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+    wrong = list(counts)
+    wrong[0] += 1
+    with pytest.raises(ValueError, match="num_visible"):
+        gather_visible(x, hidden, num_visible=wrong)
+
+
+def test_scatter_round_trip_and_mask_token():
+    B, N, C, P = 4, 40, 6, 2
+    x = torch.randn(B, N, C, dtype=torch.float64)
+    pos = torch.randn(1, N, C, dtype=torch.float64)
+    mask_token = torch.randn(C, dtype=torch.float64)
+    hidden = _random_hidden(B, N, all_hidden_sample=2)
+    packed = gather_visible(x, hidden, prefix=torch.randn(1, P, C, dtype=torch.float64))
+    out = scatter_tokens(packed.tokens, packed.index, mask_token, pos, N, batch_size=B)
+    want = torch.where(hidden[..., None], mask_token.expand(B, N, C), x) + pos
+    assert torch.allclose(out, want, rtol=0, atol=1e-15)
+
+
+def test_gradients_by_gradcheck():
+    B, N, C, P = 3, 9, 4, 2
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, N, C, dtype=torch.float64, requires_grad=True)
+    prefix = torch.randn(1, P, C, dtype=torch.float64, requires_grad=True)
+    mask_token = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    hidden = _random_hidden(B, N, one_visible_sample=0)
+
+    def gather(x, pos, prefix):
+        return gather_visible(x, hidden, pos=pos, prefix=prefix).tokens
+
+    assert torch.autograd.gradcheck(gather, (x, pos, prefix))
+    packed = gather_visible(x.detach(), hidden, prefix=prefix.detach())
+
+    def scatter(tokens, mask_token, pos):
+        return scatter_tokens(tokens, packed.index, mask_token, pos, N, batch_size=B)
+
+    tokens = packed.tokens.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(scatter, (tokens, mask_token, pos))
+
+
+def test_scatter_gradients_have_the_expected_meaning():
+    B, N, C = 2, 10, 3
+    hidden = _random_hidden(B, N)
+    packed = gather_visible(torch.randn(B, N, C, dtype=torch.float64), hidden)
+    tokens = packed.tokens.clone().requires_grad_(True)
+    mask_token = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, N, C, dtype=torch.float64)
+    scatter_tokens(tokens, packed.index, mask_token, None, N, batch_size=B).backward(g)
+    assert torch.allclose(mask_token.grad, g[hidden].sum(0), rtol=0, atol=1e-12)  # sums differ only in order
+    assert torch.equal(tokens.grad, g[~hidden])
+
+
+def test_packed_structure_without_sync_inputs():
+    hidden = torch.tensor([[True, False, False, True], [True, True, True, True], [False, True, False, False]])
+    cu, max_len, index = packed_structure(hidden, num_prefix=1, num_visible=[2, 0, 3])
+    assert cu.tolist() == [0, 3, 4, 8]
+    assert max_len == 4
+    assert index.tolist() == [-1, 1, 2, -1, -1, 8, 10, 11]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: gather_visible(torch.randn(2, 5, 3).int(), torch.zeros(2, 5, dtype=torch.bool)), "x must have dtype"),
+        (lambda: gather_visible(torch.randn(2, 5, 3), torch.zeros(2, 5)), "hidden must have dtype"),
+        (lambda: gather_visible(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.bool)), "hidden must have shape"),
+        (lambda: gather_visible(torch.randn(5, 3), torch.zeros(5, dtype=torch.bool)), "x must have 3 dimensions"),
+        (
+            lambda: gather_visible(torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.bool), pos=torch.randn(3, 5, 3)),
+            "pos must have shape",
+        ),
+        (
+            lambda: gather_visible(
+                torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.bool), pos=torch.randn(1, 5, 3, dtype=torch.float64)
+            ),
+            "pos must have dtype",
+        ),
+        (
+            lambda: gather_visible(torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.bool), backend="fast"),
+            "backend must be",
+        ),
+        (
+            lambda: scatter_tokens(torch.randn(3, 4), torch.tensor([0, 5, 99]), torch.zeros(4), None, 10, batch_size=2),
+            r"index must lie in \[-1, 20\)",
+        ),
+        (
+            lambda: scatter_tokens(torch.randn(3, 4), torch.tensor([0, 1, 2]).int(), torch.zeros(4), None, 10, batch_size=2),
+            "index must have dtype",
+        ),
+        (
+            lambda: scatter_tokens(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.zeros(5), None, 10, batch_size=2),
+            "mask_token must have shape",
+        ),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_device_mismatch_is_named():
+    x = torch.randn(2, 5, 3)
+    hidden = torch.zeros(2, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="hidden is on meta"):
+        gather_visible(x, hidden)
+
+
+def test_unavailable_backend_says_why():
+    x = torch.randn(2, 5, 3)
+    hidden = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(BackendUnavailableError, match="cuda.*CUDA tensors"):
+        gather_visible(x, hidden, backend="cuda")
