@@ -18,13 +18,14 @@ into an index (nonzero: a host sync) while the kernels receive the index:
 - "incl. mask->index": the best eager formulation starting from the mask (boolean indexing,
   or index derivation followed by the index-given code).
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ def _stage2(device) -> Case:
 
         hidden = multiblock_mask(B, grid, 8, (0.15, 0.15), (0.75, 1.5), seed=0, device="cpu")
         how = "multi-block view A"
-    except Exception as exc:  # the masks module is not usable: a random mask of the same density
+    except Exception as exc:  # noqa: BLE001 - any failure of the masks module: fall back to random masks
         print(f"bench_gather: multiblock_mask unavailable ({exc}); using random masks of 25-55% visible")
         gen = torch.Generator().manual_seed(0)
         frac = 0.25 + 0.3 * torch.rand(B, 1, generator=gen)
@@ -93,7 +94,7 @@ def derive_index(hidden: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, t
 
 def gather_boolean(x, hidden, pos, prefix):
     """``x[~hidden]`` style: pos added to the whole clip, prefix concatenated, boolean pick."""
-    B, N, _ = x.shape
+    B = x.shape[0]
     full = torch.cat([prefix.expand(B, -1, -1), x + pos], 1)
     keep = torch.cat([torch.ones(B, prefix.shape[1], dtype=torch.bool, device=x.device), ~hidden], 1)
     return full[keep]
@@ -152,8 +153,48 @@ def scatter_index_put(packed, index, mask_token, pos, B, N):
 # ----------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------
-def _bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
+@dataclass
+class Impl:
+    name: str
+    fn: Callable[[], object]
+    kind: str  # "invnext" | "index" (eager, given the index) | "mask" (eager, from the mask)
+    graph: bool = True  # capturable in a CUDA graph (no host sync)
+
+
+Timing = tuple[float, float, float]
+
+
+def _bench(fn: Callable[[], object], quick: bool) -> Timing:
     return do_bench(fn, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+
+
+def _bench_graph(fn: Callable[[], object], quick: bool) -> Timing | None:
+    """Device time alone: ``fn`` captured in a CUDA graph, replayed (L2 flushed between replays).
+
+    do_bench times from the host's launch, so a call made of several small launches (a
+    backward pass through autograd) is timed at the host's pace; the replay of a captured
+    graph costs one launch, which leaves the GPU's own time.
+    """
+    error = None
+    for _ in range(2):  # the first capture of an autograd backward in a process can fail; once more
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            result = _bench(graph.replay, quick)
+            del graph
+            return result
+        except Exception as exc:  # noqa: BLE001 - a failed capture only drops the graph row
+            error = exc
+            torch.cuda.synchronize()
+    print(f"bench_gather: CUDA-graph timing failed ({type(error).__name__}: {str(error)[:120]})")
+    return None
 
 
 def _backward_of(make: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor):
@@ -174,32 +215,56 @@ def _invnext_impls(op: str, device) -> dict[str, Callable]:
     return impls
 
 
-def _rows_for(
-    bench: str,
-    mode: str,
-    shape: str,
-    dtype: torch.dtype,
-    nbytes: int,
-    timings: dict[str, tuple[float, float, float]],
-    eager_index: list[str],
-    eager_mask: list[str],
-    copy_gbps: float,
+def _measure(
+    bench: str, mode: str, shape: str, dtype: torch.dtype, nbytes: int, impls: list[Impl], quick: bool, copy_gbps: float
 ) -> list[Row]:
+    """Time every impl (do_bench, and graph replay where capturable) and build the rows.
+
+    Each invnext row is compared with the best eager impl given the index and, in a second
+    row, with the best eager impl starting from the mask; graph rows with the best captured
+    eager impl.
+    """
     dt = str(dtype).replace("torch.", "")
+    t = {i.name: _bench(i.fn, quick) for i in impls}
+    tg = {i.name: _bench_graph(i.fn, quick) for i in impls if i.graph and i.kind != "mask"}
+    tg = {k: v for k, v in tg.items() if v is not None}
 
-    def row(impl, t, baseline=None, speedup=None, **extra):
-        gbps = nbytes / (t[0] * 1e-3) / 1e9
-        return Row(bench, impl, mode, shape, dt, t[0], t[1], t[2], gbps, "GB/s", gbps / copy_gbps if copy_gbps else None,
-                   baseline, speedup, dict(extra, minimal_bytes=nbytes))
+    def row(impl, timing, mode_, baseline=None, base_ms=None, **extra):
+        gbps = nbytes / (timing[0] * 1e-3) / 1e9
+        speedup = base_ms / timing[0] if base_ms is not None else None
+        frac = gbps / copy_gbps if copy_gbps else None
+        return Row(
+            bench,
+            impl,
+            mode_,
+            shape,
+            dt,
+            timing[0],
+            timing[1],
+            timing[2],
+            gbps,
+            "GB/s",
+            frac,
+            baseline,
+            speedup,
+            dict(extra, minimal_bytes=nbytes),
+        )
 
-    rows = [row(name, timings[name]) for name in eager_index + eager_mask]
-    best_index = min(eager_index, key=lambda k: timings[k][0])
-    best_mask = min(eager_mask, key=lambda k: timings[k][0])
-    for name, t in timings.items():
-        if not name.startswith("invnext"):
-            continue
-        rows.append(row(name, t, f"best eager, index given: {best_index}", timings[best_index][0] / t[0]))
-        rows.append(row(name, t, f"best eager incl. mask->index: {best_mask}", timings[best_mask][0] / t[0]))
+    def best(names, table):
+        names = [n for n in names if n in table]
+        return min(names, key=lambda n: table[n][0]) if names else None
+
+    eager_index = [i.name for i in impls if i.kind == "index"]
+    eager_mask = [i.name for i in impls if i.kind == "mask"]
+    ours = [i.name for i in impls if i.kind == "invnext"]
+    b_index, b_mask, b_graph = best(eager_index, t), best(eager_mask, t), best(eager_index, tg)
+    rows = [row(n, t[n], mode) for n in eager_index + eager_mask]
+    rows += [row(n, tg[n], f"{mode} graph") for n in eager_index if n in tg]
+    for n in ours:
+        rows.append(row(n, t[n], mode, f"best eager, index given: {b_index}", t[b_index][0]))
+        rows.append(row(n, t[n], mode, f"best eager incl. mask->index: {b_mask}", t[b_mask][0]))
+        if n in tg and b_graph is not None:
+            rows.append(row(n, tg[n], f"{mode} graph", f"best eager (graph), index given: {b_graph}", tg[b_graph][0]))
     return rows
 
 
@@ -219,101 +284,123 @@ def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float) ->
     idx_bytes = 8 * total + 4 * (B + 1)
     shape = f"{case.name}, total={total}"
     rows: list[Row] = []
+    measure = lambda bench, mode, nbytes, impls: _measure(bench, mode, shape, dtype, nbytes, impls, quick, copy_gbps)
 
     # -------- gather_visible forward --------
     g_impls = _invnext_impls("gather_visible", dev)
-    t: dict[str, tuple[float, float, float]] = {}
-    for name, impl in g_impls.items():
-        t[name] = _bench(lambda impl=impl: impl(x, index, cu, pos, prefix), quick)
-    try:  # the public op from the mask, with host-known counts (as the mask sampler has them): no sync
+    impls = [Impl(n, lambda f=f: f(x, index, cu, pos, prefix), "invnext") for n, f in g_impls.items()]
+    try:  # the public op from the mask, with host-known counts (the mask sampler has them): no sync
         ops = importlib.import_module("invnext.ops.tokens")
         counts = (~hidden).sum(1).tolist()
-        t["invnext-triton public op (mask given, num_visible)"] = _bench(
-            lambda: ops.gather_visible(x, hidden, pos=pos, prefix=prefix, num_visible=counts, backend="triton"), quick
+        impls.append(
+            Impl(
+                "invnext-triton public op (mask given, num_visible)",
+                lambda: ops.gather_visible(x, hidden, pos=pos, prefix=prefix, num_visible=counts, backend="triton"),
+                "invnext",
+                graph=False,
+            )
         )
     except ImportError:
         pass
-    eager_index = {
-        "eager torch.gather (index given)": lambda: gather_table(x, index, cu, pos, prefix),
-        "eager index_select+add (index given)": lambda: gather_index_select(x, index, cu, pos, prefix),
-    }
-    eager_mask = {
-        "eager bool-index x[keep] (mask given)": lambda: gather_boolean(x, hidden, pos, prefix),
-        "eager mask->index + torch.gather": lambda: gather_table(x, *derive_index(hidden, P), pos, prefix),
-        "eager mask->index + index_select+add": lambda: gather_index_select(x, *derive_index(hidden, P), pos, prefix),
-    }
-    for name, fn in {**eager_index, **eager_mask}.items():
-        t[name] = _bench(fn, quick)
+    impls += [
+        Impl("eager torch.gather (index given)", lambda: gather_table(x, index, cu, pos, prefix), "index"),
+        Impl("eager index_select+add (index given)", lambda: gather_index_select(x, index, cu, pos, prefix), "index"),
+        Impl("eager bool-index x[keep] (mask given)", lambda: gather_boolean(x, hidden, pos, prefix), "mask", False),
+        Impl(
+            "eager mask->index + torch.gather",
+            lambda: gather_table(x, *derive_index(hidden, P), pos, prefix),
+            "mask",
+            False,
+        ),
+        Impl(
+            "eager mask->index + index_select+add",
+            lambda: gather_index_select(x, *derive_index(hidden, P), pos, prefix),
+            "mask",
+            False,
+        ),
+    ]
     nbytes = esize * (visible * C + pos_rows_touched * C + P * C + total * C) + idx_bytes
-    rows += _rows_for("gather_visible", "fwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+    rows += measure("gather_visible", "fwd", nbytes, impls)
 
     # -------- gather_visible backward (dx, dpos, dprefix) --------
     leaves = [t_.clone().requires_grad_(True) for t_ in (x, pos, prefix)]
     grad = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
-    t = {}
-    for name, impl in g_impls.items():
-        t[name] = _bench(_backward_of(lambda impl=impl: impl(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad), quick)
-    eager_index = {
-        "eager torch.gather (index given)": _backward_of(
-            lambda: gather_table(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad
+    bwd = lambda make: _backward_of(make, leaves, grad)
+    impls = [
+        Impl(n, bwd(lambda f=f: f(leaves[0], index, cu, leaves[1], leaves[2])), "invnext") for n, f in g_impls.items()
+    ]
+    impls += [
+        Impl(
+            "eager torch.gather (index given)",
+            bwd(lambda: gather_table(leaves[0], index, cu, leaves[1], leaves[2])),
+            "index",
         ),
-        "eager index_select+add (index given)": _backward_of(
-            lambda: gather_index_select(leaves[0], index, cu, leaves[1], leaves[2]), leaves, grad
+        Impl(
+            "eager index_select+add (index given)",
+            bwd(lambda: gather_index_select(leaves[0], index, cu, leaves[1], leaves[2])),
+            "index",
         ),
-    }
-    eager_mask = {
-        "eager bool-index x[keep] (mask given)": _backward_of(
-            lambda: gather_boolean(leaves[0], hidden, leaves[1], leaves[2]), leaves, grad
-        )
-    }
-    for name, fn in {**eager_index, **eager_mask}.items():
-        t[name] = _bench(fn, quick)
+        Impl(
+            "eager bool-index x[keep] (mask given)",
+            bwd(lambda: gather_boolean(leaves[0], hidden, leaves[1], leaves[2])),
+            "mask",
+        ),
+    ]
     nbytes = esize * (total * C + B * N * C + N * C + P * C) + idx_bytes
-    rows += _rows_for("gather_visible", "bwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
-    del leaves, grad
+    rows += measure("gather_visible", "bwd", nbytes, impls)
+    del leaves, grad, impls
 
     # -------- scatter_tokens forward --------
     packed = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
     s_impls = _invnext_impls("scatter_tokens", dev)
-    t = {}
-    for name, impl in s_impls.items():
-        t[name] = _bench(lambda impl=impl: impl(packed, index, mask_token, pos, B, N), quick)
-    eager_index = {
-        "eager index_copy (index given)": lambda: scatter_index_copy(packed, index, mask_token, pos, B, N),
-        "eager index_put (index given)": lambda: scatter_index_put(packed, index, mask_token, pos, B, N),
-    }
-    eager_mask = {
-        "eager bool-mask assign (mask given)": lambda: scatter_boolean(packed, index, hidden, mask_token, pos),
-        "eager mask->index + index_copy": lambda: scatter_index_copy(packed, derive_index(hidden, P)[0], mask_token, pos, B, N),
-    }
-    for name, fn in {**eager_index, **eager_mask}.items():
-        t[name] = _bench(fn, quick)
+    impls = [Impl(n, lambda f=f: f(packed, index, mask_token, pos, B, N), "invnext") for n, f in s_impls.items()]
+    impls += [
+        Impl(
+            "eager index_copy (index given)", lambda: scatter_index_copy(packed, index, mask_token, pos, B, N), "index"
+        ),
+        Impl("eager index_put (index given)", lambda: scatter_index_put(packed, index, mask_token, pos, B, N), "index"),
+        Impl(
+            "eager bool-mask assign (mask given)",
+            lambda: scatter_boolean(packed, index, hidden, mask_token, pos),
+            "mask",
+            False,
+        ),
+        Impl(
+            "eager mask->index + index_copy",
+            lambda: scatter_index_copy(packed, derive_index(hidden, P)[0], mask_token, pos, B, N),
+            "mask",
+            False,
+        ),
+    ]
     nbytes = esize * (visible * C + N * C + C + B * N * C) + 8 * total
-    rows += _rows_for("scatter_tokens", "fwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+    rows += measure("scatter_tokens", "fwd", nbytes, impls)
 
     # -------- scatter_tokens backward (dpacked, dmask_token, dpos) --------
     leaves = [t_.clone().requires_grad_(True) for t_ in (packed, mask_token, pos)]
     grad = torch.randn(B, N, C, device=dev, dtype=dtype, generator=gen)
-    t = {}
-    for name, impl in s_impls.items():
-        t[name] = _bench(_backward_of(lambda impl=impl: impl(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad), quick)
-    eager_index = {
-        "eager index_copy (index given)": _backward_of(
-            lambda: scatter_index_copy(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad
+    bwd = lambda make: _backward_of(make, leaves, grad)
+    impls = [
+        Impl(n, bwd(lambda f=f: f(leaves[0], index, leaves[1], leaves[2], B, N)), "invnext") for n, f in s_impls.items()
+    ]
+    impls += [
+        Impl(
+            "eager index_copy (index given)",
+            bwd(lambda: scatter_index_copy(leaves[0], index, leaves[1], leaves[2], B, N)),
+            "index",
         ),
-        "eager index_put (index given)": _backward_of(
-            lambda: scatter_index_put(leaves[0], index, leaves[1], leaves[2], B, N), leaves, grad
+        Impl(
+            "eager index_put (index given)",
+            bwd(lambda: scatter_index_put(leaves[0], index, leaves[1], leaves[2], B, N)),
+            "index",
         ),
-    }
-    eager_mask = {
-        "eager bool-mask assign (mask given)": _backward_of(
-            lambda: scatter_boolean(leaves[0], index, hidden, leaves[1], leaves[2]), leaves, grad
-        )
-    }
-    for name, fn in {**eager_index, **eager_mask}.items():
-        t[name] = _bench(fn, quick)
+        Impl(
+            "eager bool-mask assign (mask given)",
+            bwd(lambda: scatter_boolean(leaves[0], index, hidden, leaves[1], leaves[2])),
+            "mask",
+        ),
+    ]
     nbytes = esize * (B * N * C + total * C + N * C + C) + 8 * total
-    rows += _rows_for("scatter_tokens", "bwd", shape, dtype, nbytes, t, list(eager_index), list(eager_mask), copy_gbps)
+    rows += measure("scatter_tokens", "bwd", nbytes, impls)
     return rows
 
 
@@ -358,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = (
         "GB/s counts the minimal bytes (visible rows, touched pos rows, outputs, index). "
         "Each invnext row appears twice: speedup vs the best eager code given the index, and vs the best "
-        "eager code starting from the mask (incl. the synchronising mask->index step)."
+        "eager code starting from the mask (incl. the synchronising mask->index step). "
+        "Modes ending in 'graph' time a CUDA-graph replay (device time without launch overhead) "
+        "against the best capturable eager code; the others time calls with do_bench."
     )
     path = write_results("bench_gather" + ("_quick" if args.quick else ""), rows, notes)
     print(markdown_table(rows, {"gpu": torch.cuda.get_device_name(0), "peaks": measured_peaks()}))

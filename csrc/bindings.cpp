@@ -18,7 +18,8 @@ template <typename T> T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p);
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "invnext's CUDA token kernels (C API bindings; pointers and streams are ints, results are cudaError_t codes)";
+  m.doc() =
+      "invnext's CUDA token kernels (C API bindings; pointers and streams are ints, results are cudaError_t codes)";
   m.attr("ABI") = INVNEXT_NATIVE_ABI;
   m.attr("F32") = static_cast<int>(INVNEXT_F32);
   m.attr("F16") = static_cast<int>(INVNEXT_F16);

@@ -1,16 +1,17 @@
 // Token gather/scatter kernels of invnext: device code only.
 //
 // This header is compiled twice from the same text: by nvcc into the prebuilt extension
-// (csrc/token_ops.cu includes it and adds the host launchers), and at first use by NVRTC
-// through CuPy when no prebuilt extension is installed (invnext/native/_cupy.py). So it holds
-// no host code and includes nothing but the fp16/bf16 headers NVRTC ships; every kernel is
-// `extern "C"` so both callers find it by a plain name:
+// (csrc/token_ops*.cu include it through token_launch.cuh, the host launchers), and at first
+// use by NVRTC through CuPy when no prebuilt extension is installed (invnext/native/_cupy.py).
+// So it holds no host code and includes nothing but the fp16/bf16 headers NVRTC ships; every
+// kernel is `extern "C"` so both callers find it by a plain name:
 //
 //     invnext_<kernel>_<dtype>_v<VEC>     dtype in f32, f16, bf16, f64
 //
 // VEC = 16 / sizeof(T) is the 16-byte path (rows and every pointer 16-byte aligned), VEC = 1
 // the scalar path. Row kernels use a 2D block: threadIdx.x walks the VEC-wide pieces of a row,
-// threadIdx.y picks the row, and the grid strides over rows.
+// threadIdx.y picks the row (kGatherRows rows per thread in gather_visible_fwd), and the grid
+// strides over rows.
 //
 // Arithmetic: adds and sums happen in fp32 (fp64 for fp64 tensors) and are rounded to the
 // tensor dtype once, so `x + pos` equals torch's (x.float() + pos.float()).to(dtype) bit for bit.
@@ -90,7 +91,8 @@ __device__ __forceinline__ i64 sample_of_row(const int* __restrict__ cu, i64 B, 
 }
 
 // True when packed row r is one of the first P rows of its sample (a prefix row).
-__device__ __forceinline__ bool is_prefix_row(const int* __restrict__ cu, i64 B, i64 P, i64 r, i64* sample, i64* local) {
+__device__ __forceinline__ bool is_prefix_row(const int* __restrict__ cu, i64 B, i64 P, i64 r, i64* sample,
+                                              i64* local) {
   if (P <= 0) return false;
   const i64 b = sample_of_row(cu, B, r);
   const i64 j = r - static_cast<i64>(cu[b]);
@@ -102,35 +104,65 @@ __device__ __forceinline__ bool is_prefix_row(const int* __restrict__ cu, i64 B,
 __device__ __forceinline__ i64 first_row() { return static_cast<i64>(blockIdx.x) * blockDim.y + threadIdx.y; }
 __device__ __forceinline__ i64 row_stride() { return static_cast<i64>(gridDim.x) * blockDim.y; }
 
-// gather_visible forward, one packed row per (row, threadIdx.y):
-//   out[r] = prefix[b or 0, j]                          if j = r - cu[b] < P
+constexpr int kCuCache = 1024;  // cu_seqlens entries a block caches in shared memory (B < 1024)
+constexpr int kGatherRows = 4;  // packed rows each thread has in flight (gather_visible_fwd)
+
+// gather_visible forward:
+//   out[r] = prefix[b or 0, j]                            if j = r - cu[b] < P
 //          = x[index[r]] + pos[index[r] or index[r] % N]  otherwise (0 if index[r] is out of range)
 // The pos row is index[r] itself when pos has batch B: that is row (b, n) of pos, because the
 // token index[r] = b*N + n of sample b lies in that sample's block of x.
+// Latency, not bandwidth, limits a gather: each row's source is known only after loading
+// index[r] (and searching cu_seqlens). So the block caches cu_seqlens in shared memory, loads
+// index[r] while it searches, and each thread carries kGatherRows rows (block rows
+// threadIdx.y + u * blockDim.y) so their loads overlap.
 template <typename T, int VEC>
 __device__ __forceinline__ void gather_visible_fwd(
     T* __restrict__ out, const T* __restrict__ x, const i64* __restrict__ index, const int* __restrict__ cu,
     const T* __restrict__ pos, const T* __restrict__ prefix, i64 total, i64 B, i64 N, i64 C, i64 Bp, i64 Bq, i64 P) {
+  __shared__ int cu_cache[kCuCache];
+  const int* cu_seq = cu;
+  if (P > 0 && B < kCuCache) {  // uniform over the block, so the barrier is safe
+    const int threads = blockDim.x * blockDim.y;
+    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i <= B; i += threads) cu_cache[i] = cu[i];
+    __syncthreads();
+    cu_seq = cu_cache;
+  }
   const i64 pieces = C / VEC;
   const i64 BN = B * N;
-  for (i64 r = first_row(); r < total; r += row_stride()) {
-    const T* src = nullptr;
-    const T* add_row = nullptr;
-    i64 b = 0, j = 0;
-    if (is_prefix_row(cu, B, P, r, &b, &j)) {
-      src = prefix + ((Bq > 1 ? b : 0) * P + j) * C;
-    } else {
-      const i64 idx = index[r];
-      if (idx >= 0 && idx < BN) {
-        src = x + idx * C;
-        if (pos != nullptr) add_row = pos + (Bp > 1 ? idx : idx % N) * C;
+  const i64 block_rows = static_cast<i64>(blockDim.y) * kGatherRows;
+  for (i64 base = static_cast<i64>(blockIdx.x) * block_rows + threadIdx.y; base < total;
+       base += static_cast<i64>(gridDim.x) * block_rows) {
+    const T* src[kGatherRows];
+    const T* add_row[kGatherRows];
+#pragma unroll
+    for (int u = 0; u < kGatherRows; ++u) {
+      const i64 r = base + static_cast<i64>(u) * blockDim.y;
+      src[u] = nullptr;
+      add_row[u] = nullptr;
+      if (r < total) {
+        const i64 idx = index[r];  // loaded before the prefix test so the two overlap
+        i64 b = 0, j = 0;
+        if (is_prefix_row(cu_seq, B, P, r, &b, &j)) {
+          src[u] = prefix + ((Bq > 1 ? b : 0) * P + j) * C;
+        } else if (idx >= 0 && idx < BN) {
+          src[u] = x + idx * C;
+          if (pos != nullptr) add_row[u] = pos + (Bp > 1 ? idx : idx % N) * C;
+        }
       }
     }
-    T* dst = out + r * C;
     for (i64 k = threadIdx.x; k < pieces; k += blockDim.x) {
-      Pack<T, VEC> p = src != nullptr ? load<T, VEC>(src, k) : zeros<T, VEC>();
-      if (add_row != nullptr) p = add(p, load<T, VEC>(add_row, k));
-      store(dst, k, p);
+      Pack<T, VEC> v[kGatherRows];
+#pragma unroll
+      for (int u = 0; u < kGatherRows; ++u) v[u] = src[u] != nullptr ? load<T, VEC>(src[u], k) : zeros<T, VEC>();
+#pragma unroll
+      for (int u = 0; u < kGatherRows; ++u)
+        if (add_row[u] != nullptr) v[u] = add(v[u], load<T, VEC>(add_row[u], k));
+#pragma unroll
+      for (int u = 0; u < kGatherRows; ++u) {
+        const i64 r = base + static_cast<i64>(u) * blockDim.y;
+        if (r < total) store(out + r * C, k, v[u]);
+      }
     }
   }
 }
@@ -166,7 +198,8 @@ __device__ __forceinline__ void gather_rows(
     const i64 idx = index[r];
     const T* a = (idx >= 0 && idx < src_rows) ? src + idx * C : nullptr;
     T* dst = out + r * C;
-    for (i64 k = threadIdx.x; k < pieces; k += blockDim.x) store(dst, k, a != nullptr ? load<T, VEC>(a, k) : zeros<T, VEC>());
+    for (i64 k = threadIdx.x; k < pieces; k += blockDim.x)
+      store(dst, k, a != nullptr ? load<T, VEC>(a, k) : zeros<T, VEC>());
   }
 }
 

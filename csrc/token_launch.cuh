@@ -47,16 +47,17 @@ template <typename T> inline bool vector_ok(i64 C, std::initializer_list<const v
   return true;
 }
 
-// threadIdx.x over the pieces of a row (a multiple of 32, at most 256), threadIdx.y over rows.
+// threadIdx.x over the pieces of a row (a multiple of 32, at most 256), threadIdx.y over rows,
+// each thread taking rows_per_thread rows.
 struct RowLaunch {
   dim3 grid, block;
 };
-inline RowLaunch row_launch(i64 rows, i64 pieces) {
+inline RowLaunch row_launch(i64 rows, i64 pieces, i64 rows_per_thread = 1) {
   i64 bx = (pieces + 31) / 32 * 32;
   if (bx > kThreads) bx = kThreads;
   if (bx < 32) bx = 32;
   const i64 by = kThreads / bx;
-  i64 blocks = (rows + by - 1) / by;
+  i64 blocks = (rows + by * rows_per_thread - 1) / (by * rows_per_thread);
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))};
 }
@@ -90,7 +91,7 @@ int Launch<T>::gather_visible_forward(void* out, const void* x, const int64_t* i
                                       i64 Bq, i64 P, cudaStream_t stream) {
   if (total == 0 || C == 0) return kOk;
   const Kernels<T> k = kernels<T>(vector_ok<T>(C, {out, x, pos, prefix}));
-  const RowLaunch l = row_launch(total, C / k.vec);
+  const RowLaunch l = row_launch(total, C / k.vec, invnext_tokens::kGatherRows);
   k.gather_visible_fwd<<<l.grid, l.block, 0, stream>>>(
       static_cast<T*>(out), static_cast<const T*>(x), reinterpret_cast<const i64*>(index), cu,
       static_cast<const T*>(pos), static_cast<const T*>(prefix), total, B, N, C, pos ? Bp : 1, P > 0 ? Bq : 1, P);
@@ -161,7 +162,8 @@ int Launch<T>::scatter_tokens_backward(void* dpacked, void* partial, const void*
     i64 bx = (pieces + 31) / 32 * 32;
     if (bx > kThreads) bx = kThreads;
     const i64 chunks = (BN + chunk_rows - 1) / chunk_rows;
-    const dim3 grid(static_cast<unsigned>((pieces + bx - 1) / bx), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+    const dim3 grid(static_cast<unsigned>((pieces + bx - 1) / bx),
+                    static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
     k.masked_colsum<<<grid, dim3(static_cast<unsigned>(bx)), 0, stream>>>(
         static_cast<AccT<T>*>(partial), static_cast<const T*>(grad), inv, BN, total, C, chunk_rows);
     return last_error();

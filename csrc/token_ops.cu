@@ -94,7 +94,8 @@ int invnext_scatter_tokens_backward(void* dpacked, void* partial, const void* gr
                                     const int32_t* inv, int64_t total, int64_t B, int64_t N, int64_t C,
                                     int64_t chunk_rows, int dtype, uintptr_t stream) {
   if (!sizes_ok(total, B, N, C) || (C > 0 && grad == nullptr) ||
-      (dpacked != nullptr && total > 0 && index == nullptr) || (partial != nullptr && (inv == nullptr || chunk_rows < 1)))
+      (dpacked != nullptr && total > 0 && index == nullptr) ||
+      (partial != nullptr && (inv == nullptr || chunk_rows < 1)))
     return kBadArg;
   INVNEXT_DISPATCH(dtype, scatter_tokens_backward, dpacked, partial, grad, index, inv, total, B, N, C, chunk_rows,
                    as_stream(stream))

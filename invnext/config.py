@@ -20,8 +20,9 @@ Presets (``get_preset(name)`` -> :class:`Preset` with ``stage1`` and ``stage2``)
 * ``tiny``: a CPU-sized model for tests and smoke runs: 4 frames of 112x112 px, patch 16
   (a 4x7x7 grid, N = 196 tokens), encoder width 96 / depth 4 / 4 heads, predictor width
   128 / depth 3 / 4 heads (window 32), decoder D2 W128, the bundled ``TinyTeacher`` (width
-  64, depth 4, layers (1, 3)) at the same 7x7 grid. One Stage-1 or Stage-2 step of batch 2
-  takes well under a second on 2 CPU cores, so a few hundred steps run in minutes.
+  64, depth 4, layers (1, 3)) at the same 7x7 grid. One Stage-1 or Stage-2 training step of
+  batch 2 takes about 0.2-0.3 s on an idle 2-core CPU (after a one-off warm-up of a few
+  seconds), so a few hundred steps per stage run in minutes.
 * ``base`` / ``large`` / ``1b``: method.md's shapes (224 px, patch 14, 16 frames in Stage 1,
   32 in Stage 2; ModernBERT-large predictor, last 5 layers; decoder D6 W1536; SigLIP2 1B
   teacher at 256 px, 6 layers).

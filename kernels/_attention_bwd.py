@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import load_tile, mma, load_tile_rope, rope_transpose, window_ok
+from ._attention_common import NO_SPECIALIZE, load_tile, load_tile_rope, mma, rope_transpose, window_ok
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _dkdv_tiles(
     offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix, rad_t, rad_h, rad_w,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, USE_LIST: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     for it in range(lo, hi):
         if USE_LIST:
@@ -60,7 +60,7 @@ def _dkdv_tiles(
         m_ok = offs_m < L
         q = load_tile_rope(
             q_base, offs_m, m_ok, offs_d, partner, stride_qt, crd_r, num_prefix, f_t, f_h, f_w, sgn,
-            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE,
+            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE, FAST_TRIG,
         )
         do = load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], m_ok, offs_d, HEAD_DIM, HEAD_DP, MASKED)
         if MASKED:
@@ -71,11 +71,10 @@ def _dkdv_tiles(
             delta = tl.load(delta_ptr + offs_m)
         s_t = mma(k, tl.trans(q), None, DOT_PREC)  # [BLOCK_N, BLOCK_M]
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
-        if MASKED:
-            if HAS_WINDOW:
-                # The visibility rule is symmetric in (query, key): keys take the first slot.
-                ok = window_ok(kt, kh, kw, k_pre, crd_w, offs_m, m_ok, num_prefix, rad_t, rad_h, rad_w)
-                p_t = tl.where(ok, p_t, 0.0)
+        if MASKED and HAS_WINDOW:
+            # The visibility rule is symmetric in (query, key): keys take the first slot.
+            ok = window_ok(kt, kh, kw, k_pre, crd_w, offs_m, m_ok, num_prefix, rad_t, rad_h, rad_w)
+            p_t = tl.where(ok, p_t, 0.0)
         dv = mma(p_t.to(do.dtype), do, dv, DOT_PREC)
         dp_t = mma(v, tl.trans(do), None, DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -83,7 +82,7 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU, CRD_R, CRD_W, FTAB, PTAB, PMAT,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
@@ -93,6 +92,7 @@ def attn_bwd_dkdv_kernel(
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -122,7 +122,7 @@ def attn_bwd_dkdv_kernel(
         partner = offs_d
     k = load_tile_rope(
         K + start64 * stride_kt + h * stride_kh, offs_n, n_ok, offs_d, partner, stride_kt, crd_r, num_prefix,
-        f_t, f_h, f_w, sgn, HEAD_DIM, HEAD_DP, True, HAS_ROPE,
+        f_t, f_h, f_w, sgn, HEAD_DIM, HEAD_DP, True, HAS_ROPE, FAST_TRIG,
     )
     v = load_tile(V + start64 * stride_vt + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                   n_ok, offs_d, HEAD_DIM, HEAD_DP, True)
@@ -149,30 +149,30 @@ def attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, kt, kh, kw, k_pre, offs_n, q_base, do_base, stride_qt, stride_dot, lse_ptr, delta_ptr,
             crd_r, crd_w, L, 0, n_full, FULL_IDX + row * list_nq, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale,
-            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, kt, kh, kw, k_pre, offs_n, q_base, do_base, stride_qt, stride_dot, lse_ptr, delta_ptr,
             crd_r, crd_w, L, 0, n_part, PART_IDX + row * list_nq, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale,
-            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
     else:
         n_full = L // BLOCK_M
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, kt, kh, kw, k_pre, offs_n, q_base, do_base, stride_qt, stride_dot, lse_ptr, delta_ptr,
             crd_r, crd_w, L, 0, n_full, FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale,
-            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, kt, kh, kw, k_pre, offs_n, q_base, do_base, stride_qt, stride_dot, lse_ptr, delta_ptr,
             crd_r, crd_w, L, n_full, tl.cdiv(L, BLOCK_M), FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale,
-            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            num_prefix, rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_M, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
 
     dk = dk * sm_scale
     if HAS_ROPE:
         pmat = tl.load(PMAT + offs_d[:, None] * HEAD_DP + offs_d[None, :])
-        dk = rope_transpose(dk, pmat, crd_r, offs_n, n_ok, num_prefix, f_t, f_h, f_w, sgn)
+        dk = rope_transpose(dk, pmat, crd_r, offs_n, n_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG)
     st_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + start64 * stride_dkt + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + start64 * stride_dvt + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
@@ -187,7 +187,7 @@ def _dq_tiles(
     offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix, rad_t, rad_h, rad_w,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, USE_LIST: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     for it in range(lo, hi):
         if USE_LIST:
@@ -198,7 +198,7 @@ def _dq_tiles(
         n_ok = offs_n < L
         k = load_tile_rope(
             k_base, offs_n, n_ok, offs_d, partner, stride_kt, crd_r, num_prefix, f_t, f_h, f_w, sgn,
-            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE,
+            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE, FAST_TRIG,
         )
         v = load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, offs_d, HEAD_DIM, HEAD_DP, MASKED)
         s = mma(q, tl.trans(k), None, DOT_PREC)
@@ -215,7 +215,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, CU, CRD_R, CRD_W, FTAB, PTAB, PMAT,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
@@ -225,6 +225,7 @@ def attn_bwd_dq_kernel(
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -254,7 +255,7 @@ def attn_bwd_dq_kernel(
         partner = offs_d
     q = load_tile_rope(
         Q + start64 * stride_qt + h * stride_qh, offs_m, m_ok, offs_d, partner, stride_qt, crd_r, num_prefix,
-        f_t, f_h, f_w, sgn, HEAD_DIM, HEAD_DP, True, HAS_ROPE,
+        f_t, f_h, f_w, sgn, HEAD_DIM, HEAD_DP, True, HAS_ROPE, FAST_TRIG,
     )
     do = load_tile(DO + start64 * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                    m_ok, offs_d, HEAD_DIM, HEAD_DP, True)
@@ -280,29 +281,29 @@ def attn_bwd_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_full, FULL_IDX + row * list_nk, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_part, PART_IDX + row * list_nk, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
     else:
         n_full = L // BLOCK_N
         dq = _dq_tiles(
             dq, q, do, lse, delta, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_full, FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             n_full, tl.cdiv(L, BLOCK_N), FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
 
     dq = dq * sm_scale
     if HAS_ROPE:
         pmat = tl.load(PMAT + offs_d[:, None] * HEAD_DP + offs_d[None, :])
-        dq = rope_transpose(dq, pmat, crd_r, offs_m, m_ok, num_prefix, f_t, f_h, f_w, sgn)
+        dq = rope_transpose(dq, pmat, crd_r, offs_m, m_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG)
     dq_ptrs = DQ + start64 * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

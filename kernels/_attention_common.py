@@ -36,6 +36,11 @@ import triton.language as tl
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
+# Scalar arguments whose values vary from call to call: no per-value specialisation (Triton
+# would otherwise compile a variant for value 1 and for multiples of 16).
+NO_SPECIALIZE = ["num_heads", "num_prefix", "rad_t", "rad_h", "rad_w", "list_nq", "list_nk", "SEQ_BUCKET"]
+
+
 @triton.jit
 def mma(a, b, acc, DOT_PREC: tl.constexpr):
     """``a @ b (+ acc)`` with fp32 accumulation (``acc`` fp32 or None)."""
@@ -66,6 +71,24 @@ def load_tile(ptrs, row_ok, offs_d, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexp
 
 
 @triton.jit
+def cos_sin(x, FAST_TRIG: tl.constexpr):
+    """cos and sin of fp32 ``x``. ``FAST_TRIG`` (16-bit inputs on the GPU): reduce to [-pi, pi]
+    with a two-constant 2*pi (exact product for |x| < 2^13), then the SFU's cos/sin.approx
+    (abs error ~1e-6, far below a bf16/fp16 ulp); libdevice's cosf/sinf (slow, register
+    hungry inside the key loop) otherwise."""
+    if FAST_TRIG:
+        k = tl.floor(x * 0.15915494309189535 + 0.5)
+        r = x - k * 6.28125
+        r = r - k * 0.0019353071795864769
+        c = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        c = tl.cos(x)
+        s = tl.sin(x)
+    return c, s
+
+
+@triton.jit
 def rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w):
     """fp32 ``[R, HEAD_DP]`` angles of tokens at positions ``rows`` (coords of prefix rows read as 0)."""
     cm = row_ok & (rows >= num_prefix)
@@ -79,29 +102,30 @@ def rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w):
 def load_tile_rope(
     base, rows, row_ok, offs_d, partner, stride_t, crd_ptr, num_prefix, f_t, f_h, f_w, sgn,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, ROW_MASK: tl.constexpr, HAS_ROPE: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     """Tile ``x[rows, :]`` of one head, rotated when ``HAS_ROPE``; returned in the input dtype."""
     x = load_tile(base + rows[:, None] * stride_t + offs_d[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
     if HAS_ROPE:
         xp = load_tile(base + rows[:, None] * stride_t + partner[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
-        ang = rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w)
-        y = x.to(tl.float32) * tl.cos(ang) + sgn[None, :] * xp.to(tl.float32) * tl.sin(ang)
+        c, s = cos_sin(rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w), FAST_TRIG)
+        y = x.to(tl.float32) * c + sgn[None, :] * xp.to(tl.float32) * s
         x = y.to(x.dtype)
     return x
 
 
 @triton.jit
-def rope_transpose(g, pmat, crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w, sgn):
+def rope_transpose(g, pmat, crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG: tl.constexpr):
     """``R^T g`` for fp32 ``g[R, HEAD_DP]`` (the gradient w.r.t. rotated rows -> w.r.t. unrotated)."""
     hi = g.to(tl.bfloat16)
     r1 = g - hi.to(tl.float32)
     mid = r1.to(tl.bfloat16)
     lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-    gp = mma(hi, pmat, None, "ieee")
-    gp = mma(mid, pmat, gp, "ieee")
-    gp = mma(lo, pmat, gp, "ieee")
-    ang = rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w)
-    return g * tl.cos(ang) - sgn[None, :] * gp * tl.sin(ang)
+    gp = mma(hi, pmat, None, "tf32")
+    gp = mma(mid, pmat, gp, "tf32")
+    gp = mma(lo, pmat, gp, "tf32")
+    c, s = cos_sin(rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w), FAST_TRIG)
+    return g * c - sgn[None, :] * gp * s
 
 
 @triton.jit

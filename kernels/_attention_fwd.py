@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import load_tile, mma, load_tile_rope, window_ok
+from ._attention_common import NO_SPECIALIZE, load_tile, load_tile_rope, mma, window_ok
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _fwd_tiles(
     offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix, rad_t, rad_h, rad_w,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, USE_LIST: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     for it in range(lo, hi):
         if USE_LIST:
@@ -38,7 +38,7 @@ def _fwd_tiles(
         n_ok = offs_n < L
         k = load_tile_rope(
             k_base, offs_n, n_ok, offs_d, partner, stride_kt, crd_r, num_prefix, f_t, f_h, f_w, sgn,
-            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE,
+            HEAD_DIM, HEAD_DP, MASKED, HAS_ROPE, FAST_TRIG,
         )
         v = load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, offs_d, HEAD_DIM, HEAD_DP, MASKED)
         s = mma(q, tl.trans(k), None, DOT_PREC)
@@ -61,7 +61,7 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def attn_fwd_kernel(
     Q, K, V, O, LSE, CU, CRD_R, CRD_W, FTAB, PTAB,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
@@ -70,6 +70,7 @@ def attn_fwd_kernel(
     SEQ_BUCKET,  # autotuning key only (max_seqlen rounded up to a power of two)
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -103,7 +104,7 @@ def attn_fwd_kernel(
         partner = offs_d
     q = load_tile_rope(
         q_base, offs_m, m_ok, offs_d, partner, stride_qt, crd_r, num_prefix, f_t, f_h, f_w, sgn,
-        HEAD_DIM, HEAD_DP, True, HAS_ROPE,
+        HEAD_DIM, HEAD_DP, True, HAS_ROPE, FAST_TRIG,
     )
     q_pre = offs_m < num_prefix
     if HAS_WINDOW:
@@ -125,24 +126,24 @@ def attn_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_full, FULL_IDX + row * list_nk, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_part, PART_IDX + row * list_nk, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, True, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
     else:
         n_full = L // BLOCK_N
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             0, n_full, FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, False, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, qt, qh, qw, q_pre, k_base, v_base, stride_kt, stride_vt, crd_r, crd_w, L,
             n_full, tl.cdiv(L, BLOCK_N), FULL_IDX, offs_d, partner, f_t, f_h, f_w, sgn, qk_scale, num_prefix,
-            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC,
+            rad_t, rad_h, rad_w, HEAD_DIM, HEAD_DP, BLOCK_N, True, False, HAS_ROPE, HAS_WINDOW, DOT_PREC, FAST_TRIG,
         )
 
     out = acc / tl.where(m_ok, l_i, 1.0)[:, None]  # rows past the end saw no key: l = 0

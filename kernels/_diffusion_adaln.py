@@ -14,6 +14,7 @@ so x is read once and the variance is the exact two-pass one. ``shift``/``scale`
 their own (constexpr) strides: a row stride of 0 is a modulation shared by every row, read
 from cache instead of memory. The forward stores mean and rstd (fp32 [M]) for the backward.
 """
+
 from __future__ import annotations
 
 import triton

@@ -30,7 +30,13 @@ Backward for an incoming ``g[M]`` (the loss is linear in each element's term)::
 
 Nothing is saved for backward but the inputs (references, no copies): the backward kernel
 recomputes the row's terms. The NLL branch runs only in tiles that hold a t = 0 row.
+
+Accuracy details that matter at the 1-ulp level (PyTorch's fp32 loss on a GPU is often within
+half an ulp of the fp64 value): ``exp(-logvar)`` is ``exp(-dl)`` times the row constant
+``exp(-lvc)`` carried as an fp32 pair (no coherent per-row rounding), and the row sums
+are combined and scaled by ``1/(C ln 2)`` in fp64.
 """
+
 from __future__ import annotations
 
 import triton
@@ -77,7 +83,8 @@ def _nll_bin(x0, cx, inv_std, ACCURATE: tl.constexpr):
     dcdf_m = cdf_m * sf_m * _dlogit_dlogvar(ym)
     dlog_lo = sf_p * _dlogit_dlogvar(yp)  # (dPhi(y+)/dlv) / Phi(y+)
     dlog_hi = -cdf_m * _dlogit_dlogvar(ym)  # (-dPhi(y-)/dlv) / (1 - Phi(y-))
-    dlog_mid = tl.div_rn(dcdf_p - dcdf_m, tl.where(live, delta, 1.0))
+    # (guarded for lanes of the edge branches, where delta may be 0 and is not used)
+    dlog_mid = tl.div_rn(dcdf_p - dcdf_m, tl.where(delta >= 1e-12, delta, 1.0))
     dlog_p = tl.where(lo, dlog_lo, tl.where(hi, dlog_hi, dlog_mid))
     dlog_p = tl.where(live, dlog_p, 0.0)
     return -log_p, -dlog_p
@@ -86,7 +93,7 @@ def _nll_bin(x0, cx, inv_std, ACCURATE: tl.constexpr):
 @triton.jit
 def _row_terms(
     mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0,
-    sra, srm1, c1, c2, lvc, lb,
+    sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
     C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
     XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr,
     ACCURATE: tl.constexpr,
@@ -108,10 +115,13 @@ def _row_terms(
     x0p = sra * xt - srm1 * eps
     mean = c1 * x0p + c2 * xt
     dmean = c1 * (x0 - x0p)  # mean_q - mean
-    dl = (v + 1.0) * 0.5 * (lb - lvc)  # logvar - logvar_q
+    dl = (v + 1.0) * half_gap  # logvar - logvar_q
     logvar = lvc + dl
     e_dl = exp_(-dl, ACCURATE)
-    e_lv = exp_(-logvar, ACCURATE)
+    # exp(-logvar) = exp(-lvc) exp(-dl): one exp per element instead of two. exp(-lvc) is a
+    # per-row constant, so its rounding would bias a whole row coherently: it is carried as
+    # an fp32 pair hi + lo of the fp64 value, and the product is exact to fp32 rounding.
+    e_lv = e_dl * e_lvc_hi + e_dl * e_lvc_lo
     term = 0.5 * (-1.0 + dl + e_dl + dmean * dmean * e_lv)
     dterm = 0.5 * (1.0 - e_dl - dmean * dmean * e_lv)
     if any0:
@@ -141,22 +151,30 @@ def loss_fwd_kernel(
     c1 = table(c1_ptr, t, ok)[:, None]
     c2 = table(c2_ptr, t, ok)[:, None]
     lvc = table(lvc_ptr, t, ok)[:, None]
-    lb = table(lb_ptr, t, ok)[:, None]
+    half_gap = 0.5 * (table(lb_ptr, t, ok)[:, None] - lvc)  # d logvar / d v
+    e64 = exp_(-lvc.to(tl.float64), ACCURATE)
+    e_lvc_hi = e64.to(tl.float32)
+    e_lvc_lo = (e64 - e_lvc_hi.to(tl.float64)).to(tl.float32)
     is0 = ((t == 0) & row_ok)[:, None]
     any0 = tl.max(is0.to(tl.int32)) > 0
 
-    mse = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    vb = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    # Row sums: fp32 within a chunk, fp64 across chunks and for the final scaling, so no
+    # rounding of 1/C or 1/ln 2 (coherent over a row) reaches the loss.
+    mse = tl.zeros([BLOCK_M], dtype=tl.float64)
+    vb = tl.zeros([BLOCK_M], dtype=tl.float64)
     for c0 in tl.static_range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols < C)[None, :]
+        if c0 + BLOCK_C <= C:  # an interior chunk: only the row mask
+            mask = row_ok[:, None] & (cols >= 0)[None, :]
+        else:
+            mask = row_ok[:, None] & (cols < C)[None, :]
         diff, term, _ = _row_terms(
-            mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, lb,
+            mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
             C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
         )  # fmt: skip
-        mse += diff * diff
-        vb += term
-    loss = tl.sum(mse, axis=1) * (1.0 / C) + tl.sum(vb, axis=1) * (1.0 / C) * 1.4426950408889634
+        mse += tl.sum(diff * diff, axis=1).to(tl.float64)
+        vb += tl.sum(term, axis=1).to(tl.float64)
+    loss = ((mse + vb * 1.4426950408889634) / C).to(tl.float32)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
 
 
@@ -179,17 +197,20 @@ def loss_bwd_kernel(
     c1 = table(c1_ptr, t, ok)[:, None]
     c2 = table(c2_ptr, t, ok)[:, None]
     lvc = table(lvc_ptr, t, ok)[:, None]
-    lb = table(lb_ptr, t, ok)[:, None]
+    half_gap = 0.5 * (table(lb_ptr, t, ok)[:, None] - lvc)  # d logvar / d v
+    e64 = exp_(-lvc.to(tl.float64), ACCURATE)
+    e_lvc_hi = e64.to(tl.float32)
+    e_lvc_lo = (e64 - e_lvc_hi.to(tl.float64)).to(tl.float32)
     is0 = ((t == 0) & row_ok)[:, None]
     any0 = tl.max(is0.to(tl.int32)) > 0
     g = tl.load(g_ptr + rows.to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)[:, None]
 
     diff, _, dterm = _row_terms(
-        mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, lb,
+        mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
         C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
     )  # fmt: skip
     d_eps = g * (2.0 / C) * diff
-    d_v = g * (1.4426950408889634 / C) * dterm * (0.5 * (lb - lvc))
+    d_v = g * (1.4426950408889634 / C) * dterm * half_gap
     out = rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
     tl.store(dmo_ptr + out, round_to(d_eps, DMO_DTYPE), mask=mask)
     tl.store(dmo_ptr + out + C, round_to(d_v, DMO_DTYPE), mask=mask)

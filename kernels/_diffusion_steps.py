@@ -12,6 +12,7 @@ Math in fp32 whatever the storage dtype; one rounding on store.
     ddim:       sigma = eta sqrt((1 - abar_prev) / (1 - abar) (1 - abar / abar_prev))
                 x_prev = sqrt(abar_prev) x0p + sqrt(max(1 - abar_prev - sigma^2, 0)) eps + [t > 0] sigma noise
 """
+
 from __future__ import annotations
 
 import triton

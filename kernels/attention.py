@@ -27,6 +27,12 @@ of a frame, raster inside) would make blocks square in (h, w) and skip more when
 small against the frame width; the kernel accepts any order (it reads coords, never assumes a
 layout), so such a reordering can be added by the caller without touching it.
 
+Backward: a delta pre-pass, a dk/dv kernel (programs own key blocks) and a dq kernel
+(programs own query blocks); no atomics, so it is deterministic (bitwise reproducible) and
+needs no separate ``deterministic`` mode. Tuning: ``triton.autotune`` over 2-3 warp/stage
+configs per kernel, keyed on head dim, flags, dtypes and max_seqlen rounded up to a power of
+two; ``INVNEXT_ATTN_AUTOTUNE=0`` launches each kernel with its first config instead.
+
 Precision: fp16/bf16 inputs run the two matmuls on tensor cores with fp32 accumulation and
 fp32 softmax; fp32 inputs run them in full fp32 (``input_precision="ieee"``, no TF32), as
 PyTorch does by default. RoPE angles, cos/sin and the rotation run in fp32; the rotated tile
@@ -34,7 +40,6 @@ is rounded to the input dtype before its matmul, as a PyTorch RoPE-then-attentio
 """
 import math
 import os
-from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -43,7 +48,7 @@ from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bw
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
 from ._attention_fwd import attn_fwd_kernel
 
-__all__ = ["masked_attention", "SUPPORTED_DTYPES", "HEAD_DIM_RANGE"]
+__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
@@ -53,14 +58,16 @@ _OP = "masked_attention"
 # that window tile lists built on the host match the kernel; only warps/stages are tuned
 # (plus BLOCK_N of the unwindowed forward, which needs no list). The interpreter uses tiny
 # tiles so that small test samples still span several blocks.
-_INTERPRET_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_INTERPRET_BLOCKS = {"fwd": (32, 32), "dkdv": (16, 32), "dq": (32, 16)}
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _gpu_blocks(kind: str, head_dp: int) -> Tuple[int, int]:
+def _gpu_blocks(kind: str, head_dp: int, fp32: bool) -> tuple[int, int]:
+    if fp32:  # fp32 matmuls run on CUDA cores (no TF32): small tiles keep them in registers
+        return {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}[kind]
     if kind == "fwd":
         return 128, 64
     if kind == "dkdv":  # (query rows streamed, key rows owned)
@@ -68,8 +75,8 @@ def _gpu_blocks(kind: str, head_dp: int) -> Tuple[int, int]:
     return (128, 64) if head_dp <= 64 else (64, 64)  # dq
 
 
-def _blocks(kind: str, head_dp: int) -> Tuple[int, int]:
-    return _INTERPRET_BLOCKS[kind] if _interpret() else _gpu_blocks(kind, head_dp)
+def _blocks(kind: str, head_dp: int, fp32: bool) -> tuple[int, int]:
+    return _INTERPRET_BLOCKS[kind] if _interpret() else _gpu_blocks(kind, head_dp, fp32)
 
 
 def _seq_bucket(max_seqlen: int) -> int:
@@ -81,42 +88,72 @@ def _seq_bucket(max_seqlen: int) -> int:
 _TUNERS: dict = {}
 
 
-def _tunes_block_n(kind: str, head_dp: int, window: bool) -> bool:
+def _tunes_block_n(kind: str, head_dp: int, window: bool, fp32: bool) -> bool:
     # Only the unwindowed forward may pick its key tile: nothing on the host depends on it.
-    return kind == "fwd" and not window and head_dp <= 64 and not _interpret()
+    return kind == "fwd" and not window and head_dp <= 64 and not fp32 and not _interpret()
 
 
-def _configs(kind: str, head_dp: int, window: bool):
+def _configs(kind: str, head_dp: int, window: bool, fp32: bool):
+    """Candidate (warps, stages[, BLOCK_N]); the first is the untuned default. Chosen from sm_90
+    builds of the variants (registers / spills): with 4 warps the dk/dv kernel at BLOCK_N=128,
+    the dq kernel and RoPE forwards spill."""
     C = triton.Config
-    if _tunes_block_n(kind, head_dp, window):
+    if fp32:
+        return [C({}, num_warps=8, num_stages=2), C({}, num_warps=4, num_stages=2)]
+    if _tunes_block_n(kind, head_dp, window, fp32):
         return [C({"BLOCK_N": 64}, num_warps=4, num_stages=3), C({"BLOCK_N": 128}, num_warps=8, num_stages=3),
                 C({"BLOCK_N": 64}, num_warps=8, num_stages=3)]
     if kind == "fwd":
-        return [C({}, num_warps=4, num_stages=3), C({}, num_warps=8, num_stages=3), C({}, num_warps=8, num_stages=2)]
-    return [C({}, num_warps=4, num_stages=2), C({}, num_warps=8, num_stages=2), C({}, num_warps=4, num_stages=3)]
+        return [C({}, num_warps=8, num_stages=3), C({}, num_warps=4, num_stages=3), C({}, num_warps=8, num_stages=2)]
+    if kind == "dkdv":
+        return [C({}, num_warps=8, num_stages=2), C({}, num_warps=8, num_stages=3), C({}, num_warps=4, num_stages=2)]
+    return [C({}, num_warps=8, num_stages=2), C({}, num_warps=8, num_stages=3), C({}, num_warps=4, num_stages=3)]
 
 
-def _launcher(kind: str, kernel, head_dp: int, window: bool):
-    """The kernel itself under the interpreter, else an autotuner (one per kernel and variant),
-    keyed on the head dim, flags and a power-of-two bucket of max_seqlen; Triton adds the
-    tensors' dtypes to the key."""
+def _autotune_enabled() -> bool:
+    # INVNEXT_ATTN_AUTOTUNE=0: launch each kernel with its first config (tests: fewer compiles).
+    return os.environ.get("INVNEXT_ATTN_AUTOTUNE", "1") not in ("", "0")
+
+
+def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
+    """The kernel itself under the interpreter; on the GPU an autotuner (one per kernel and
+    variant) keyed on the head dim, flags and a power-of-two bucket of max_seqlen (Triton adds
+    the tensors' dtypes to the key), or the kernel bound to its first config."""
     if _interpret():
         return kernel
-    key = (kind, head_dp, window)
+    if not _autotune_enabled():
+        cfg = _configs(kind, head_dp, window, fp32)[0]
+        return _Bound(kernel, cfg)
+    key = (kind, head_dp, window, fp32)
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(
-            configs=_configs(kind, head_dp, window),
+            configs=_configs(kind, head_dp, window, fp32),
             key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"],
         )(kernel)
         _TUNERS[key] = tuner
     return tuner
 
 
-def _meta(kind: str, head_dp: int, window: bool) -> dict:
+class _Bound:
+    """``kernel[grid](...)`` with one config's meta-parameters, warps and stages filled in."""
+
+    def __init__(self, kernel, cfg):
+        self.kernel, self.cfg = kernel, cfg
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = {**kwargs, **self.cfg.kwargs}
+            g = grid(meta) if callable(grid) else grid
+            return self.kernel[g](*args, **meta, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+
+        return launch
+
+
+def _meta(kind: str, head_dp: int, window: bool, fp32: bool) -> dict:
     """Launch-time tile constexprs (those the autotuner does not choose)."""
-    bm, bn = _blocks(kind, head_dp)
-    if _tunes_block_n(kind, head_dp, window):
+    bm, bn = _blocks(kind, head_dp, fp32)
+    if _tunes_block_n(kind, head_dp, window, fp32):
         return {"BLOCK_M": bm}
     return {"BLOCK_M": bm, "BLOCK_N": bn}
 
@@ -139,7 +176,9 @@ class _Prep:
         self.sm_scale = float(softmax_scale)
         self.qk_scale = self.sm_scale * log2e()
         self.num_prefix = int(num_prefix)
-        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.fp32 = q.dtype == torch.float32
+        self.dot_prec = "ieee" if self.fp32 else "tf32"
+        self.fast_trig = q.dtype != torch.float32 and not _interpret()
         dev = q.device
         self.cu = cu_seqlens
         self.has_rope = len(rope_sections) == 3 and sum(rope_sections) > 0
@@ -155,10 +194,11 @@ class _Prep:
         else:
             self.crd_w, self.radius = cu_seqlens, (0, 0, 0)
         self.bucket = _seq_bucket(self.max_seqlen)
+        self.variant = (self.head_dp, self.has_window, self.fp32)
 
     def lists(self, kind: str):
         """Window tile lists for ``kind`` (dummies without a window) and their row lengths."""
-        bm, bn = _blocks(kind, self.head_dp)
+        bm, bn = _blocks(kind, self.head_dp, self.fp32)
         nq, nk = triton.cdiv(self.max_seqlen, bm), triton.cdiv(self.max_seqlen, bn)
         if not self.has_window:
             d = self.cu
@@ -169,16 +209,16 @@ class _Prep:
 
     def common(self):
         rt, rh, rw = self.radius
-        return dict(
-            total=self.total, num_heads=self.heads, qk_scale=self.qk_scale, num_prefix=self.num_prefix,
-            rad_t=rt, rad_h=rh, rad_w=rw,
-        )
+        return {
+            "total": self.total, "num_heads": self.heads, "qk_scale": self.qk_scale, "num_prefix": self.num_prefix,
+            "rad_t": rt, "rad_h": rh, "rad_w": rw,
+        }
 
     def flags(self):
-        return dict(
-            SEQ_BUCKET=self.bucket, HEAD_DIM=self.head_dim, HEAD_DP=self.head_dp,
-            HAS_ROPE=self.has_rope, HAS_WINDOW=self.has_window, DOT_PREC=self.dot_prec,
-        )
+        return {
+            "SEQ_BUCKET": self.bucket, "HEAD_DIM": self.head_dim, "HEAD_DP": self.head_dp,
+            "HAS_ROPE": self.has_rope, "HAS_WINDOW": self.has_window, "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig,
+        }
 
 
 def _grid(prep: _Prep, rows_key: str):
@@ -196,11 +236,11 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
         return out, lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
-    fn = _launcher("fwd", attn_fwd_kernel, prep.head_dp, prep.has_window)
+    fn = _launcher("fwd", attn_fwd_kernel, *prep.variant)
     fn[_grid(prep, "BLOCK_M")](
         q, k, v, out, lse, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, fi, fc, pi, pc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(), **_meta("fwd", prep.head_dp, prep.has_window),
+        list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(), **_meta("fwd", *prep.variant),
     )
     return out, lse
 
@@ -229,18 +269,18 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
                dout.stride(0), dout.stride(1))
 
     (fi, fc, pi, pc), nq, nk = prep.lists("dkdv")
-    fn = _launcher("dkdv", attn_bwd_dkdv_kernel, prep.head_dp, prep.has_window)
+    fn = _launcher("dkdv", attn_bwd_dkdv_kernel, *prep.variant)
     fn[_grid(prep, "BLOCK_N")](
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
         fi, fc, pi, pc, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        list_nk=nk, list_nq=nq, **common, **prep.flags(), **_meta("dkdv", prep.head_dp, prep.has_window),
+        list_nk=nk, list_nq=nq, **common, **prep.flags(), **_meta("dkdv", *prep.variant),
     )
     (fi, fc, pi, pc), nq, nk = prep.lists("dq")
-    fn = _launcher("dq", attn_bwd_dq_kernel, prep.head_dp, prep.has_window)
+    fn = _launcher("dq", attn_bwd_dq_kernel, *prep.variant)
     fn[_grid(prep, "BLOCK_M")](
         q, k, v, dout, dq, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
         fi, fc, pi, pc, *strides, dq.stride(0), dq.stride(1),
-        list_nq=nq, list_nk=nk, **common, **prep.flags(), **_meta("dq", prep.head_dp, prep.has_window),
+        list_nq=nq, list_nk=nk, **common, **prep.flags(), **_meta("dq", *prep.variant),
     )
     return dq, dk, dv
 
@@ -258,9 +298,9 @@ def _define_ops():
     @torch.library.custom_op("invnext::masked_attention_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-        softmax_scale: float, coords: Optional[torch.Tensor], rope_theta: float, rope_sections: List[int],
-        window: List[int], num_prefix: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        softmax_scale: float, coords: torch.Tensor | None, rope_theta: float, rope_sections: list[int],
+        window: list[int], num_prefix: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
                         window, num_prefix)
 
@@ -272,9 +312,9 @@ def _define_ops():
     @torch.library.custom_op("invnext::masked_attention_bwd", mutates_args=())
     def bwd_op(
         dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, coords: Optional[torch.Tensor],
-        rope_theta: float, rope_sections: List[int], window: List[int], num_prefix: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, coords: torch.Tensor | None,
+        rope_theta: float, rope_sections: list[int], window: list[int], num_prefix: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
                          rope_sections, window, num_prefix)
 
@@ -347,7 +387,7 @@ def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rop
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     theta, sections = (0.0, []) if rope is None else (float(rope[0]), [int(s) for s in rope[1]])
     if window is None:
-        win: List[int] = []
+        win: list[int] = []
     elif isinstance(window, int):
         win = [int(window)]
     else:
@@ -357,3 +397,16 @@ def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rop
     out, _ = masked_attention_fwd(q, k, v, cu, int(max_seqlen), float(softmax_scale), crd, theta, sections, win,
                                   int(num_prefix))
     return out
+
+
+def _unsupported(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix) -> str | None:
+    """Why this kernel cannot take these inputs (None when it can); ``backend="auto"`` then uses the reference."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernel takes float16/bfloat16/float32, not {str(q.dtype).replace('torch.', '')}"
+    lo, hi = HEAD_DIM_RANGE
+    if not lo <= q.shape[-1] <= hi:
+        return f"the Triton kernel takes head dims {lo}..{hi}, not {q.shape[-1]}"
+    return None
+
+
+masked_attention.unsupported = _unsupported

@@ -29,6 +29,7 @@ reference; the kernels are float32 machines. Arguments may be strided views (``m
 halves are read in place; ``shift``/``scale`` may have row stride 0); nothing is copied.
 A ``t`` outside ``[0, S)`` turns its row into NaN and reads no memory out of bounds.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ from ._diffusion_common import TORCH_TO_TL, accurate, col_block, row_block, stri
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows run the reference
-_LOSS_TILE = 1024  # elements per loss-forward chunk: the NLL branch needs many live registers
+# Tile shapes: (rows, warps) per kernel family, from the rules in ``_tile``; ``TUNE`` overrides
+# them (``benchmarks/bench_diffusion.py --sweep`` times the alternatives).
+TUNE: dict[str, tuple[int, int]] = {}
 
 
 def _kernel_ok(*tensors: torch.Tensor | None) -> bool:
@@ -75,10 +78,25 @@ _POSTERIOR = (
 )
 
 
-def _grid2(M: int, C: int) -> tuple[tuple[int, int], int, int]:
+def _tile(kind: str, C: int) -> tuple[int, int, int]:
+    """(rows, cols, warps) of a program tile, 128 columns (640 lanes for C = 588).
+
+    Defaults from ``bench_diffusion --sweep`` on an H200 (bf16, 52800 x 588): the streaming
+    kernels (``stream``: q_sample, ddim; ``step``: p_sample) are best at 16 rows x 4 warps
+    (32 rows: -5%); the exp-heavy loss kernels at 4 (forward, per chunk) and 8 (backward)
+    rows; 16 rows ran 50% and 20% slower there (register pressure of the exp/NLL math).
+    """
     bc = col_block(C)
-    bm = row_block(bc)
-    return (triton.cdiv(M, bm), triton.cdiv(C, bc)), bm, bc
+    if kind in TUNE:
+        rows, warps = TUNE[kind]
+        return rows, bc, warps
+    elems = {"stream": 2048, "step": 2048, "loss_fwd": 512, "loss_bwd": 1024}[kind]
+    return row_block(bc, elems), bc, 4
+
+
+def _grid2(kind: str, M: int, C: int) -> tuple[tuple[int, int], int, int, int]:
+    bm, bc, warps = _tile(kind, C)
+    return (triton.cdiv(M, bm), triton.cdiv(C, bc)), bm, bc, warps
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,12 +111,12 @@ class _QSample(torch.autograd.Function):
         ctx.save_for_backward(t)
         if M == 0 or C == 0:
             return out
-        grid, bm, bc = _grid2(M, C)
+        grid, bm, bc, warps = _grid2("stream", M, C)
         with _on(x0.device):
             _ks.q_sample_fwd_kernel[grid](
                 out, x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
                 M, schedule.num_steps, C, *strides2(x0), *strides2(noise), stride1(t),
-                TORCH_TO_TL[x0.dtype], bm, bc, num_warps=4,
+                TORCH_TO_TL[x0.dtype], bm, bc, num_warps=warps,
             )  # fmt: skip
         return out
 
@@ -111,13 +129,13 @@ class _QSample(torch.autograd.Function):
         dx0 = torch.empty((M, C), dtype=ctx.dtypes[0], device=g.device) if need_x0 else None
         dnoise = torch.empty((M, C), dtype=ctx.dtypes[1], device=g.device) if need_noise else None
         if M and C and (need_x0 or need_noise):
-            grid, bm, bc = _grid2(M, C)
+            grid, bm, bc, warps = _grid2("stream", M, C)
             with _on(g.device):
                 _ks.q_sample_bwd_kernel[grid](
                     dx0 if need_x0 else g, dnoise if need_noise else g, g, t,
                     schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
                     M, schedule.num_steps, C, *strides2(g), stride1(t), need_x0, need_noise,
-                    TORCH_TO_TL[ctx.dtypes[0]], TORCH_TO_TL[ctx.dtypes[1]], bm, bc, num_warps=4,
+                    TORCH_TO_TL[ctx.dtypes[0]], TORCH_TO_TL[ctx.dtypes[1]], bm, bc, num_warps=warps,
                 )  # fmt: skip
         return dx0, dnoise, None, None
 
@@ -151,11 +169,10 @@ class _DiffusionLoss(torch.autograd.Function):
             return loss
         if C == 0:
             return loss.fill_(float("nan"))  # the reference's mean over no channels
-        bc = col_block(C)
-        bm = row_block(bc, _LOSS_TILE)
+        bm, bc, warps = _tile("loss_fwd", C)
         with _on(x_t.device):
             _kl.loss_fwd_kernel[(triton.cdiv(M, bm),)](
-                loss, *_loss_args(model_out, x0, x_t, noise, t, schedule), accurate(), bm, bc, num_warps=4
+                loss, *_loss_args(model_out, x0, x_t, noise, t, schedule), accurate(), bm, bc, num_warps=warps
             )
         return loss
 
@@ -167,11 +184,11 @@ class _DiffusionLoss(torch.autograd.Function):
         M, C = x_t.shape
         dmo = torch.empty((M, 2 * C), dtype=model_out.dtype, device=model_out.device)
         if M and C:
-            grid, bm, bc = _grid2(M, C)
+            grid, bm, bc, warps = _grid2("loss_bwd", M, C)
             with _on(x_t.device):
                 _kl.loss_bwd_kernel[grid](
                     dmo, g, *_loss_args(model_out, x0, x_t, noise, t, ctx.schedule), stride1(g),
-                    TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=4,
+                    TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=warps,
                 )  # fmt: skip
         return dmo, None, None, None, None, None
 
@@ -197,13 +214,13 @@ def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> 
     """:func:`p_sample_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
     M, C = x_t.shape
     if M and C:
-        grid, bm, bc = _grid2(M, C)
+        grid, bm, bc, warps = _grid2("step", M, C)
         with _on(x_t.device):
             _ks.p_sample_kernel[grid](
                 out, model_out, x_t, noise, t, *_tables(schedule, *_POSTERIOR),
                 M, schedule.num_steps, float(temperature), C,
                 *strides2(model_out), *strides2(x_t), *strides2(noise), stride1(t), out.stride(0) if M > 1 else 0,
-                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=4,
+                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
             )  # fmt: skip
     return out
 
@@ -229,7 +246,7 @@ def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor
     # The reference adds noise only when it is given and eta != 0.
     has_noise = noise is not None and eta != 0.0
     if M and C:
-        grid, bm, bc = _grid2(M, C)
+        grid, bm, bc, warps = _grid2("stream", M, C)
         nz = noise if has_noise else x_t
         with _on(x_t.device):
             _ks.ddim_kernel[grid](
@@ -238,7 +255,7 @@ def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor
                          "alphas_cumprod", "alphas_cumprod_prev"),
                 M, schedule.num_steps, float(eta), C,
                 *strides2(model_out), *strides2(x_t), *strides2(nz), stride1(t), out.stride(0) if M > 1 else 0,
-                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=4,
+                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
             )  # fmt: skip
     return out
 

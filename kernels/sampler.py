@@ -25,11 +25,12 @@ runs eagerly, one step kernel per step; if capture fails the loop also runs eage
 ``RuntimeWarning`` naming the reason. Graphs are cached (at most ``_CACHE_SIZE``; they pin
 the denoiser, the schedule and their memory pool); :func:`clear_graph_cache` drops them.
 """
+
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +40,7 @@ from invnext.ops.diffusion_schedule import DiffusionSchedule
 from . import diffusion as _kd
 
 _CACHE_SIZE = 4
-_GRAPHS: OrderedDict[tuple, "_StepGraph"] = OrderedDict()
+_GRAPHS: OrderedDict[tuple, _StepGraph] = OrderedDict()
 
 
 def clear_graph_cache() -> None:

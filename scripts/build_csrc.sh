@@ -4,7 +4,8 @@
 # needs nvcc, not a GPU.
 #
 #   bash scripts/build_csrc.sh            # build into build/csrc
-#   bash scripts/build_csrc.sh --inplace  # also copy the module into invnext/native/ (source-tree use)
+#   bash scripts/build_csrc.sh --inplace  # also copy the module into invnext/native/ (source-tree use;
+#                                         # --install is the same)
 #
 # Environment: PYTHON (default: python3, else python), BUILD_DIR (default: build/csrc), JOBS (default: 2).
 set -euo pipefail
@@ -16,7 +17,7 @@ python="${PYTHON:-$(command -v python3 || command -v python)}"
 inplace=0
 for arg in "$@"; do
   case "$arg" in
-    --inplace) inplace=1 ;;
+    --inplace | --install) inplace=1 ;;
     *) echo "build_csrc.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done

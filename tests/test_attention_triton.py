@@ -25,12 +25,18 @@ from invnext.ops.rope import apply_rope_3d
 
 ensure_kernels_importable()
 
-from invnext_kernels import _attention_common as common  # noqa: E402
-from invnext_kernels import attention as kattn  # noqa: E402
+from invnext_kernels import _attention_common as common
+from invnext_kernels import attention as kattn
 
 pytestmark = pytest.mark.triton
 F64 = torch.float64
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+@pytest.fixture(autouse=True)
+def _untuned(monkeypatch):
+    # one config per kernel: on the GPU, autotuning every variant would triple the compiles
+    monkeypatch.setenv("INVNEXT_ATTN_AUTOTUNE", "0")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -77,7 +83,7 @@ def check_case(lengths, heads, dim, dtype, device, *, rope=None, window=None, nu
     coords = make_coords(lengths, num_prefix, grid, device)
     base = torch.randn(total, 3, heads, dim, device=device)
     dout = torch.randn(total, heads, dim, device=device)
-    kw = dict(softmax_scale=scale, coords=coords, rope=rope, window=window, num_prefix=num_prefix)
+    kw = {"softmax_scale": scale, "coords": coords, "rope": rope, "window": window, "num_prefix": num_prefix}
 
     def run(dt, fn):
         leaf = base.to(dt).requires_grad_(True)
@@ -105,22 +111,22 @@ def check_case(lengths, heads, dim, dtype, device, *, rope=None, window=None, nu
 
 def test_plain_ragged_bf16_d64(triton_device):
     # one-token sample, odd lengths, no window: every key tile full but each sample's last.
-    check_case([1, 7, 113, 30], 2, 64, torch.bfloat16, triton_device)
+    check_case([1, 7, 113, 30], 1, 64, torch.bfloat16, triton_device)
 
 
 def test_rope_window3d_prefix_fp16_d88(triton_device):
     # padded head dim (88 -> 128), RoPE over all channels, a box window that skips tiles.
-    check_case([7, 113, 45], 2, 88, torch.float16, triton_device, rope=(100.0, (24, 32, 32)),
-               window=(3, 5, 5), num_prefix=4)
+    check_case([7, 113, 45], 1, 88, torch.float16, triton_device, rope=(100.0, (24, 32, 32)),
+               window=(3, 3, 5), num_prefix=4, grid=(8, 4, 4))
 
 
 def test_window1d_fp32_d64(triton_device):
-    check_case([1, 7, 113], 1, 64, torch.float32, triton_device, window=9, scale=0.3)
+    check_case([1, 0, 7, 113], 1, 64, torch.float32, triton_device, window=9, scale=0.3)
 
 
 def test_self_only_window_rope_prefix_bf16(triton_device):
     # (1, 1, 1): a grid token sees itself and the 4 prefix tokens only.
-    check_case([5, 60, 33], 2, 64, torch.bfloat16, triton_device, rope=(50.0, (16, 24, 24)),
+    check_case([5, 60, 33], 1, 64, torch.bfloat16, triton_device, rope=(50.0, (16, 24, 24)),
                window=(1, 1, 1), num_prefix=4)
 
 
@@ -140,14 +146,21 @@ def test_even_window_sizes_fp32_rope_d48(triton_device):
                window=(2, 4, 4), num_prefix=1)
 
 
-def test_max_seqlen_larger_than_samples(triton_device):
-    # programs past every sample's end must exit without writing.
-    lengths = [20, 9]
+def test_max_seqlen_larger_than_samples_and_empty_sample(triton_device):
+    # programs past a sample's end (here: all of the empty one's) exit without writing, so a
+    # larger max_seqlen changes nothing, bit for bit, forward and backward.
+    lengths = [20, 0, 9]
     cu = make_cu(lengths, triton_device)
-    q, k, v = (torch.randn(29, 1, 32, device=triton_device, dtype=torch.float16) for _ in range(3))
-    ref = masked_attention(q, k, v, cu, 20, backend="torch")
-    out = masked_attention(q, k, v, cu, 100, backend="triton")
-    assert max_err(out, ref) <= 2e-3
+    x = torch.randn(29, 3, 1, 32, device=triton_device, dtype=torch.float16)
+    dout = torch.randn(29, 1, 32, device=triton_device, dtype=torch.float16)
+    coords = make_coords(lengths, 0, (2, 4, 4), triton_device)
+    results = []
+    for max_seqlen in (20, 100):
+        leaf = x.clone().requires_grad_(True)
+        out = masked_attention(leaf, None, None, cu, max_seqlen, coords=coords, window=(1, 3, 3), backend="triton")
+        results.append((out, *torch.autograd.grad(out, leaf, dout)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- tile classification
@@ -155,7 +168,8 @@ def test_max_seqlen_larger_than_samples(triton_device):
 
 @pytest.mark.parametrize("by_key", [False, True])
 def test_window_tiles_match_dense_mask(by_key):
-    """``full`` tiles have every pair allowed, skipped tiles none; some tiles are skipped."""
+    """``full`` tiles have every pair allowed, skipped tiles none (masked tiles are conservative:
+    their bounding boxes meet, some may hold no allowed pair); some tiles are skipped."""
     torch.manual_seed(1)
     lengths, P, bm, bn = [5, 120, 64, 37], 4, 16, 32
     cu = make_cu(lengths, "cpu")
@@ -177,8 +191,6 @@ def test_window_tiles_match_dense_mask(by_key):
                 elif not part[b, i, j]:
                     assert not bool(blk.any())
                     skipped += int(q0 < L and k0 < L)
-                else:
-                    assert bool(blk.any())
     assert skipped > 0
 
 
@@ -220,8 +232,8 @@ def test_compile_traces_through_op(triton_device):
     q, k, v, cu, ms, sc, coords, *_ = _tiny_args(triton_device)
 
     def f(q, k, v):
-        return masked_attention(q, k, v, cu, ms, softmax_scale=sc, coords=coords, rope=(10.0, (4, 4, 4)),
-                                window=(1, 3, 3), num_prefix=1, backend="triton").sum()
+        # the kernel entry (the public op's value checks read CPU tensors on the host)
+        return kattn.masked_attention(q, k, v, cu, ms, sc, coords, (10.0, (4, 4, 4)), (1, 3, 3), 1).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = compiled(q, k, v)

@@ -100,3 +100,25 @@ def test_import_touches_no_gpu_or_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_auto_passes_over_an_implementation_that_declines_the_inputs(monkeypatch):
+    calls = []
+
+    def fast(x):
+        calls.append("fast")
+        return "fast"
+
+    fast.unsupported = lambda x: "float64 not supported" if x.dtype == torch.float64 else None
+
+    def reference(x):
+        calls.append("torch")
+        return "torch"
+
+    monkeypatch.setattr(_dispatch, "_candidates", lambda op, device: iter([("triton", fast), ("torch", reference)]))
+    assert _dispatch.dispatch("q_sample", "auto", "cuda", torch.zeros(1)) == "fast"
+    assert _dispatch.dispatch("q_sample", "auto", "cuda", torch.zeros(1, dtype=torch.float64)) == "torch"
+    monkeypatch.setattr(_dispatch, "resolve", lambda op, backend, device: ("triton", fast))
+    with pytest.raises(BackendUnavailableError, match="cannot run these inputs: float64 not supported"):
+        _dispatch.dispatch("q_sample", "triton", "cuda", torch.zeros(1, dtype=torch.float64))
+    assert calls == ["fast", "torch"]

@@ -8,6 +8,7 @@ and any summation order gives the float64 reference's value; equality is again e
 Runs on the CPU interpreter here (keep shapes small) and compiled on a GPU with
 TRITON_INTERPRET=0.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -195,7 +196,9 @@ def _check_scatter(device, dtype, C, P, pos_batch, counts=COUNTS, n=N):
     out.backward(g)
     leaves = [_f64_leaf(packed.detach()), _f64_leaf(mask_token.detach()), _f64_leaf(_det(pos))]
     _ref_scatter(leaves[0], hidden, P, leaves[1], leaves[2]).backward(g.double())
-    for name, got, ref in zip(("dpacked", "dmask_token", "dpos"), (packed.grad, mask_token.grad, _grad_of(pos)), leaves):
+    for name, got, ref in zip(
+        ("dpacked", "dmask_token", "dpos"), (packed.grad, mask_token.grad, _grad_of(pos)), leaves
+    ):
         if ref is not None:
             _assert_same(got, ref.grad, dtype, name)
 
@@ -229,7 +232,9 @@ def test_scatter_grads_for_subsets_of_inputs(triton_device):
         for pos_batch in (1, B):
             inputs = [packed.clone(), mask_token.clone(), torch.randn(pos_batch, N, C, device=triton_device)]
             inputs[which].requires_grad_(True)
-            (got,) = torch.autograd.grad(tk.scatter_tokens(inputs[0], index, inputs[1], inputs[2], B, N), inputs[which], g)
+            (got,) = torch.autograd.grad(
+                tk.scatter_tokens(inputs[0], index, inputs[1], inputs[2], B, N), inputs[which], g
+            )
             ref = [t.double() for t in inputs]
             ref[which].requires_grad_(True)
             (want,) = torch.autograd.grad(_ref_scatter(ref[0], hidden, P, ref[1], ref[2]), ref[which], g.double())
@@ -292,21 +297,21 @@ def test_no_host_sync(triton_device):
 def _gather_args(device):
     hidden = _hidden([2, 3], 5, device)
     index, cu = _structure(hidden, 1)
-    return dict(x=torch.randn(2, 5, 4, device=device), index=index, cu_seqlens=cu, pos=None, prefix=None)
+    return {"x": torch.randn(2, 5, 4, device=device), "index": index, "cu_seqlens": cu, "pos": None, "prefix": None}
 
 
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(x=torch.randn(2, 5)), ValueError, "x must have 3 dimensions"),
-        (dict(x=torch.randn(2, 5, 4).int()), TypeError, "x must have dtype"),
-        (dict(index="rows"), TypeError, "index must be a torch.Tensor"),
-        (dict(index=torch.zeros(7, dtype=torch.int32)), TypeError, "index must have dtype"),
-        (dict(cu_seqlens=torch.zeros(3, dtype=torch.int64)), TypeError, "cu_seqlens must have dtype"),
-        (dict(cu_seqlens=torch.zeros(4, dtype=torch.int32)), ValueError, "cu_seqlens must have shape"),
-        (dict(pos=torch.randn(3, 5, 4)), ValueError, "pos must have shape"),
-        (dict(pos=torch.randn(1, 5, 4, dtype=torch.float64)), TypeError, "pos must have dtype"),
-        (dict(prefix=torch.randn(1, 1, 3)), ValueError, "prefix must have shape"),
+        ({"x": torch.randn(2, 5)}, ValueError, "x must have 3 dimensions"),
+        ({"x": torch.randn(2, 5, 4).int()}, TypeError, "x must have dtype"),
+        ({"index": "rows"}, TypeError, "index must be a torch.Tensor"),
+        ({"index": torch.zeros(7, dtype=torch.int32)}, TypeError, "index must have dtype"),
+        ({"cu_seqlens": torch.zeros(3, dtype=torch.int64)}, TypeError, "cu_seqlens must have dtype"),
+        ({"cu_seqlens": torch.zeros(4, dtype=torch.int32)}, ValueError, "cu_seqlens must have shape"),
+        ({"pos": torch.randn(3, 5, 4)}, ValueError, "pos must have shape"),
+        ({"pos": torch.randn(1, 5, 4, dtype=torch.float64)}, TypeError, "pos must have dtype"),
+        ({"prefix": torch.randn(1, 1, 3)}, ValueError, "prefix must have shape"),
     ],
 )
 def test_gather_bad_inputs(triton_device, change, error, match):
@@ -319,19 +324,26 @@ def test_gather_bad_inputs(triton_device, change, error, match):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(packed=torch.randn(7)), ValueError, "packed must have 2 dimensions"),
-        (dict(index=torch.zeros(6, dtype=torch.int64)), ValueError, "index must have shape"),
-        (dict(mask_token=torch.zeros(5)), ValueError, "mask_token must have shape"),
-        (dict(mask_token=torch.zeros(4, dtype=torch.float16)), TypeError, "mask_token must have dtype"),
-        (dict(pos=torch.randn(1, 4, 4)), ValueError, "pos must have shape"),
-        (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
-        (dict(N=2.5), ValueError, "N must be a positive int"),
+        ({"packed": torch.randn(7)}, ValueError, "packed must have 2 dimensions"),
+        ({"index": torch.zeros(6, dtype=torch.int64)}, ValueError, "index must have shape"),
+        ({"mask_token": torch.zeros(5)}, ValueError, "mask_token must have shape"),
+        ({"mask_token": torch.zeros(4, dtype=torch.float16)}, TypeError, "mask_token must have dtype"),
+        ({"pos": torch.randn(1, 4, 4)}, ValueError, "pos must have shape"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        ({"N": 2.5}, ValueError, "N must be a positive int"),
     ],
 )
 def test_scatter_bad_inputs(triton_device, change, error, match):
     hidden = _hidden([2, 3], 5, triton_device)
     index, _ = _structure(hidden, 1)
-    args = dict(packed=torch.randn(7, 4), index=index, mask_token=torch.zeros(4), pos=None, batch_size=2, N=5)
+    args = {
+        "packed": torch.randn(7, 4),
+        "index": index,
+        "mask_token": torch.zeros(4),
+        "pos": None,
+        "batch_size": 2,
+        "N": 5,
+    }
     args.update(change)
     args = {k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(error, match=match):

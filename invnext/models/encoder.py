@@ -47,7 +47,7 @@ class EncoderOutput(NamedTuple):
     """What a packed encoder pass returns.
 
     tokens:     [total, C], the final (normed) tokens, class tokens first in each sample
-    pooled:     [B, embed_dim], the attention-pooled clip embedding
+    pooled:     [B, embed_dim], the attention-pooled clip embedding (None when pool=False)
     hidden:     tuple of [total, C], the raw output of each requested block, in request order
     cu_seqlens: int32[B+1]; max_seqlen: int
     index:      int64[total], flat place ``b*N + n`` of each row, -1 on class rows
@@ -55,7 +55,7 @@ class EncoderOutput(NamedTuple):
     """
 
     tokens: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     hidden: tuple[torch.Tensor, ...]
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -160,8 +160,9 @@ class AttentionPool(nn.Module):
         total, C = x.shape
         B, H, D = pack.batch_size, self.heads, C // self.heads
         seg = pack.sample_of_row
-        counts = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).to(x.dtype).clamp_min(1)
-        mean = x.new_zeros(B, C).index_add(0, seg, x) / counts[:, None]
+        # Sums over a sample's rows accumulate in fp32 (bf16 would lose the tail of long samples).
+        counts = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).to(torch.float32).clamp_min(1)
+        mean = (x.new_zeros(B, C, dtype=torch.float32).index_add(0, seg, x.float()) / counts[:, None]).to(x.dtype)
         q = self.q(self.norm_q(mean)).view(B, H, D)
         k = self.k(self.norm_k(x)).view(total, H, D)
         v = self.v(self.norm_v(x)).view(total, H, D)
@@ -171,7 +172,7 @@ class AttentionPool(nn.Module):
         e = torch.exp(s - m[seg])
         z = s.new_zeros(B, H).index_add(0, seg, e)
         w = e / z[seg]
-        out = v.new_zeros(B, H, D).index_add(0, seg, (w[..., None] * v.float()).to(v.dtype))
+        out = v.new_zeros(B, H, D, dtype=torch.float32).index_add(0, seg, w[..., None] * v.float()).to(v.dtype)
         return self.proj(out.reshape(B, C))
 
 
@@ -254,6 +255,7 @@ class Encoder(nn.Module):
         index: torch.Tensor | None = None,
         grid: tuple[int, int, int] | None = None,
         return_layers: Sequence[int] = (),
+        pool: bool = True,
     ) -> EncoderOutput:
         """Run the blocks on an already embedded packed batch.
 
@@ -264,6 +266,7 @@ class Encoder(nn.Module):
             coords: int32 ``[total, 3]`` (t, h, w) per row; needed only with 3D RoPE.
             index, grid: passed through to the output (``index`` = flat place per row).
             return_layers: 0-based blocks whose raw outputs are returned in ``hidden``.
+            pool: run the attention-pool head (False: ``pooled`` is None).
         Returns:
             :class:`EncoderOutput`.
         """
@@ -280,7 +283,7 @@ class Encoder(nn.Module):
             if i in wanted:
                 wanted[i] = x
         x = self.norm(x)
-        pooled = self.pool(x, pack)
+        pooled = self.pool(x, pack) if pool else None
         if index is None:
             index = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
         return EncoderOutput(x, pooled, tuple(wanted[i] for i in return_layers), cu_seqlens, max_seqlen, index, grid)
@@ -292,6 +295,7 @@ class Encoder(nn.Module):
         *,
         num_visible: Sequence[int] | None = None,
         return_layers: Sequence[int] = (),
+        pool: bool = True,
     ) -> EncoderOutput:
         """Encode only the visible tokens: ``video[B, 3, T, H, W]``, ``hidden bool[B, N]`` (True = hidden).
 
@@ -305,10 +309,10 @@ class Encoder(nn.Module):
         coords = grid_coords(packed.index, grid) if self.rope is not None else None
         return self.forward_packed(
             packed.tokens, packed.cu_seqlens, packed.max_seqlen, coords,
-            index=packed.index, grid=grid, return_layers=return_layers,
+            index=packed.index, grid=grid, return_layers=return_layers, pool=pool,
         )
 
-    def forward(self, video: torch.Tensor, *, return_layers: Sequence[int] = ()) -> EncoderOutput:
+    def forward(self, video: torch.Tensor, *, return_layers: Sequence[int] = (), pool: bool = True) -> EncoderOutput:
         """Encode full clips ``[B, 3, T, H, W]``: every sample has ``P + N`` tokens, still run packed."""
         grid = self.grid_of(video)
         x = self.patch_embed(video)
@@ -320,12 +324,14 @@ class Encoder(nn.Module):
         n = torch.arange(L, device=x.device) - self.num_prefix
         index = (torch.arange(B, device=x.device)[:, None] * N + n[None, :]).masked_fill(n[None, :] < 0, -1).reshape(-1)
         coords = grid_coords(index, grid) if self.rope is not None else None
-        return self.forward_packed(tokens, cu, L, coords, index=index, grid=grid, return_layers=return_layers)
+        return self.forward_packed(
+            tokens, cu, L, coords, index=index, grid=grid, return_layers=return_layers, pool=pool
+        )
 
-    def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full clips ``[B, 3, T, H, W]`` (normalised) -> ``(grid tokens [B, N, C], pooled [B, embed_dim])``."""
-        out = self.forward(video)
-        B = out.pooled.shape[0]
+    def encode(self, video: torch.Tensor, *, pool: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full clips ``[B, 3, T, H, W]`` (normalised) -> ``(grid tokens [B, N, C], pooled [B, embed_dim] or None)``."""
+        out = self.forward(video, pool=pool)
+        B = video.shape[0]
         L = out.tokens.shape[0] // B
         return out.tokens.view(B, L, -1)[:, self.num_prefix :], out.pooled
 

@@ -8,6 +8,9 @@ truncates every sample to the batch's smallest context). The predictor fills in 
 places; ``head`` (Linear-GELU-Linear-LayerNorm, predictor width -> encoder width) maps the
 latents at hidden tokens, and the loss is the mean ``2 - 2 cos`` over hidden tokens, summed
 over views.
+
+The Stage-2 loss never reads the pooled embedding, so the student's attention-pool head is
+frozen here (it keeps its Stage-1 weights) and the pool is skipped in every Stage-2 pass.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class Stage2Model(nn.Module):
         if init_encoder is not None:
             self.encoder.load_resized(init_encoder.state_dict())
         self.target = copy.deepcopy(self.encoder)
+        self.encoder.pool.requires_grad_(False)
         self.target.requires_grad_(False)
         self.target.eval()
         self.predictor = Predictor(cfg.predictor, cfg.encoder.width, cfg.encoder.grid)
@@ -57,7 +61,7 @@ class Stage2Model(nn.Module):
     @torch.no_grad()
     def targets(self, video: torch.Tensor) -> torch.Tensor:
         """The frozen encoder's final grid tokens, L2-normalised: ``[B, N, width]``."""
-        tokens, _ = self.target.encode(video)
+        tokens, _ = self.target.encode(video, pool=False)
         return l2norm(tokens.float())
 
     def view_masks(self, batch_size: int, grid, device, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -98,7 +102,7 @@ class Stage2Model(nn.Module):
         total = video.new_zeros((), dtype=torch.float32)
         for i, hidden in enumerate(masks):
             counts = hidden.sum(1).cpu()  # one sync: sizes the packed batch and the hidden rows
-            enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist())
+            enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist(), pool=False)
             latents = self.predictor(enc.tokens, enc.index, B, grid)
             where = true_positions(hidden.reshape(-1), int(counts.sum()))
             pred = self.head(latents.reshape(B * N, -1)[where])

@@ -39,9 +39,9 @@ _ACCELERATED: dict[str, dict[str, str]] = {
     "p_sample_step": {"triton": "invnext_kernels.diffusion:p_sample_step"},
     "ddim_step": {"triton": "invnext_kernels.diffusion:ddim_step"},
     "adaln_modulate": {"triton": "invnext_kernels.diffusion:adaln_modulate"},
-    "tube_mask": {"cuda": "invnext.native.ops:tube_mask"},
-    "multiblock_mask": {"cuda": "invnext.native.ops:multiblock_mask"},
-    "semantic_mask": {"cuda": "invnext.native.ops:semantic_mask"},
+    "tube_mask": {},
+    "multiblock_mask": {},
+    "semantic_mask": {},
     "motion_mask": {},
     "p_sample_loop": {"cuda": "invnext_kernels.sampler:p_sample_loop"},
     "ddim_sample_loop": {"cuda": "invnext_kernels.sampler:ddim_sample_loop"},
@@ -92,8 +92,9 @@ def _native_error() -> str | None:
     return native.unavailable_reason()
 
 
+@lru_cache(maxsize=None)
 def _module_error(path: str) -> str | None:
-    module, _, _ = path.partition(":")
+    module, _, name = path.partition(":")
     if module.startswith("invnext_kernels"):
         from invnext._kernels_path import ensure_kernels_importable
 
@@ -104,6 +105,12 @@ def _module_error(path: str) -> str | None:
         spec = None
     if spec is None:
         return f"its implementation module {module} is not present in this install"
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - the reason is the answer
+        return f"{module} failed to import: {exc.__class__.__name__}: {exc}"
+    if not callable(getattr(loaded, name, None)):
+        return f"{module} has no {name}"
     return None
 
 
@@ -148,20 +155,43 @@ def _load(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def _candidates(op: str, device: torch.device | str | None):
+    """Implementations ``auto`` may use on ``device``, fastest first; the reference is always last."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cpu":
+        for name in _AUTO_ORDER_DEFAULT:
+            if name != "torch" and availability(op, name, dev)[0]:
+                yield name, _load(_ACCELERATED[op][name])
+    yield "torch", _REFERENCE[op]
+
+
 def resolve(op: str, backend: str, device: torch.device | str | None) -> tuple[str, Callable]:
     """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
     if backend == "auto":
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        if dev.type == "cpu":
-            return "torch", _REFERENCE[op]
-        for name in _AUTO_ORDER_DEFAULT:
-            ok, _ = availability(op, name, dev)
-            if ok:
-                return name, (_REFERENCE[op] if name == "torch" else _load(_ACCELERATED[op][name]))
-        return "torch", _REFERENCE[op]
+        return next(_candidates(op, device))
     ok, why = availability(op, backend, device)
     if not ok:
         raise BackendUnavailableError(f"invnext.ops.{op}: backend {backend!r} is unavailable: {why}")
     if backend == "torch":
         return "torch", _REFERENCE[op]
     return backend, _load(_ACCELERATED[op][backend])
+
+
+def dispatch(op: str, backend: str, device: torch.device | str | None, *args):
+    """Resolve ``op`` and call it with its canonical arguments.
+
+    An accelerated implementation may carry ``unsupported(*args) -> str | None`` for inputs it
+    does not handle (a dtype, a head dim): ``auto`` then passes it over for the next one, and an
+    explicit request raises :class:`BackendUnavailableError` with that reason.
+    """
+    if backend == "auto":
+        for _, impl in _candidates(op, device):
+            check = getattr(impl, "unsupported", None)
+            if check is None or check(*args) is None:
+                return impl(*args)
+    name, impl = resolve(op, backend, device)
+    check = getattr(impl, "unsupported", None)
+    why = check(*args) if check is not None else None
+    if why:
+        raise BackendUnavailableError(f"invnext.ops.{op}: backend {name!r} cannot run these inputs: {why}")
+    return impl(*args)

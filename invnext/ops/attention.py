@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from invnext.ops import _validate as V
-from invnext.ops._dispatch import register_reference, resolve
+from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops.rope import COORD_DTYPES, apply_rope_3d, check_rope
 
 _OP = "masked_attention"
@@ -188,8 +188,7 @@ def masked_attention(
         rope = check_rope(_OP, rope, head_dim)
     window = _check_window(window, coords)
 
-    _, impl = resolve(_OP, backend, device)
-    return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
+    return dispatch(_OP, backend, device, q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
 
 
 # --------------------------------------------------------------------------- masks

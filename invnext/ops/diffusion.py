@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from invnext.ops._dispatch import register_reference, resolve
+from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops._validate import (
     FLOAT_DTYPES,
     check_backend,
@@ -173,8 +173,7 @@ def q_sample(
         raise TypeError(f"{op}: noise must have x0's dtype {x0.dtype}, got {noise.dtype}")
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, x0.shape[0], device, schedule)
-    _, impl = resolve(op, backend, device)
-    return impl(x0, noise, t, schedule)
+    return dispatch(op, backend, device, x0, noise, t, schedule)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -262,8 +261,7 @@ def diffusion_loss(
     noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
-    _, impl = resolve(op, backend, device)
-    loss = impl(model_out, x0, x_t, noise, t, schedule)
+    loss = dispatch(op, backend, device, model_out, x0, x_t, noise, t, schedule)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -327,8 +325,7 @@ def p_sample_step(
     noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
-    _, impl = resolve(op, backend, device)
-    return impl(model_out, x_t, t, schedule, noise, temperature)
+    return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, temperature)
 
 
 @register_reference("ddim_step")
@@ -400,8 +397,7 @@ def ddim_step(
         noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
-    _, impl = resolve(op, backend, device)
-    return impl(model_out, x_t, t, schedule, noise, eta)
+    return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, eta)
 
 
 # ----------------------------------------------------------------------------- AdaLN
@@ -451,8 +447,7 @@ def adaln_modulate(
     width = x.shape[-1]
     rows = x.numel() // width
     flat = [z.expand(x.shape).reshape(rows, width) for z in (x, shift, scale)]
-    _, impl = resolve(op, backend, device)
-    return impl(*flat, eps).reshape(x.shape)
+    return dispatch(op, backend, device, *flat, eps).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -561,8 +556,7 @@ def p_sample_loop(
     check_backend(op, backend)
     temperature = _check_float(op, "temperature", temperature)
     device, x_T, step_noise = _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise, generator)
-    _, impl = resolve(op, backend, device)
-    return impl(denoise_fn, cond, schedule, x_T, step_noise, generator, temperature)
+    return dispatch(op, backend, device, denoise_fn, cond, schedule, x_T, step_noise, generator, temperature)
 
 
 def ddim_sample_loop(
@@ -587,8 +581,7 @@ def ddim_sample_loop(
     check_backend(op, backend)
     eta = _check_float(op, "eta", eta, low=0.0)
     device, x_T, step_noise = _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise, generator)
-    _, impl = resolve(op, backend, device)
-    return impl(denoise_fn, cond, schedule, x_T, step_noise, generator, eta)
+    return dispatch(op, backend, device, denoise_fn, cond, schedule, x_T, step_noise, generator, eta)
 
 
 # ----------------------------------------------------------------------------- timestep embedding

@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from invnext.ops._dispatch import register_reference, resolve
+from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops._validate import (
     FLOAT_DTYPES,
     check_backend,
@@ -122,8 +122,7 @@ def tube_mask(
     grid = check_grid(op, grid)
     ratio = _check_ratio(op, ratio)
     device = _device(op, device)
-    _, impl = resolve(op, backend, device)
-    return impl(batch_size, grid, ratio, _seed(op, generator, seed), device)
+    return dispatch(op, backend, device, batch_size, grid, ratio, _seed(op, generator, seed), device)
 
 
 @register_reference("tube_mask")
@@ -201,9 +200,9 @@ def multiblock_mask(
         raise ValueError(f"{op}: aspect_ratio must be > 0, got {aspect_ratio}")
     temporal_scale = check_range(op, "temporal_scale", temporal_scale, 0.0, 1.0)
     device = _device(op, device)
-    _, impl = resolve(op, backend, device)
-    return impl(
-        batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, _seed(op, generator, seed), device
+    seed = _seed(op, generator, seed)
+    return dispatch(
+        op, backend, device, batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device
     )
 
 
@@ -322,12 +321,11 @@ def semantic_mask(
             raise ValueError(f"{op}: attn must be finite (found inf or nan)")
         if bool((attn < 0).any()):
             raise ValueError(f"{op}: attn must be non-negative, found min {float(attn.min())}")
-    _, impl = resolve(op, backend, attn.device)
     if mode == "sample":
         seed = _seed(op, generator, seed)
     elif seed is not None:
         seed = _seed(op, None, seed)
-    return impl(attn, keep, mode, 0 if seed is None else seed)
+    return dispatch(op, backend, attn.device, attn, keep, mode, 0 if seed is None else seed)
 
 
 @register_reference("semantic_mask")
@@ -378,8 +376,7 @@ def motion_mask(tokens: torch.Tensor, ratio: float, *, backend: str = "auto") ->
     if S < 1:
         raise ValueError(f"{op}: tokens must have S >= 1 tokens per frame, got shape {list(tokens.shape)}")
     ratio = _check_ratio(op, ratio)
-    _, impl = resolve(op, backend, tokens.device)
-    return impl(tokens, S - hidden_count(ratio, S))
+    return dispatch(op, backend, tokens.device, tokens, S - hidden_count(ratio, S))
 
 
 @register_reference("motion_mask")

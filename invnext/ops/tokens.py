@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _validate as V
-from ._dispatch import register_reference, resolve
+from ._dispatch import dispatch, register_reference
 
 _HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -151,8 +151,7 @@ def gather_visible(
         raise ValueError(f"{op}: pos must have N={N} rows per sample, got {pos.shape[1]}")
     num_prefix = 0 if prefix is None else prefix.shape[1]
     cu_seqlens, max_seqlen, index = packed_structure(hidden, num_prefix, num_visible)
-    _, impl = resolve(op, backend, x.device)
-    tokens = impl(x, index, cu_seqlens, pos, prefix)
+    tokens = dispatch(op, backend, x.device, x, index, cu_seqlens, pos, prefix)
     return PackedTokens(tokens, cu_seqlens, max_seqlen, index)
 
 
@@ -218,5 +217,4 @@ def scatter_tokens(
         if pos.shape[0] not in (1, batch_size) or tuple(pos.shape[1:]) != (N, C):
             raise ValueError(f"{op}: pos must have shape [1 or {batch_size}, {N}, {C}], got {list(pos.shape)}")
     V.check_index_range(op, "index", index, -1, batch_size * N)
-    _, impl = resolve(op, backend, dev)
-    return impl(packed, index, mask_token, pos, batch_size, N)
+    return dispatch(op, backend, dev, packed, index, mask_token, pos, batch_size, N)

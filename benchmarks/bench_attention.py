@@ -1,0 +1,375 @@
+"""Masked attention on ragged packed batches: invnext's Triton kernel against the baselines
+available in the same run, bf16, forward / backward / forward+backward.
+
+    python -m benchmarks.bench_attention [--quick] [--max-seconds S]
+
+FLOPs count real tokens only: forward ``4 * D * H * (allowed query-key pairs)`` (two matmuls,
+2 flops per multiply-add; ``L^2`` pairs per sample without a window, the exact count of
+allowed pairs from the mask geometry with one), backward 2.5x that, forward+backward 3.5x.
+Padded baselines are charged the same real-token FLOPs, so their extra work shows as time.
+Fraction of peak = TFLOP/s / this card's measured bf16 matmul TFLOP/s.
+
+Baselines (each skipped with a note when missing or failing):
+* ``sdpa-<backend> padded``: scatter the packed q/k/v into ``[B, H, Lmax, D]`` (the gather is
+  timed, as is the copy back), then ``scaled_dot_product_attention`` with one backend forced.
+  The efficient and cuDNN rows mask padded keys with a ``[B, 1, 1, Lmax]`` boolean mask; the
+  flash backend takes no mask, so its row attends to padding too (a lower bound on its time,
+  the results of short samples are not the same op).
+* ``torch varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention varlen) if present.
+* ``flex``: ``flex_attention`` compiled once, on the packed batch as one sequence of
+  ``total`` tokens with a block mask (same sample; and for windows: ``|dt| <= wt // 2``, ... or
+  either token a prefix token), built once outside the timed region with 128x128 blocks
+  (its build time is reported in ``extra``; a trainer whose masks change every batch pays it
+  every step).
+* ``xformers`` (BlockDiagonalMask) and ``flash-attn`` varlen, when importable.
+
+Results: ``benchmarks/results/bench_attention_<gpu>_<date>.{json,md}``, rewritten after every
+shape so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+import torch
+
+from benchmarks.common import Row, do_bench, gpu_name, measured_peaks, need_gpu, write_results
+
+DTYPE = torch.bfloat16
+NAME = "bench_attention"
+DEVICE = "cuda"  # a module constant so the harness can be smoke-run elsewhere
+
+
+# --------------------------------------------------------------------------- problem setup
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Problem:
+    """One benchmark shape: packed qkv, cu_seqlens, coords, window, and its allowed-pair count."""
+
+    def __init__(self, label, lengths, heads, dim, *, window=None, num_prefix=4, grid=None, rope=None):
+        self.label, self.lengths, self.heads, self.dim = label, list(lengths), heads, dim
+        self.window, self.num_prefix, self.rope = window, num_prefix, rope
+        dev = DEVICE
+        self.B = len(lengths)
+        self.total = sum(lengths)
+        self.max_seqlen = max(lengths)
+        self.cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.qkv = torch.randn(self.total, 3, heads, dim, generator=gen).to(dev, DTYPE)
+        self.dout = torch.randn(self.total, heads, dim, generator=gen).to(dev, DTYPE)
+        self.coords = self._coords(grid or (16, 16, 16), gen).to(dev)
+        lens = self.cu.diff().long()
+        self.seg = torch.repeat_interleave(torch.arange(self.B, device=dev), lens)
+        self.pos = torch.arange(self.total, device=dev) - self.cu.long()[self.seg]
+        self.pairs = self._allowed_pairs()
+
+    def _coords(self, grid, gen):
+        """Per sample: prefix rows (0,0,0), then a random subset of the grid in raster order
+        (all of it when the sample fills the grid, as the windowed shapes do)."""
+        T, H, W = grid
+        rows = []
+        for n in self.lengths:
+            keep = n - self.num_prefix
+            idx = torch.randperm(T * H * W, generator=gen)[:keep].sort().values
+            rows.append(torch.zeros(self.num_prefix, 3, dtype=torch.int64))
+            rows.append(torch.stack([idx // (H * W), (idx // W) % H, idx % W], dim=-1))
+        return torch.cat(rows).to(torch.int32)
+
+    def _allowed_pairs(self) -> int:
+        if self.window is None:
+            return sum(n * n for n in self.lengths)
+        half = torch.tensor([w // 2 for w in self.window], device=DEVICE)
+        c = self.coords.long()
+        count = 0
+        for s, e in zip(self.cu[:-1].tolist(), self.cu[1:].tolist()):
+            cs, ps = c[s:e], self.pos[s:e]
+            for r0 in range(0, e - s, 1024):
+                near = ((cs[r0:r0 + 1024, None, :] - cs[None, :, :]).abs() <= half).all(-1)
+                pre = (ps[r0:r0 + 1024, None] < self.num_prefix) | (ps[None, :] < self.num_prefix)
+                count += int((near | pre).sum())
+        return count
+
+    def flops(self, mode: str) -> float:
+        fwd = 4.0 * self.pairs * self.dim * self.heads
+        return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+    def shape(self) -> str:
+        w = "" if self.window is None else f" win={self.window}"
+        r = "" if self.rope is None else f" rope{self.rope[1]}"
+        return (f"{self.label}: B={self.B} L~{self.total // self.B} (max {self.max_seqlen}) "
+                f"H={self.heads} D={self.dim} P={self.num_prefix}{w}{r}")
+
+
+# --------------------------------------------------------------------------- implementations
+# Each maker returns fn(qkv[total, 3, H, D]) -> out[total, H, D] (differentiable), or raises.
+
+
+def make_invnext(p: Problem):
+    from invnext.ops import masked_attention
+
+    def fn(qkv):
+        return masked_attention(qkv, None, None, p.cu, p.max_seqlen, coords=p.coords, rope=p.rope, window=p.window,
+                                num_prefix=p.num_prefix, backend="triton")
+
+    return fn
+
+
+def make_invnext_without_rope(p: Problem):
+    from invnext.ops import masked_attention
+
+    def fn(qkv):
+        return masked_attention(qkv, None, None, p.cu, p.max_seqlen, coords=p.coords, window=p.window,
+                                num_prefix=p.num_prefix, backend="triton")
+
+    return fn
+
+
+def make_sdpa_padded(p: Problem, backend: str):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    B, Lm = p.B, p.max_seqlen
+    flat = (p.seg * Lm + p.pos).contiguous()  # packed token -> row of the padded [B * Lmax] layout
+    key_ok = (torch.arange(Lm, device=DEVICE)[None, :] < p.cu.diff()[:, None]).view(B, 1, 1, Lm)
+    mask = None if backend == "flash" else key_ok
+
+    def fn(qkv):
+        pad = qkv.new_zeros(B * Lm, *qkv.shape[1:])
+        pad = pad.index_put((flat,), qkv)
+        q, k, v = pad.view(B, Lm, 3, p.heads, p.dim).permute(2, 0, 3, 1, 4).unbind(0)
+        with sdpa_kernel([which]):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B * Lm, p.heads, p.dim)[flat]
+
+    return fn
+
+
+def make_varlen(p: Problem):
+    from torch.nn.attention import varlen
+
+    if not hasattr(varlen, "varlen_attn"):
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn is missing")
+
+    def fn(qkv):
+        q, k, v = qkv.unbind(1)
+        return varlen.varlen_attn(q, k, v, p.cu, p.cu, p.max_seqlen, p.max_seqlen)
+
+    return fn
+
+
+_FLEX = {}
+
+
+def make_flex(p: Problem):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    seg, pos, c, P = p.seg, p.pos, p.coords, p.num_prefix
+    if p.window is None:
+        def mask_mod(b, h, qi, ki):
+            return seg[qi] == seg[ki]
+    else:
+        rt, rh, rw = (w // 2 for w in p.window)
+        ct, ch, cw = c[:, 0].contiguous(), c[:, 1].contiguous(), c[:, 2].contiguous()
+
+        def mask_mod(b, h, qi, ki):
+            near = ((ct[qi] - ct[ki]).abs() <= rt) & ((ch[qi] - ch[ki]).abs() <= rh) & ((cw[qi] - cw[ki]).abs() <= rw)
+            return (seg[qi] == seg[ki]) & (near | (pos[qi] < P) | (pos[ki] < P))
+
+    _sync()
+    t0 = time.perf_counter()
+    bm = create_block_mask(mask_mod, None, None, p.total, p.total, device=DEVICE, _compile=True)
+    _sync()
+    build_ms = 1e3 * (time.perf_counter() - t0)
+
+    def fn(qkv):
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv.unbind(1))  # [1, H, total, D]
+        return flex(q, k, v, block_mask=bm).squeeze(0).transpose(0, 1)
+
+    fn.extra = {"block_mask_build_ms (first build, includes its compile)": round(build_ms, 2)}
+    return fn
+
+
+def make_xformers(p: Problem):
+    from xformers.ops import fmha, memory_efficient_attention
+
+    if p.window is not None:
+        raise RuntimeError("no equivalent xformers bias for a 3D window")
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(p.lengths)
+
+    def fn(qkv):
+        q, k, v = (t.unsqueeze(0) for t in qkv.unbind(1))
+        return memory_efficient_attention(q, k, v, attn_bias=bias).squeeze(0)
+
+    return fn
+
+
+def make_flash_attn(p: Problem):
+    from flash_attn import flash_attn_varlen_func
+
+    if p.window is not None:
+        raise RuntimeError("flash-attn has no 3D window")
+
+    def fn(qkv):
+        q, k, v = qkv.unbind(1)
+        return flash_attn_varlen_func(q, k, v, p.cu, p.cu, p.max_seqlen, p.max_seqlen)
+
+    return fn
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_modes(fn, p: Problem, modes, rep_ms):
+    """{mode: (median, p20, p80)} for the modes asked."""
+    res = {}
+    x = p.qkv.detach().clone().requires_grad_(True)
+    if "fwd" in modes:
+        with torch.no_grad():
+            res["fwd"] = do_bench(lambda: fn(p.qkv), rep_ms=rep_ms)
+    if "bwd" in modes:
+        out = fn(x)
+        res["bwd"] = do_bench(lambda: torch.autograd.grad(out, x, p.dout, retain_graph=True), rep_ms=rep_ms)
+        del out
+    if "fwd+bwd" in modes:
+        res["fwd+bwd"] = do_bench(lambda: torch.autograd.grad(fn(x), x, p.dout), rep_ms=rep_ms)
+    return res
+
+
+def check_against(p: Problem, ours, other, label) -> float:
+    """Max abs difference of the outputs on the real tokens (a sanity check of the GPU run)."""
+    with torch.no_grad():
+        return float((ours(p.qkv).float() - other(p.qkv).float()).abs().max())
+
+
+def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
+    print(f"\n== {p.shape()}  ({p.pairs / 1e6:.1f} M allowed pairs)", flush=True)
+    impls = [("invnext-triton", lambda: make_invnext(p))] + baselines
+    timings = {}
+    ours_fn = None
+    for name, maker in impls:
+        try:
+            t0 = time.perf_counter()
+            fn = maker()
+            if name == "invnext-triton":
+                ours_fn = fn
+            elif ours_fn is not None and "(no key mask" not in name and "without rope" not in name:
+                err = check_against(p, ours_fn, fn, name)
+                print(f"   max |ours - {name}| on outputs: {err:.3e}", flush=True)
+            timings[name] = (time_modes(fn, p, modes, rep_ms), getattr(fn, "extra", {}))
+            print(f"   {name}: " + ", ".join(f"{m} {v[0]:.3f} ms" for m, v in timings[name][0].items())
+                  + f"  (setup+timing {time.perf_counter() - t0:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing baseline is a note, not a crash
+            msg = f"{p.label}: {name} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print("   " + msg, flush=True)
+            if name == "invnext-triton":
+                traceback.print_exc()
+            notes.append(msg)
+        torch.cuda.empty_cache()
+    for mode in modes:
+        base = [(n, t[0][mode][0]) for n, t in timings.items() if n != "invnext-triton" and mode in t[0]]
+        best = min(base, key=lambda x: x[1]) if base else None
+        for name, (tm, extra) in timings.items():
+            if mode not in tm:
+                continue
+            med, p20, p80 = tm[mode]
+            tflops = p.flops(mode) / (med * 1e-3) / 1e12
+            is_ours = name == "invnext-triton"
+            rows.append(Row(
+                bench="masked_attention", impl=name, mode=mode, shape=p.shape(), dtype="bf16",
+                ms_median=med, ms_p20=p20, ms_p80=p80, throughput=tflops, unit="TFLOP/s",
+                frac_of_peak=tflops / peak if peak else None,
+                baseline=best[0] if (is_ours and best) else None,
+                speedup_vs_baseline=(best[1] / med) if (is_ours and best) else None,
+                extra={"allowed_pairs": p.pairs, **extra},
+            ))
+
+
+def encoder_lengths(batch: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(900, 1151, (batch,), generator=g).tolist()
+
+
+def problems(quick: bool):
+    """In priority order (``--max-seconds`` cuts the tail)."""
+    enc = encoder_lengths(16)
+    grid = (32, 16, 16)
+
+    def win(w):
+        return Problem(f"windowed {w}", [4 + 32 * 16 * 16] * 2, 12, 64, window=w, grid=grid)
+
+    if quick:
+        return [Problem("stage1-encoder", enc, 12, 64), Problem("stage2-target", [8196] * 2, 12, 64, grid=grid),
+                win((4, 8, 8))]
+    return [
+        Problem("stage1-encoder", enc, 12, 64),
+        Problem("stage2-target", [8196] * 2, 12, 64, grid=grid),
+        win((4, 8, 8)),
+        win((8, 16, 16)),
+        Problem("predictor", [4100] * 4, 16, 64, grid=grid),
+        Problem("large", enc, 16, 64),
+        Problem("1b (D=88)", enc, 16, 88),
+        Problem("stage1-encoder+rope", enc, 12, 64, rope=(10000.0, (16, 24, 24))),
+    ]
+
+
+def baselines_for(p: Problem, quick: bool):
+    if p.rope is not None:  # no baseline fuses RoPE: show what the rotation costs instead
+        return [("invnext-triton without rope (reference point)", lambda: make_invnext_without_rope(p))]
+    if p.window is not None:
+        return [("flex (same block mask)", lambda: make_flex(p))]
+    out = [
+        ("sdpa-flash padded (no key mask; incl. gather)", lambda: make_sdpa_padded(p, "flash")),
+        ("sdpa-cudnn padded (incl. gather)", lambda: make_sdpa_padded(p, "cudnn")),
+        ("sdpa-efficient padded (incl. gather)", lambda: make_sdpa_padded(p, "efficient")),
+        ("torch varlen", lambda: make_varlen(p)),
+    ]
+    if p.label == "stage1-encoder":  # flex compiles per shape: one unwindowed point is enough
+        out.append(("flex (document mask)", lambda: make_flex(p)))
+    out += [("xformers", lambda: make_xformers(p)), ("flash-attn varlen", lambda: make_flash_attn(p))]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 shapes, rep 50 ms (~3 min on an H100 with compiles)")
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop starting new shapes after this long")
+    ap.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    args = ap.parse_args(argv)
+    if not need_gpu(NAME):
+        return 0
+    start = time.perf_counter()
+    rep_ms = 50 if args.quick else 100
+    modes = [m for m in args.modes.split(",") if m]
+    peak = measured_peaks().get("matmul_bf16_tflops")
+    print(f"{gpu_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    rows: list[Row] = []
+    notes: list[str] = []
+    path = None
+    for p in problems(args.quick):
+        if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+            notes.append(f"stopped before {p.label}: --max-seconds {args.max_seconds} reached")
+            break
+        run_problem(p, baselines_for(p, args.quick), modes, rep_ms, peak, rows, notes)
+        path = write_results(NAME, rows, notes="; ".join(notes))
+        del p
+        torch.cuda.empty_cache()
+    if path is not None:
+        print(f"\nwrote {path} ({time.perf_counter() - start:.0f} s)")
+        print(path.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""The native CUDA chain: csrc/ kernels -> C API -> invnext.native loader -> invnext.native.ops.
+
+CPU tests check the loader's reasons (it never raises, and loads nothing at import), the
+install-time build decision of setup.py, and that the CUDA sources stay torch-free and
+consistent with the Python side. ``requires_cuda`` tests compare both ops, forward and every
+gradient, bit for bit against a float64 torch formulation rounded once, for the compiled
+extension and the CuPy/NVRTC path.
+
+Exactness: forward values are single adds of two values of the dtype (exact in fp32, so the
+kernel's fp32 add rounded once equals float64 rounded once); upstream gradients lie on the
+grid k/64 (|k| <= 128), so every sum a backward forms is exact in fp32 and the only rounding
+is the final one, in kernel and reference alike.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import re
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from invnext import native
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """The loader with no cached answer and no source override; restored afterwards."""
+    monkeypatch.delenv(native.SOURCE_ENV, raising=False)
+    native._reset()
+    yield native
+    native._reset()
+
+
+def _fake_extension(runtime_info, abi=native.ABI) -> types.ModuleType:
+    mod = types.ModuleType("invnext.native._C")
+    mod.abi_version = lambda: abi
+    mod.runtime_info = lambda: runtime_info
+    mod.error_string = lambda code: f"error {code}"
+    return mod
+
+
+class _FailingFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, message: str) -> None:
+        self.name, self.message = name, message
+
+    def find_spec(self, fullname, path=None, target=None):
+        # Other modules (returning None): the normal finders look next.
+        if fullname == self.name:
+            raise ImportError(self.message)
+
+
+# ----------------------------------------------------------------------------- loader (CPU)
+
+
+def test_import_loads_nothing():
+    code = (
+        "import sys, invnext.native as n\n"
+        "bad = [m for m in ('torch', 'cupy', 'invnext.native._C', 'invnext.native.ops') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_reason_when_not_built_and_no_cupy(fresh_loader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "invnext.native._C", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert native.unavailable_reason() == (
+        "not built (installed without nvcc or with INVNEXT_SKIP_CUDA_BUILD=1); "
+        "the run-time NVRTC path is unavailable too: cupy is not installed"
+    )
+    assert native.source() is None
+    with pytest.raises(RuntimeError, match="not built"):
+        native.kernels()
+
+
+def test_reason_when_extension_fails_to_load(fresh_loader, monkeypatch):
+    monkeypatch.delitem(sys.modules, "invnext.native._C", raising=False)
+    failing = _FailingFinder("invnext.native._C", "undefined symbol: cudaFoo")
+    monkeypatch.setattr(sys, "meta_path", [failing, *sys.meta_path])
+    monkeypatch.setenv(native.SOURCE_ENV, "compiled")
+    assert native.unavailable_reason() == "the compiled extension failed to load: undefined symbol: cudaFoo"
+
+
+@pytest.mark.parametrize(
+    "info, expected",
+    [
+        ((0, 13000, 13000, 0), "no CUDA GPU visible"),
+        ((35, 13000, 0, 0), "no CUDA GPU visible"),
+        ((100, 13000, 13000, 0), "no CUDA GPU visible"),
+        (
+            (35, 13000, 12040, 0),
+            (
+                "the CUDA driver (12.4) is older than the CUDA runtime the extension was built with (13.0); "
+                "update the driver or rebuild with an older CUDA toolkit"
+            ),
+        ),
+        ((3, 13000, 13000, 0), "the CUDA runtime cannot start: error 3"),
+    ],
+    ids=["no-device", "no-driver", "error-no-device", "old-driver", "other-error"],
+)
+def test_reason_from_runtime_info(fresh_loader, monkeypatch, info, expected):
+    monkeypatch.setitem(sys.modules, "invnext.native._C", _fake_extension(info))
+    monkeypatch.setenv(native.SOURCE_ENV, "compiled")
+    assert native.unavailable_reason() == expected
+    assert native.source() is None
+
+
+def test_usable_extension_is_the_compiled_source(fresh_loader, monkeypatch):
+    fake = _fake_extension((0, 13000, 13000, 2))
+    monkeypatch.setitem(sys.modules, "invnext.native._C", fake)
+    assert native.unavailable_reason() is None
+    assert native.source() == "compiled"
+    assert native.kernels() is fake
+
+
+def test_stale_extension_is_refused(fresh_loader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "invnext.native._C", _fake_extension((0, 13000, 13000, 1), abi=native.ABI + 1))
+    monkeypatch.setenv(native.SOURCE_ENV, "compiled")
+    assert "stale" in native.unavailable_reason()
+
+
+def test_source_override(fresh_loader, monkeypatch):
+    monkeypatch.setitem(sys.modules, "invnext.native._C", _fake_extension((0, 13000, 13000, 1)))
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setenv(native.SOURCE_ENV, "cupy")  # skips the (working) extension
+    assert native.unavailable_reason() == "cupy is not installed"
+    native._reset()
+    monkeypatch.setenv(native.SOURCE_ENV, "nvrtc")
+    assert native.unavailable_reason() == "INVNEXT_NATIVE_SOURCE must be 'auto', 'compiled' or 'cupy', got 'nvrtc'"
+
+
+def test_ops_refuse_cpu_tensors():
+    from invnext.native import ops
+
+    x = torch.zeros(1, 4, 8)
+    index = torch.zeros(2, dtype=torch.int64)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="gather_visible: the CUDA kernels need CUDA tensors; x is on cpu"):
+        ops.gather_visible(x, index, cu, None, None)
+    with pytest.raises(ValueError, match="scatter_tokens: the CUDA kernels need CUDA tensors; packed is on cpu"):
+        ops.scatter_tokens(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
+
+
+# ----------------------------------------------------------------------------- sources (CPU)
+
+
+def test_cuda_sources_are_torch_free():
+    files = sorted(CSRC.glob("*"))
+    assert {f.name for f in files} >= {"token_kernels.cuh", "token_ops.cu", "invnext_native.h", "bindings.cpp"}
+    for f in files:
+        text = f.read_text()
+        includes = re.findall(r"#include\s*[<\"]([^>\"]+)", text)
+        assert not [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10", "Python.h")], (f.name, includes)
+        assert not re.search(r"\b(torch|at|c10)::", text), f"{f.name} uses a torch namespace"
+        if f.name != "bindings.cpp":
+            assert not any(i.startswith("pybind11") for i in includes), f"{f.name} includes pybind11"
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert not re.search(r"find_package\(\s*Torch", cmake)
+
+
+def test_kernel_header_is_nvrtc_compatible():
+    text = (CSRC / "token_kernels.cuh").read_text()
+    assert set(re.findall(r"#include\s*[<\"]([^>\"]+)", text)) == {"cuda_fp16.h", "cuda_bf16.h"}
+    for host_only in ("<<<", "cudaMalloc", "cudaMemset", "cudaStream", "__host__", "std::"):
+        assert host_only not in text, f"token_kernels.cuh contains host code ({host_only})"
+
+
+def test_python_side_matches_the_c_api():
+    from invnext.native import _cupy, ops
+
+    header = (CSRC / "invnext_native.h").read_text()
+    codes = {name: int(v) for name, v in re.findall(r"INVNEXT_(F32|F16|BF16|F64) = (\d+)", header)}
+    assert codes == {"F32": 0, "F16": 1, "BF16": 2, "F64": 3}
+    assert int(re.search(r"#define INVNEXT_NATIVE_ABI (\d+)", header).group(1)) == native.ABI
+    assert {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3} == ops._DTYPE_CODE
+    # Every kernel the NVRTC path asks for is defined by the header.
+    kernels = (CSRC / "token_kernels.cuh").read_text()
+    kinds = set(re.findall(r"void __launch_bounds__\(256\) invnext_(\w+)_##SUFFIX", kernels))
+    suffixes = set(re.findall(r"^INVNEXT_TOKEN_KERNELS\((\w+),", kernels, re.MULTILINE))
+    defined = {f"invnext_{k}_{s}" for k in kinds for s in suffixes}
+    used = {"gather_visible_fwd", "expand_rows", "gather_rows", "prefix_grad", "sum_batch", "masked_colsum"}
+    for suffix, itemsize, vec in _cupy._DTYPES.values():
+        assert itemsize * vec == 16
+        for kind in used:
+            for width in (vec, 1):
+                assert f"invnext_{kind}_{suffix}_v{width}" in defined
+    assert "invnext_build_inverse(" in kernels
+
+
+def test_cupy_row_launch_mirrors_the_c_launcher():
+    from invnext.native import _cupy
+
+    # csrc/token_launch.cuh row_launch: x over a row's pieces (multiple of 32, <= 256), y over rows.
+    assert _cupy._row_launch(10, 96) == ((5,), (96, 2))
+    assert _cupy._row_launch(7, 13) == ((1,), (32, 8))
+    assert _cupy._row_launch(3, 1000) == ((3,), (256, 1))
+    assert _cupy._row_launch(1 << 40, 1) == ((1 << 24,), (32, 8))
+    assert _cupy._row_launch(17, 96, 4) == ((3,), (96, 2))  # gather_visible_fwd: 4 rows per thread
+    assert _cupy._vector_ok(2, 768, 256, 512) and not _cupy._vector_ok(2, 13, 0) and not _cupy._vector_ok(4, 8, 4)
+
+
+# ----------------------------------------------------------------------------- setup.py (CPU)
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="invnext_setup_under_test")
+
+
+def test_setup_build_plan(setup_py, tmp_path):
+    plan = setup_py["cuda_build_plan"]
+    tools = {"nvcc": "/opt/cuda/bin/nvcc", "cmake": "/usr/bin/cmake"}
+    which = tools.get
+    assert plan({}, which) == ("/opt/cuda/bin/nvcc", None)
+    assert plan({"INVNEXT_SKIP_CUDA_BUILD": "1"}, which) == (None, "INVNEXT_SKIP_CUDA_BUILD=1")
+    assert plan({"INVNEXT_SKIP_CUDA_BUILD": "0"}, which) == ("/opt/cuda/bin/nvcc", None)
+    assert plan({}, lambda name: None) == (None, "nvcc not found")
+    assert plan({}, {"nvcc": "/x/nvcc"}.get) == (None, "cmake not found")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert plan({"CUDA_HOME": str(tmp_path)}, {"cmake": "/usr/bin/cmake"}.get) == (str(nvcc), None)
+    assert setup_py["skip_message"]("nvcc not found") == (
+        "invnext: nvcc not found; installing without the CUDA extension (Triton and PyTorch backends only)"
+    )
+
+
+def test_setup_skips_with_one_line(setup_py, monkeypatch, capsys):
+    from setuptools import Distribution
+
+    dist = Distribution({"ext_modules": [setup_py["CMakeExtension"]("invnext.native._C")]})
+    cmd = setup_py["BuildExt"](dist)
+    cmd.ensure_finalized()
+    monkeypatch.setenv("INVNEXT_SKIP_CUDA_BUILD", "1")
+    monkeypatch.delenv("INVNEXT_FORCE_CUDA_BUILD", raising=False)
+    cmd.run()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "invnext: INVNEXT_SKIP_CUDA_BUILD=1; installing without the CUDA extension (Triton and PyTorch backends only)"
+    ]
+    assert cmd.extensions == [] and cmd.get_outputs() == []
+    monkeypatch.setenv("INVNEXT_FORCE_CUDA_BUILD", "1")
+    cmd = setup_py["BuildExt"](dist)
+    cmd.ensure_finalized()
+    with pytest.raises(RuntimeError, match="INVNEXT_FORCE_CUDA_BUILD=1 but INVNEXT_SKIP_CUDA_BUILD=1"):
+        cmd.run()
+
+
+def test_setup_packages(setup_py):
+    packages = setup_py["_packages"]()
+    assert {"invnext", "invnext.native", "invnext.ops", "invnext_kernels"} <= set(packages)
+    assert not any(p == "kernels" or p.startswith("kernels.") for p in packages)
+
+
+# ----------------------------------------------------------------------------- GPU: helpers
+
+
+@pytest.fixture(params=["compiled", "cupy"])
+def kernels_from(request, monkeypatch):
+    """Run the test once per kernel source; skip a source that is not usable here (with why)."""
+    monkeypatch.setenv(native.SOURCE_ENV, request.param)
+    native._reset()
+    why = native.unavailable_reason()
+    if why is not None:
+        native._reset()
+        pytest.skip(f"{request.param} kernels unavailable: {why}")
+    yield request.param
+    native._reset()
+
+
+def _grid_values(shape, dtype, device, gen):
+    """Values k/64 with |k| <= 128: exact in every dtype, and their sums are exact in fp32."""
+    k = torch.randint(-128, 129, shape, generator=gen)
+    return (k.to(torch.float64) / 64).to(device=device, dtype=dtype)
+
+
+def _randn(shape, dtype, device, gen, misaligned=False):
+    values = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if not misaligned:
+        return values.to(device)
+    # Same values, contiguous, but one element past a 16-byte boundary: forces the scalar kernels.
+    buf = torch.empty(values.numel() + 1, dtype=dtype, device=device)
+    out = buf[1:].view(shape)
+    out.copy_(values)
+    return out
+
+
+def _packing(counts, N, P, gen):
+    """index (int64, -1 at prefix rows) and cu_seqlens for samples with the given visible counts."""
+    rows, cu = [], [0]
+    for b, k in enumerate(counts):
+        places = torch.randperm(N, generator=gen)[:k].sort().values
+        rows.append(torch.cat([torch.full((P,), -1, dtype=torch.int64), b * N + places]))
+        cu.append(cu[-1] + P + k)
+    return torch.cat(rows), torch.tensor(cu, dtype=torch.int32)
+
+
+def _gather_reference(x, index, cu, pos, prefix):
+    """Float64 formulation of gather_visible: per sample, prefix rows then x[index] + pos."""
+    B, N, C = x.shape
+    P = 0 if prefix is None else prefix.shape[1]
+    flat = x.reshape(B * N, C)
+    out = []
+    for b in range(B):
+        idx = index[int(cu[b]) + P : int(cu[b + 1])]
+        rows = flat[idx]
+        if pos is not None:
+            rows = rows + pos[b if pos.shape[0] > 1 else 0][idx % N]
+        if P:
+            rows = torch.cat([prefix[b if prefix.shape[0] > 1 else 0], rows])
+        out.append(rows)
+    return torch.cat(out)
+
+
+def _scatter_reference(packed, index, mask_token, pos, B, N):
+    """Float64 formulation of scatter_tokens: mask everywhere, packed rows put at index, + pos."""
+    C = packed.shape[1]
+    keep = index >= 0
+    out = mask_token.expand(B * N, C).clone()
+    out[index[keep]] = packed[keep]
+    out = out.view(B, N, C)
+    return out if pos is None else out + pos
+
+
+def _leaf64(t):
+    return None if t is None else t.detach().cpu().to(torch.float64).requires_grad_(True)
+
+
+def _assert_same(got, want, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert torch.equal(got.cpu(), want), f"{what}: max diff {(got.cpu().double() - want.double()).abs().max()}"
+
+
+# (visible counts per sample, N, P): ragged, a one-token sample, a prefix-only sample, a full sample.
+_LAYOUTS = [([7, 1, 0], 16, 2), ([1], 5, 0), ([40, 113], 113, 0), ([3, 0, 9, 1], 12, 1)]
+
+
+# ----------------------------------------------------------------------------- GPU: gather_visible
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("C", [768, 13])
+@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
+@pytest.mark.parametrize("tables", ["none", "batch1", "batchB"])
+def test_gather_visible_matches_reference(kernels_from, dtype, C, layout, tables):
+    from invnext.native import ops
+
+    counts, N, P = _LAYOUTS[layout]
+    P = P if tables != "none" else 0  # prefix rows exist only with a prefix table
+    B = len(counts)
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(1000 * layout + C)
+    index, cu = _packing(counts, N, P, gen)
+    x = _randn((B, N, C), dtype, dev, gen).requires_grad_(True)
+    pos = prefix = None
+    if tables != "none":
+        batch = 1 if tables == "batch1" else B
+        pos = _randn((batch, N, C), dtype, dev, gen).requires_grad_(True)
+        if P:
+            prefix = _randn((batch, P, C), dtype, dev, gen).requires_grad_(True)
+
+    out = ops.gather_visible(x, index.to(dev), cu.to(dev), pos, prefix)
+    x64, pos64, prefix64 = _leaf64(x), _leaf64(pos), _leaf64(prefix)
+    want = _gather_reference(x64, index, cu, pos64, prefix64)
+    _assert_same(out, want.detach().to(dtype), "forward")
+
+    grad = _grid_values(tuple(out.shape), dtype, dev, gen)
+    out.backward(grad)
+    want.backward(grad.cpu().to(torch.float64))
+    _assert_same(x.grad, x64.grad.to(dtype), "d x")
+    if pos is not None:
+        _assert_same(pos.grad, pos64.grad.to(dtype), "d pos")
+    if prefix is not None:
+        _assert_same(prefix.grad, prefix64.grad.to(dtype), "d prefix")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_gather_visible_misaligned_and_bad_indices(kernels_from, dtype):
+    """A 16-byte row size but misaligned pointers takes the scalar path; out-of-range indices
+    give zero rows (and zero grads), prefix rows never read their index."""
+    from invnext.native import ops
+
+    B, N, C, P = 2, 9, 64, 1
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(7)
+    index, cu = _packing([4, 3], N, P, gen)
+    x = _randn((B, N, C), dtype, dev, gen, misaligned=True).requires_grad_(True)
+    pos = _randn((1, N, C), dtype, dev, gen, misaligned=True)
+    prefix = _randn((B, P, C), dtype, dev, gen, misaligned=True)
+    assert x.data_ptr() % 16 != 0
+    bad = index.clone()
+    bad[0] = 10**12  # a prefix row: ignored
+    bad[2] = B * N  # one past the end
+    bad[6] = -5
+    out = ops.gather_visible(x, bad.to(dev), cu.to(dev), pos, prefix)
+    torch.cuda.synchronize()
+    good = index.clone()
+    good[[2, 6]] = 0
+    want = _gather_reference(x.detach().cpu().double(), good, cu, pos.cpu().double(), prefix.cpu().double())
+    want[[2, 6]] = 0
+    _assert_same(out, want.to(dtype), "forward")
+    grad = _grid_values(tuple(out.shape), dtype, dev, gen)
+    out.backward(grad)
+    dx = torch.zeros(B * N, C, dtype=dtype)
+    rows = [r for r in range(len(index)) if r not in (0, 2, 5, 6)]  # prefix rows 0 and 5, bad rows 2 and 6
+    dx[index[rows]] = grad.cpu()[rows]
+    _assert_same(x.grad, dx.view(B, N, C), "d x")
+
+
+# ----------------------------------------------------------------------------- GPU: scatter_tokens
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("C", [768, 13])
+@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
+@pytest.mark.parametrize("pos_batch", ["none", "batch1", "batchB"])
+def test_scatter_tokens_matches_reference(kernels_from, dtype, C, layout, pos_batch):
+    from invnext.native import ops
+
+    counts, N, P = _LAYOUTS[layout]
+    B = len(counts)
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(2000 * layout + C)
+    index, _ = _packing(counts, N, P, gen)
+    packed = _randn((len(index), C), dtype, dev, gen).requires_grad_(True)
+    mask_token = _randn((C,), dtype, dev, gen).requires_grad_(True)
+    pos = None
+    if pos_batch != "none":
+        pos = _randn((1 if pos_batch == "batch1" else B, N, C), dtype, dev, gen).requires_grad_(True)
+
+    out = ops.scatter_tokens(packed, index.to(dev), mask_token, pos, B, N)
+    packed64, mask64, pos64 = _leaf64(packed), _leaf64(mask_token), _leaf64(pos)
+    want = _scatter_reference(packed64, index, mask64, pos64, B, N)
+    _assert_same(out, want.detach().to(dtype), "forward")
+
+    grad = _grid_values((B, N, C), dtype, dev, gen)
+    out.backward(grad)
+    want.backward(grad.cpu().to(torch.float64))
+    _assert_same(packed.grad, packed64.grad.to(dtype), "d packed")
+    _assert_same(mask_token.grad, mask64.grad.to(dtype), "d mask_token")
+    if pos is not None:
+        _assert_same(pos.grad, pos64.grad.to(dtype), "d pos")
+
+
+@pytest.mark.requires_cuda
+def test_scatter_tokens_many_chunks_and_bad_indices(kernels_from):
+    """d mask_token over more places than one reduction chunk; out-of-range rows are dropped."""
+    from invnext.native import ops
+
+    B, N, C = 3, 700, 24
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(11)
+    index, _ = _packing([50, 0, 699], N, 0, gen)
+    index[3] = B * N + 4  # dropped like a prefix row
+    packed = _randn((len(index), C), torch.bfloat16, dev, gen).requires_grad_(True)
+    mask_token = _randn((C,), torch.bfloat16, dev, gen).requires_grad_(True)
+    out = ops.scatter_tokens(packed, index.to(dev), mask_token, None, B, N)
+    kept = index.clone()
+    kept[3] = -1
+    packed64, mask64 = _leaf64(packed), _leaf64(mask_token)
+    want = _scatter_reference(packed64, kept, mask64, None, B, N)
+    _assert_same(out, want.detach().to(torch.bfloat16), "forward")
+    grad = _grid_values((B, N, C), torch.bfloat16, dev, gen)
+    out.backward(grad)
+    want.backward(grad.cpu().double())
+    _assert_same(packed.grad, packed64.grad.to(torch.bfloat16), "d packed")
+    _assert_same(mask_token.grad, mask64.grad.to(torch.bfloat16), "d mask_token")
+
+
+# ----------------------------------------------------------------------------- GPU: plumbing
+
+
+@pytest.mark.requires_cuda
+def test_bad_arguments_return_an_error_code(kernels_from):
+    from invnext.native import ops
+
+    lib = native.kernels()
+    code = lib.gather_visible_forward(0, 0, 0, 0, 0, 0, 4, 0, 8, 16, 1, 1, 0, 0, 0)  # B = 0
+    assert code == 1
+    assert "invalid argument" in lib.error_string(code)
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        ops._check(lib, code, "gather_visible forward")
+    assert lib.sum_batch(0, 0, 1, 4, 4, 9, 0) == 1  # unknown dtype code
+
+
+@pytest.mark.requires_cuda
+def test_runs_on_the_current_stream(kernels_from):
+    from invnext.native import ops
+
+    B, N, C = 2, 64, 256
+    gen = torch.Generator().manual_seed(5)
+    index, cu = _packing([30, 64], N, 0, gen)
+    x = _randn((B, N, C), torch.float16, torch.device("cuda"), gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = ops.gather_visible(x, index.cuda(), cu.cuda(), None, None)
+        back = ops.scatter_tokens(out, index.cuda(), torch.zeros(C, dtype=x.dtype, device="cuda"), None, B, N)
+    stream.synchronize()
+    hidden = torch.ones(B * N, dtype=torch.bool)
+    hidden[index] = False
+    want = x.view(B * N, C).cpu().clone()
+    want[hidden] = 0
+    _assert_same(back, want.view(B, N, C), "gather then scatter")
+
+
+@pytest.mark.requires_cuda
+def test_public_ops_on_the_cuda_backend(kernels_from):
+    """invnext.ops dispatches here with backend="cuda" and agrees with its own reference."""
+    from invnext.ops import tokens
+
+    B, N, C, P = 3, 50, 768, 4
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    hidden = (torch.rand(B, N, generator=gen) < 0.75).to(dev)
+    hidden[1] = True  # a sample of prefix tokens only
+    x = _randn((B, N, C), torch.bfloat16, dev, gen)
+    pos = _randn((1, N, C), torch.bfloat16, dev, gen)
+    prefix = _randn((1, P, C), torch.bfloat16, dev, gen)
+    mask = _randn((C,), torch.bfloat16, dev, gen)
+    got = tokens.gather_visible(x, hidden, pos, prefix, backend="cuda")
+    ref = tokens.gather_visible(x, hidden, pos, prefix, backend="torch")
+    assert torch.equal(got.cu_seqlens, ref.cu_seqlens) and torch.equal(got.index, ref.index)
+    assert torch.equal(got.tokens, ref.tokens)
+    back = tokens.scatter_tokens(got.tokens, got.index, mask, pos, N, batch_size=B, backend="cuda")
+    back_ref = tokens.scatter_tokens(ref.tokens, ref.index, mask, pos, N, batch_size=B, backend="torch")
+    assert torch.equal(back, back_ref)
