@@ -144,8 +144,12 @@ if __name__ == "__main__":
             'triton>=3.2; platform_system=="Linux"',
             "safetensors",
             "pyyaml",
+            "av",  # PyAV: video decoding and the bundled dataset's mp4 files
+            "scikit-learn",  # ships the digit images the bundled dataset is made from
+            "matplotlib",  # loss curves, confusion matrices, reconstruction grids
+            "tensorboard",
         ],
-        extras_require={"test": ["pytest", "pytest-benchmark"]},
+        extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=4.50"]},
         entry_points={"console_scripts": ["invnext = invnext.cli:main"]},
         zip_safe=False,
     )

@@ -19,10 +19,11 @@ Math (index[r] = b*N + n for a visible token, -1 on prefix rows; P = prefix rows
                        dpos = g (Bp = B) or sum_b g[b] (Bp = 1)
 
 Kernels. Two shapes of program cover every pass:
-- *row* programs walk packed rows ``[BLOCK_R, BLOCK_C]`` (gather forward). The sample ``b`` of a row is found by a vectorised binary search of ``r`` in
-  ``cu_seqlens`` inside the kernel: ``ceil(log2(B+1))`` loads from a B+1-entry table that
-  stays in L1, instead of a ``searchsorted`` precompute that would write and re-read 8 bytes
-  per row. It runs only when a prefix or a per-sample ``pos`` needs ``b``.
+- *row* programs walk packed rows ``[BLOCK_R, BLOCK_C]`` (gather forward). The sample ``b``
+  of a row is found by a vectorised binary search of ``r`` in ``cu_seqlens`` inside the
+  kernel: ``ceil(log2(B+1))`` loads from a B+1-entry table that stays in L1, instead of a
+  ``searchsorted`` precompute that would write and re-read 8 bytes per row. It runs only
+  when a prefix or a per-sample ``pos`` needs ``b``.
 - *place* programs own ``[BLOCK_N, BLOCK_C]`` places of the grid and loop over the batch
   (scatter forward, both backwards). The loop keeps a shared ``pos`` tile (Bp = 1) and the
   mask token in registers for every sample, and lets the batch sums for ``dpos`` and the
@@ -31,8 +32,8 @@ Kernels. Two shapes of program cover every pass:
   ``inv[b*N + n] = r`` (int32, -1 for places no row names), built by a tiny kernel.
 
 The prefix gradient has its own small kernel (P rows per sample, summed over the batch in
-registers when the prefix is shared). ``dmask_token`` is reduced in two deterministic steps (fp32 partials per place block, then a
-torch sum over blocks); the other batch sums happen in registers. Nothing synchronises with
+registers when the prefix is shared). ``dmask_token`` is reduced in two deterministic steps
+(fp32 partials per place block, then a torch sum over blocks). Nothing synchronises with
 the host: ``total`` is ``index.shape[0]``.
 
 Rows are contiguous with stride C; when C is a multiple of 8 (bf16/fp16) or 4 (fp32) the

@@ -436,8 +436,8 @@ def test_bad_input(call, exc, match):
         lambda b: semantic_mask(ATTN, 2, backend=b),
     ],
 )
-def test_cuda_backend_on_cpu_unavailable(call):
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*CUDA"):
+def test_cuda_backend_unavailable_says_why(call):
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: no cuda implementation"):
         call("cuda")
     assert call("torch").dtype == torch.bool  # the reference is always there
 

@@ -43,8 +43,9 @@ _ACCELERATED: dict[str, dict[str, str]] = {
     "multiblock_mask": {},
     "semantic_mask": {},
     "motion_mask": {},
-    "p_sample_loop": {"cuda": "invnext_kernels.sampler:p_sample_loop"},
-    "ddim_sample_loop": {"cuda": "invnext_kernels.sampler:ddim_sample_loop"},
+    # Triton step kernels replayed from a CUDA graph: needs Triton, not the native extension.
+    "p_sample_loop": {"triton": "invnext_kernels.sampler:p_sample_loop"},
+    "ddim_sample_loop": {"triton": "invnext_kernels.sampler:ddim_sample_loop"},
 }
 
 _REFERENCE: dict[str, Callable] = {}
