@@ -63,21 +63,26 @@ def do_bench(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
 _PEAKS: dict[str, float] = {}
 
 
+def _matmul_peak_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms, _, _ = do_bench(lambda: a @ b, warmup_ms=50, rep_ms=200)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _copy_peak_gbps(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, device="cuda", dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    ms, _, _ = do_bench(lambda: dst.copy_(src), warmup_ms=50, rep_ms=200)
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # bytes read + bytes written
+
+
 def measured_peaks() -> dict[str, float]:
     """This card's bf16 matmul TFLOP/s and device-copy GB/s (bytes read + written), measured once."""
     if _PEAKS or not torch.cuda.is_available():
         return _PEAKS
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms, _, _ = do_bench(lambda: a @ b, warmup_ms=50, rep_ms=200)
-    _PEAKS["matmul_bf16_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
-    del a, b
-    src = torch.empty(1 << 30, device="cuda", dtype=torch.uint8).random_()
-    dst = torch.empty_like(src)
-    ms, _, _ = do_bench(lambda: dst.copy_(src), warmup_ms=50, rep_ms=200)
-    _PEAKS["copy_gbps"] = 2 * src.numel() / (ms * 1e-3) / 1e9
-    del src, dst
+    _PEAKS["matmul_bf16_tflops"] = _matmul_peak_tflops()
+    _PEAKS["copy_gbps"] = _copy_peak_gbps()
     torch.cuda.empty_cache()
     return _PEAKS
 

@@ -1,8 +1,37 @@
-"""The ``invnext`` command line (also ``python -m invnext``)."""
+"""The ``invnext`` command line (also ``python -m invnext``).
+
+Commands: ``doctor`` (what can run here), ``pretrain`` (Stage 1 / Stage 2 pretraining, one
+process or under ``torchrun``), ``data check INDEX`` (decode-check every clip of an index).
+Heavy modules are imported only by the command that needs them.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+_PRETRAIN_EPILOG = """\
+examples:
+  invnext pretrain --stage both --preset tiny
+      both stages on the bundled default dataset (generated on first use), results in runs/tiny/
+  invnext pretrain --stage 1 --config configs/stage1_tiny.yaml --set optim.lr=1e-4 --set schedule.steps=50
+  invnext pretrain --stage 2 --config configs/stage2_tiny.yaml --init runs/tiny/stage1
+  invnext pretrain --stage both --preset tiny --out runs/tiny --resume     continue a killed run exactly
+  torchrun --nproc_per_node 8 -m invnext pretrain --stage 1 --config configs/stage1_base.yaml
+
+outputs (per stage, in OUT/stage1 and OUT/stage2):
+  model.safetensors   final weights        checkpoints/   step_NNNNNNNN/ folders + 'latest'
+  metrics.jsonl       logged steps         tb/            TensorBoard events (if installed)
+  losses.png          loss curves          summary.json   the end-of-stage summary
+
+--set keys (dotted; a 'stage1.' / 'stage2.' prefix reaches one stage only):
+  schedule.{steps,epochs,warmup_steps,warmup_epochs,min_lr}
+  optim.{lr,betas,eps,weight_decay,grad_clip}
+  batch.{global_size,per_device,accumulation}
+  data.{source,frames,size,workers,synthetic_clips,default_root,default_clips,default_teacher_steps}
+  monitor.{min_std,min_erank_frac}    model.preset    model.overrides.<any Stage1Config/Stage2Config key>
+  teacher  init  seed  save_every  keep_last  log_every  max_skipped_steps
+  precision (auto|bf16|fp32)  device (auto|cpu|cuda)  strategy (auto|ddp|fsdp)  progress  tensorboard  threads
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,7 +44,71 @@ def _parser() -> argparse.ArgumentParser:
         "available on this machine; a missing backend comes with the reason.",
     )
     doc.add_argument("--device", default=None, help="device to check the backends for (default: cuda if visible, else cpu)")
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="pretrain an encoder: Stage 1 (pixel diffusion + teacher alignment), Stage 2 (frozen-target prediction) or both",
+        description="Pretrain InternVideo-Next. Without a data option it trains on the bundled default dataset "
+        "(generated on first use, never downloaded) with its default teacher. Every config is checked before "
+        "training starts: an unknown key is an error naming it. Under torchrun it trains data-parallel "
+        "(DDP, or FSDP2 for large/1b) with the same results as one process at the same global batch.",
+        epilog=_PRETRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pre.add_argument("--stage", required=True, choices=("1", "2", "both"), help="which stage(s) to run; 'both' runs Stage 1, then Stage 2 from its result")
+    src = pre.add_mutually_exclusive_group()
+    src.add_argument(
+        "--config", action="append", default=[], metavar="FILE",
+        help="a stage config (YAML, TOML or JSON) holding 'stage: 1' or 'stage: 2'; give one per stage run "
+        "(twice with --stage both). See configs/stage1_tiny.yaml for every key",
+    )
+    src.add_argument("--preset", default=None, metavar="NAME", help="model preset and its default recipe: tiny, base, large, 1b (default: tiny)")
+    pre.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.lr=1e-4 --set stage2.schedule.steps=50 "
+        "(VALUE is read as YAML; repeatable; keys listed below)",
+    )
+    pre.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<preset or config name>)")
+    pre.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its latest complete checkpoint (finished stages are skipped); "
+        "without it an --out that already holds a run is an error",
+    )
+    pre.add_argument(
+        "--init", default=None, metavar="CKPT",
+        help="Stage 2 only: the Stage-1 result to start from (a stage folder, a checkpoint folder or a "
+        "model.safetensors); --stage both uses OUT/stage1 automatically",
+    )
+
+    data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    check = data_sub.add_parser(
+        "check", help="decode every clip of an index and report the unreadable ones",
+        description="Open and decode every clip of INDEX (a CSV / JSONL index or a folder of videos) and report "
+        "the files that cannot be used. Exit status 0 when all are readable, 1 otherwise.",
+    )
+    check.add_argument("index", metavar="INDEX", help="a .csv / .jsonl index or a folder of videos")
     return p
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from invnext.train.loop import NonFiniteLossError, RunExistsError, TestHooks, UsageError
+    from invnext.train.run import pretrain, resolve_configs
+
+    try:  # every config is checked before anything is built
+        resolve_configs(args.stage, args.config, args.preset, args.sets)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        print(f"invnext pretrain: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        pretrain(
+            args.stage, configs=args.config, preset=args.preset, sets=args.sets, out=args.out,
+            resume=args.resume, init=args.init, hooks=TestHooks.from_env(),
+        )
+    except (UsageError, RunExistsError, NonFiniteLossError) as exc:
+        print(f"invnext pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,5 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         from invnext.doctor import run_doctor
 
         return run_doctor(args.device)
+    if args.command == "pretrain":
+        return _pretrain(args)
+    if args.command == "data":
+        if args.data_command == "check":
+            from invnext.data.check import run_data_check
+
+            return run_data_check(args.index)
+        parser.parse_args(["data", "--help"])
     parser.print_help(sys.stderr)
     return 2

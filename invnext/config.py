@@ -222,6 +222,7 @@ class EncoderConfig(_Checked):
     rope_theta: float = 10000.0
     pool_heads: int = 16
     pool_dim: int | None = None  # the pooled embedding's width; None = width
+    final_norm: bool = True  # RMSNorm after the last block; the authors' released encoders have none
 
     def validate(self) -> None:
         for name in ("img_size", "patch_size", "num_frames", "tubelet_size", "in_chans", "width", "depth", "heads", "pool_heads"):
@@ -273,6 +274,8 @@ class PredictorConfig(_Checked):
     local_rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     final_norm: bool = True  # ModernBERT's final_norm after the layers
+    # A local ModernBERT checkpoint (save_pretrained folder or .safetensors): its last `depth` layers initialise ours.
+    init_from: str | None = None
 
     def validate(self) -> None:
         for name in ("width", "depth", "heads", "mlp_hidden", "global_every", "local_window"):
@@ -309,11 +312,19 @@ class DecoderConfig(_Checked):
 
 @dataclass(frozen=True)
 class TeacherConfig(_Checked):
-    """The frozen image teacher. ``kind="tiny"`` builds the bundled TinyTeacher from these fields;
-    ``"siglip2"`` names a SigLIP2 tower (its wrapper is not part of this module; pass the teacher in)."""
+    """The frozen image teacher.
 
-    kind: Literal["tiny", "siglip2"] = "siglip2"
+    ``kind="tiny"`` builds the bundled TinyTeacher from these fields. ``"siglip"`` / ``"siglip2"``
+    wrap a SigLIP / SigLIP2 vision tower saved locally with ``save_pretrained`` at ``path`` (loaded
+    offline, nothing is downloaded; ``name`` is informational). For those kinds the architecture
+    comes from the checkpoint: ``patch_size``, ``width``, ``depth`` and ``pooled_dim`` are checked
+    against it, ``img_size`` is the resolution frames are resized to, and ``mean`` / ``std`` are
+    replaced by the checkpoint's preprocessor config when one was saved.
+    """
+
+    kind: Literal["tiny", "siglip", "siglip2"] = "siglip2"
     name: str = "google/siglip2-giant-opt-patch16-256"
+    path: str | None = None  # local folder of the SigLIP / SigLIP2 checkpoint (kinds "siglip", "siglip2")
     img_size: int = 256
     patch_size: int = 16
     width: int = 1536

@@ -1,11 +1,15 @@
 """InternVideo-Next models: encoder, predictor, diffusion decoder, teacher and both stages' objectives.
 
+``SiglipTeacher`` (a local SigLIP / SigLIP2 tower) imports transformers only when constructed.
+
 Every attention, token gather/scatter, mask and diffusion step goes through the public ops of
 :mod:`invnext.ops`, so accelerated backends drop in without touching the models.
 """
 from invnext.models.decoder import DiffusionDecoder
 from invnext.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput
+from invnext.models.hf_teacher import SiglipTeacher
 from invnext.models.io import load_weights, save_weights
+from invnext.models.modernbert import load_modernbert_layers
 from invnext.models.predictor import Predictor
 from invnext.models.stage1 import Stage1Model, kept_per_frame
 from invnext.models.stage2 import Stage2Model
@@ -19,12 +23,14 @@ __all__ = [
     "IMAGENET_STD",
     "ImageTeacher",
     "Predictor",
+    "SiglipTeacher",
     "Stage1Model",
     "Stage2Model",
     "TeacherOutput",
     "TinyTeacher",
     "build_teacher",
     "kept_per_frame",
+    "load_modernbert_layers",
     "load_weights",
     "save_weights",
 ]

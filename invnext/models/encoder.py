@@ -197,7 +197,8 @@ class Encoder(nn.Module):
         self.pos_embed = PositionTable(cfg.width, cfg.grid, cfg.num_class_tokens)
         rates = torch.linspace(0.0, cfg.drop_path, cfg.depth, device="cpu").tolist() if cfg.depth > 1 else [cfg.drop_path]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
-        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        # The authors' released encoders end without a norm (final_norm=False when converting them).
+        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.pool = AttentionPool(cfg.width, cfg.pool_heads, cfg.embed_dim)
         self.rope = (cfg.rope_theta, rope_sections(cfg.width // cfg.heads)) if cfg.use_rope else None
         self.reset_parameters()

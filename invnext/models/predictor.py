@@ -26,6 +26,9 @@ within the ``local_window_3d`` (t, h, w) box when configured.
 ``n * theta^(-2j/D)``, exactly ModernBERT's rotate-half RoPE. With a 3D box window the
 coords must carry (t, h, w), so q and k are rotated beforehand with ``ops.apply_rope_3d``
 on the 1D coords and the attention gets the 3D coords for the window only.
+
+Text initialisation (``cfg.init_from`` or :meth:`Predictor.init_from_modernbert`) copies the last
+``depth`` layers of a local ModernBERT checkpoint; see :mod:`invnext.models.modernbert`.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from invnext import ops
 from invnext.config import PredictorConfig
 from invnext.models.layers import MLPHead, PositionTable, grid_coords, uniform_cu_seqlens
+from invnext.models.modernbert import load_modernbert_layers
 
 
 class PredictorAttention(nn.Module):
@@ -119,6 +123,16 @@ class Predictor(nn.Module):
         self.layers = nn.ModuleList(PredictorLayer(cfg, cfg.first_layer_id + i) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False) if cfg.final_norm else nn.Identity()
         self.reset_parameters()
+        if cfg.init_from is not None:
+            self.init_from_modernbert(cfg.init_from)
+
+    def init_from_modernbert(self, source, *, verbose: bool = True) -> dict[str, str]:
+        """Text initialisation: copy the last ``depth`` layers (and final norm) of a local ModernBERT.
+
+        ``source``: a ``save_pretrained`` folder or a ``.safetensors`` file. Prints and returns the
+        mapping ``{checkpoint key: predictor key}``; see :mod:`invnext.models.modernbert`.
+        """
+        return load_modernbert_layers(self, source, verbose=verbose)
 
     def reset_parameters(self) -> None:
         # ModernBERT's init: truncated normal (std 0.02, cut at 2 std); norms at 1.

@@ -13,8 +13,8 @@ keeps the tokens ``attn`` ranks highest visible.
 
 :class:`TinyTeacher` is a small pre-LN ViT with a SigLIP-style attention-pool head (a
 learned probe query, multi-head cross-attention, then a residual MLP). It is what the tests
-and the ``tiny`` preset use; a SigLIP2 wrapper implementing :class:`ImageTeacher` plugs in
-the same way.
+and the ``tiny`` preset use; :class:`invnext.models.hf_teacher.SiglipTeacher` wraps a local
+SigLIP / SigLIP2 tower the same way.
 """
 from __future__ import annotations
 
@@ -155,10 +155,13 @@ class TinyTeacher(nn.Module):
 
 
 def build_teacher(cfg: TeacherConfig) -> nn.Module:
-    """The bundled teacher for ``cfg.kind == "tiny"``; other kinds must be constructed by the caller."""
+    """The teacher ``cfg`` describes: the bundled :class:`TinyTeacher` (``kind="tiny"``) or a local
+    SigLIP / SigLIP2 tower (``kind="siglip"`` / ``"siglip2"``, loaded offline from ``cfg.path`` by
+    :class:`invnext.models.hf_teacher.SiglipTeacher`; needs transformers)."""
     if cfg.kind == "tiny":
         return TinyTeacher(cfg)
-    raise ValueError(
-        f"build_teacher: teacher kind {cfg.kind!r} ({cfg.name}) is not bundled; construct it and pass "
-        "it to Stage1Model(cfg, teacher=...)"
-    )
+    if cfg.kind in ("siglip", "siglip2"):
+        from invnext.models.hf_teacher import SiglipTeacher  # imports transformers: only when asked for
+
+        return SiglipTeacher.from_config(cfg)
+    raise ValueError(f"build_teacher: unknown teacher kind {cfg.kind!r}")

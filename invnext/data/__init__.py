@@ -1,0 +1,1 @@
+"""Video data: index files, decoding, sampling, transforms, the bundled default dataset."""

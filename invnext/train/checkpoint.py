@@ -1,0 +1,332 @@
+"""Checkpoints without pickle: safetensors for every tensor, JSON for everything else, written atomically.
+
+One checkpoint is a folder ``<root>/step_<8 digits>/``::
+
+    model.safetensors   the model's weights (frozen teacher excluded; the Stage-2 target included),
+                        with the model config in its metadata (``invnext.loading.load_encoder`` reads it)
+    optim.safetensors   every optimizer state tensor, named ``state/<parameter name>/<key>``
+    rng.safetensors     per rank: ``rank<r>/torch`` (CPU generator), ``rank<r>/cuda`` (its device's), ``rank<r>/numpy``
+    state.json          step, data position, schedule, counters, config, the optimizer index
+                        (param groups with parameter names; per state entry a tensor name or a plain
+                        value) and the non-tensor RNG states (Python's ``random``, numpy's position)
+
+Writing: everything goes into ``<root>/.tmp-step_<n>-<pid>/``, each file is fsync'd, the folder is
+renamed to ``step_<n>`` (atomic on one filesystem), then ``<root>/latest`` (a one-line text file
+naming the folder) is replaced atomically through a temp file. So a kill at any moment leaves
+either the previous checkpoint or the new one as ``latest``, never a half-written one; leftover
+``.tmp-*`` folders are ignored by readers and removed by the next write or :func:`clean_partial`.
+After a write only the newest ``keep_last`` complete checkpoints are kept.
+
+Loading never unpickles: ``safetensors.torch.load_file`` and ``json.load`` only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "MODEL_FILE",
+    "OPTIM_FILE",
+    "RNG_FILE",
+    "STATE_FILE",
+    "step_dir_name",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "clean_partial",
+    "flatten_optimizer_state",
+    "unflatten_optimizer_state",
+    "rng_state",
+    "restore_rng_state",
+    "CheckpointWriter",
+    "copy_atomic",
+    "read_checkpoint",
+    "resolve_weights",
+]
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+LATEST = "latest"
+_PREFIX = "step_"
+_TMP = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (temp folders never count)."""
+    r = Path(root)
+    if not r.is_dir():
+        return []
+    found = []
+    for p in r.iterdir():
+        if p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit() and _is_complete(p):
+            found.append((int(p.name[len(_PREFIX):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root`` (None if there is none).
+
+    That is the folder ``root/latest`` names, unless a kill fell between a folder's rename and the
+    pointer's update, in which case the renamed (complete, fsync'd) folder is newer and wins.
+    """
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def clean_partial(root: str | os.PathLike) -> list[Path]:
+    """Remove the temp folders a killed write left under ``root``; returns what was removed."""
+    r = Path(root)
+    removed = []
+    if r.is_dir():
+        for p in r.iterdir():
+            if p.name.startswith(_TMP):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
+    _fsync_file(path)
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, os.fspath(path), metadata=dict(metadata or {}) or None)
+    _fsync_file(path)
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"checkpoint: {where} is not finite ({value})")
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _jsonable(value.item(), where)
+    raise TypeError(f"checkpoint: {where} of type {type(value).__name__} cannot be stored as JSON")
+
+
+def flatten_optimizer_state(osd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A name-keyed optimizer state dict -> ``(tensors, JSON index)``.
+
+    ``osd`` is what ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns:
+    ``{"state": {param_name: {key: tensor | value}}, "param_groups": [{..., "params": [param_name]}]}``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, Any] = {"state": {}, "param_groups": []}
+    for name, entry in osd.get("state", {}).items():
+        slot = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tname = f"state/{name}/{key}"
+                tensors[tname] = value
+                slot[key] = {"tensor": tname}
+            else:
+                slot[key] = {"value": _jsonable(value, f"optimizer state {name}.{key}")}
+        index["state"][str(name)] = slot
+    for i, group in enumerate(osd.get("param_groups", [])):
+        index["param_groups"].append({k: _jsonable(v, f"param_groups[{i}].{k}") for k, v in group.items()})
+    return tensors, index
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], index: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_optimizer_state` (lists of numbers in groups become tuples, e.g. betas)."""
+    state = {}
+    for name, slot in index["state"].items():
+        entry = {}
+        for key, ref in slot.items():
+            if "tensor" in ref:
+                if ref["tensor"] not in tensors:
+                    raise ValueError(f"checkpoint: optimizer tensor {ref['tensor']!r} is missing from {OPTIM_FILE}")
+                entry[key] = tensors[ref["tensor"]]
+            else:
+                entry[key] = ref["value"]
+        state[name] = entry
+    groups = []
+    for group in index["param_groups"]:
+        g = {}
+        for k, v in group.items():
+            g[k] = tuple(v) if k != "params" and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) else v
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states: tensors (torch CPU, CUDA device, numpy key) and JSON (Python, numpy position)."""
+    tensors = {f"rank{rank}/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors[f"rank{rank}/cuda"] = torch.cuda.get_rng_state()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    tensors[f"rank{rank}/numpy"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {"python": [py_version, list(py_state), py_gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def restore_rng_state(rank: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> bool:
+    """Restore what :func:`rng_state` saved for ``rank``; False if the checkpoint holds none for it."""
+    if f"rank{rank}/torch" not in tensors:
+        return False
+    torch.set_rng_state(tensors[f"rank{rank}/torch"].to(torch.uint8))
+    if f"rank{rank}/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rank{rank}/cuda"].to(torch.uint8))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors[f"rank{rank}/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    return True
+
+
+# --------------------------------------------------------------------------- writing and reading
+
+
+class CheckpointWriter:
+    """Writes checkpoints under ``root`` (module docstring). ``crash_hook(stage_name)`` is a test seam."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int, crash_hook: Callable[[str], None] | None = None):
+        if keep_last < 1:
+            raise ValueError(f"CheckpointWriter: keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.crash_hook = crash_hook or (lambda where: None)
+
+    def temp_dir(self, step: int) -> Path:
+        return self.root / f"{_TMP}{step_dir_name(step)}"
+
+    def begin(self, step: int) -> Path:
+        """Create (empty) the temp folder of ``step`` (removing any left by a killed write)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        clean_partial(self.root)
+        tmp = self.temp_dir(step)
+        tmp.mkdir()
+        return tmp
+
+    def commit(
+        self,
+        tmp: Path,
+        step: int,
+        model_state: Mapping[str, torch.Tensor],
+        optim_state: Mapping[str, Any],
+        state: Mapping[str, Any],
+        rng_tensors: Mapping[str, torch.Tensor],
+        rng_meta: Mapping[str, Any],
+        model_metadata: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Write the files into ``tmp``, rename it to ``step_<n>``, point ``latest`` at it, prune old ones.
+
+        ``rng_tensors`` / ``rng_meta``: every rank's :func:`rng_state` (tensor names carry the rank;
+        ``rng_meta`` maps ``"rank<r>"`` to that rank's JSON part).
+        """
+        _save_tensors(tmp / MODEL_FILE, model_state, model_metadata)
+        self.crash_hook("after_model")
+        opt_tensors, opt_index = flatten_optimizer_state(optim_state)
+        _save_tensors(tmp / OPTIM_FILE, opt_tensors)
+        _save_tensors(tmp / RNG_FILE, rng_tensors)
+        _write_json(tmp / STATE_FILE, {**state, "step": step, "optimizer": opt_index, "rng": dict(rng_meta)})
+        self.crash_hook("before_rename")
+        final = self.root / step_dir_name(step)
+        if final.exists():  # the same step written again (a resumed run that had saved it): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        pointer_tmp = self.root / f"{_TMP}latest-{os.getpid()}"
+        pointer_tmp.write_text(final.name + "\n")
+        _fsync_file(pointer_tmp)
+        os.replace(pointer_tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint folder's contents: ``model`` (tensors), ``model_metadata``, ``optim`` (name-keyed
+    optimizer state dict), ``rng`` (tensors), ``state`` (the JSON)."""
+    p = Path(path)
+    if not _is_complete(p):
+        raise FileNotFoundError(f"{p} is not a complete checkpoint (needs {MODEL_FILE} and {STATE_FILE})")
+    state = json.loads((p / STATE_FILE).read_text())
+    with safe_open(os.fspath(p / MODEL_FILE), framework="pt") as f:
+        metadata = f.metadata() or {}
+    optim = unflatten_optimizer_state(load_file(os.fspath(p / OPTIM_FILE)), state["optimizer"])
+    rng = load_file(os.fspath(p / RNG_FILE)) if (p / RNG_FILE).is_file() else {}
+    return {"model": load_file(os.fspath(p / MODEL_FILE)), "model_metadata": metadata, "optim": optim, "rng": rng, "state": state}
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` through a temp file and a rename (readers never see a partial file)."""
+    d = Path(dst)
+    tmp = d.with_name(f"{_TMP}{d.name}-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, d)
+    return d
+
+
+def resolve_weights(path: str | os.PathLike) -> Path:
+    """The model weights file a user pointed at: a ``.safetensors`` file, a checkpoint folder, a
+    checkpoints root (its latest), or a stage output folder (its final ``model.safetensors`` or latest)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such checkpoint file or folder")
+    if (p / MODEL_FILE).is_file():
+        return p / MODEL_FILE
+    for root in (p, p / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest / MODEL_FILE
+    raise FileNotFoundError(f"{p}: holds no {MODEL_FILE} and no complete checkpoint")

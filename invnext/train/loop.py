@@ -1,0 +1,534 @@
+"""One pretraining stage: build, (resume,) train, checkpoint, record.
+
+A step (0-based ``step``; records and checkpoints count completed steps, ``step + 1``):
+
+1. ``lr = lr_at(step)`` (warmup + cosine) on every param group.
+2. For each of this rank's micro-batches ``j`` (``batches.micro_range``): reseed torch's default
+   generators (drop path) and a CPU generator (masks, diffusion t and noise) from
+   ``micro_seed(seed, step, j)``; forward under autocast (bf16 on GPU, fp32 on CPU);
+   backward of ``loss / accumulation`` (DDP: gradient sync only on the last micro-batch).
+3. Global gradient norm, clipped to ``optim.grad_clip``. A non-finite norm or loss skips the
+   update (the step and its data still count), adds to ``skipped``; more than
+   ``max_skipped_steps`` in a row stops the run with :class:`NonFiniteLossError`.
+4. Loss terms averaged over every micro-batch of every rank; logged every ``log_every`` steps
+   (and on the first, the last and every skipped step) with the collapse monitors.
+5. Checkpoint every ``save_every`` steps and at the end (``invnext.train.checkpoint``).
+
+Test seams (environment, read by :meth:`TestHooks.from_env`; used by the tests only; a step is
+``k`` or ``stage:k``): ``INVNEXT_TEST_NAN_STEPS="3,4"`` makes those steps' losses NaN;
+``INVNEXT_TEST_KILL_AFTER_STEP=k`` SIGKILLs the process after step k (after its checkpoint, if it
+saves one); ``INVNEXT_TEST_KILL_IN_SAVE=k`` SIGKILLs it in the middle of writing step k's checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from invnext.config import Stage1Config, Stage2Config, to_dict
+from invnext.models import Encoder, Stage1Model, Stage2Model
+from invnext.train import checkpoint as ckpt
+from invnext.train.batches import StepSampler, make_loader, micro_range, micro_seed, mix_seed
+from invnext.train.config import TrainConfig, config_to_json, steps_for
+from invnext.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, unwrap, wrap_model
+from invnext.train.monitors import CollapseMonitor
+from invnext.train.optim import build_optimizer, lr_at, set_lr
+from invnext.train.records import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, MetricsLog, ProgressLine, format_summary, plot_losses
+from invnext.train.sources import build_dataset, build_stage1_teacher, collate_fn
+
+__all__ = ["TestHooks", "StageResult", "NonFiniteLossError", "RunExistsError", "UsageError", "train_stage", "stage_done"]
+
+WEIGHTS_FILE = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class RunExistsError(RuntimeError):
+    """The output folder already holds a run and ``resume`` was not asked for."""
+
+
+class UsageError(ValueError):
+    """The run cannot start as asked (a missing or unfit --init, a resume with changed settings, ...)."""
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    """Fault injection for the tests (module docstring). Steps are ``(stage, step)`` pairs, step 1-based;
+    stage 0 matches either stage."""
+
+    nan_steps: frozenset[tuple[int, int]] = frozenset()
+    kill_after_step: tuple[int, int] | None = None
+    kill_in_save: tuple[int, int] | None = None
+
+    @staticmethod
+    def _parse(item: str) -> tuple[int, int]:
+        stage, _, step = item.strip().rpartition(":")
+        return (int(stage) if stage else 0, int(step))
+
+    @classmethod
+    def from_env(cls) -> "TestHooks":
+        env = os.environ
+        nan = frozenset(cls._parse(x) for x in env.get("INVNEXT_TEST_NAN_STEPS", "").split(",") if x.strip())
+        after = env.get("INVNEXT_TEST_KILL_AFTER_STEP")
+        save = env.get("INVNEXT_TEST_KILL_IN_SAVE")
+        return cls(nan, cls._parse(after) if after else None, cls._parse(save) if save else None)
+
+    @staticmethod
+    def hits(spec: tuple[int, int] | None, stage: int, step: int) -> bool:
+        return spec is not None and spec[1] == step and spec[0] in (0, stage)
+
+    def nan_at(self, stage: int, step: int) -> bool:
+        return any(self.hits(s, stage, step) for s in self.nan_steps)
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StageResult:
+    stage: int
+    out_dir: Path
+    weights: Path
+    steps: int
+    summary: dict[str, Any] = field(default_factory=dict)
+    line: str = ""
+
+
+def stage_done(out_dir: Path) -> dict | None:
+    """The summary of a finished stage in ``out_dir`` (None when it has not finished)."""
+    path = out_dir / SUMMARY_FILE
+    if not (path.is_file() and (out_dir / WEIGHTS_FILE).is_file()):
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return summary if summary.get("finished") else None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _cpu_threads(cfg: TrainConfig) -> int:
+    """Compute threads of a CPU run: ``threads``, else $OMP_NUM_THREADS, else the cores the loader workers leave.
+
+    Oversubscribed OpenMP threads (compute threads plus busy decode workers on more cores than
+    exist) slow a step many times over, so the default leaves one core per worker.
+    """
+    if cfg.threads is not None:
+        return cfg.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - cfg.data.workers)
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full fp32)."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _stage2_init_encoder(model_cfg: Stage2Config, init: str | None) -> Encoder | None:
+    """The Stage-1 encoder a fresh Stage-2 run starts from (None: ``init: random``)."""
+    if init is None:
+        raise UsageError(
+            "stage 2 needs a Stage-1 checkpoint: pass --init CKPT (a checkpoint folder, a stage folder or a "
+            "model.safetensors), set init in the config, or run --stage both"
+        )
+    if init == "random":
+        return None
+    try:
+        weights = ckpt.resolve_weights(init)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--init: {exc}") from None
+    state = load_file(os.fspath(weights))
+    enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not enc_state:  # a bare encoder file
+        enc_state = state
+    encoder = Encoder(model_cfg.encoder)
+    try:
+        encoder.load_resized(enc_state)
+    except RuntimeError as exc:
+        raise UsageError(f"--init {init}: {weights} does not fit this Stage-2 encoder: {exc}") from None
+    return encoder
+
+
+def _build_model(cfg: TrainConfig, info: DistInfo, init: str | None, fresh: bool) -> nn.Module:
+    model_cfg = cfg.model_config()
+    torch.manual_seed(mix_seed(cfg.seed, 0))
+    if isinstance(model_cfg, Stage1Config):
+        teacher = build_stage1_teacher(cfg, model_cfg, info)
+        torch.manual_seed(mix_seed(cfg.seed, 0))  # the model's init does not depend on how the teacher was made
+        return Stage1Model(model_cfg, teacher=teacher)
+    init_encoder = _stage2_init_encoder(model_cfg, init) if fresh else None
+    torch.manual_seed(mix_seed(cfg.seed, 0))
+    return Stage2Model(model_cfg, init_encoder=init_encoder)
+
+
+def _frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes left out of checkpoints: the Stage-1 teacher (rebuilt from its source)."""
+    return ("teacher.",) if isinstance(model, Stage1Model) else ()
+
+
+def _fingerprint(cfg: TrainConfig, dataset_size: int) -> dict[str, Any]:
+    """What must not change between a run and its resumption (for the same steps to follow)."""
+    return {
+        "model": to_dict(cfg.model_config()),
+        "seed": cfg.seed,
+        "batch.global_size": cfg.batch.global_size,
+        "batch.per_device": cfg.batch.per_device,
+        "data.source": cfg.data.source,
+        "data.frames": cfg.data.frames,
+        "data.size": cfg.data.size,
+        "dataset_size": dataset_size,
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def train_stage(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    info: DistInfo,
+    *,
+    resume: bool = False,
+    init: str | None = None,
+    hooks: TestHooks | None = None,
+) -> StageResult:
+    """Run (or resume) one stage of ``cfg`` into ``out_dir``; returns where its results are.
+
+    ``init`` (Stage 2): the Stage-1 checkpoint, overriding ``cfg.init``.
+    Raises RunExistsError when ``out_dir`` already holds checkpoints and ``resume`` is False.
+    """
+    hooks = hooks or TestHooks()
+    out = Path(out_dir)
+    root = out / CHECKPOINTS
+    stage = cfg.stage
+    model_cfg = cfg.model_config()
+    enc = model_cfg.encoder
+
+    existing = ckpt.latest_checkpoint(root)
+    if existing is not None and not resume:
+        raise RunExistsError(
+            f"{out} already holds a stage-{stage} run (latest checkpoint {existing.name}); pass --resume to continue "
+            "it, or choose another --out"
+        )
+    barrier(info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.clean_partial(root)
+        if removed:
+            print(f"stage {stage}: removed {len(removed)} unfinished checkpoint write(s): {', '.join(p.name for p in removed)}")
+    barrier(info)
+
+    device = info.device
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(cfg))
+    autocast_dtype = _precision(cfg, device)
+    frames = cfg.data.frames or enc.num_frames
+    size = cfg.data.size or enc.img_size
+    dataset, data_desc = build_dataset(cfg, frames, size, info)
+    total, warmup = steps_for(cfg, len(dataset))
+    accum = cfg.batch.accumulation_for(info.world_size)
+    G, m = cfg.batch.global_size, cfg.batch.per_device
+
+    model = _build_model(cfg, info, init if init is not None else cfg.init, fresh=existing is None)
+    model.to(device)
+    model.train()
+    strategy = cfg.resolved_strategy()
+    wrapped = wrap_model(model, strategy, info)
+    core = unwrap(wrapped)
+    optimizer = build_optimizer(core, cfg.optim)
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    skip_prefixes = _frozen_prefixes(core)
+    fingerprint = _fingerprint(cfg, len(dataset))
+
+    start_step, skipped_total, dropped_total, elapsed_before = 0, 0, 0, 0.0
+    consecutive = 0
+    if existing is not None:
+        saved = ckpt.read_checkpoint(existing)
+        st = saved["state"]
+        diff = [k for k, v in fingerprint.items() if json.loads(json.dumps(st.get("fingerprint", {}).get(k))) != json.loads(json.dumps(v))]
+        if diff:
+            raise UsageError(
+                f"--resume: {existing} was written with different {', '.join(diff)}; the run cannot continue "
+                "exactly (use the original settings, or another --out)"
+            )
+        # The teacher is not in checkpoints: keep the one just built from its source.
+        full = {k: v for k, v in core.state_dict().items() if skip_prefixes and k.startswith(skip_prefixes)}
+        full.update(saved["model"])
+        set_state_dict(
+            wrapped, optimizer, model_state_dict=full, optim_state_dict=saved["optim"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        if not ckpt.restore_rng_state(info.rank, saved["rng"], st["rng"].get(f"rank{info.rank}", {})):
+            torch.manual_seed(mix_seed(cfg.seed, 4, info.rank, st["step"]))
+        start_step = st["step"]
+        skipped_total, dropped_total = st.get("skipped_total", 0), st.get("dropped_total", 0)
+        consecutive = st.get("consecutive_skipped", 0)
+        elapsed_before = st.get("elapsed_s", 0.0)
+        if info.is_main:
+            print(f"stage {stage}: resuming from {existing} (step {start_step} of {total})")
+
+    sampler = StepSampler(len(dataset), G, m, info.rank, accum, cfg.seed, start_step, total)
+    loader = make_loader(dataset, sampler, cfg.data.workers, collate_fn(), pin_memory=device.type == "cuda")
+    bad_log = _bad_file_log()
+
+    metadata = _model_metadata(model_cfg)
+    writer = ckpt.CheckpointWriter(root, cfg.keep_last)
+    saving_step = [0]
+
+    def crash(where: str) -> None:
+        if where == "after_model" and hooks.hits(hooks.kill_in_save, stage, saving_step[0]):
+            _die()
+
+    writer.crash_hook = crash
+
+    def save(step_done: int, elapsed: float) -> Path | None:
+        saving_step[0] = step_done
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=sd_opts)
+        rngs = gather_objects(ckpt.rng_state(info.rank), info)
+        final = None
+        if info.is_main:
+            tmp = writer.begin(step_done)
+            rng_tensors: dict[str, torch.Tensor] = {}
+            rng_meta: dict[str, Any] = {}
+            for r, (tensors, meta) in enumerate(rngs):
+                rng_tensors.update(tensors)
+                rng_meta[f"rank{r}"] = meta
+            state = {
+                "stage": stage,
+                "total_steps": total,
+                "warmup_steps": warmup,
+                "samples_seen": step_done * G,
+                "epoch": step_done * G / len(dataset),
+                "skipped_total": skipped_total,
+                "consecutive_skipped": consecutive,
+                "dropped_total": dropped_total,
+                "elapsed_s": elapsed,
+                "world_size": info.world_size,
+                "fingerprint": fingerprint,
+                "config": config_to_json(cfg),
+            }
+            model_sd = {k: v for k, v in model_sd.items() if not k.startswith(skip_prefixes)}
+            final = writer.commit(tmp, step_done, model_sd, optim_sd, state, rng_tensors, rng_meta, metadata)
+        barrier(info)
+        return final
+
+    # ---------------------------------------------------------------- records
+    records = MetricsLog(out, start_step, cfg.tensorboard) if info.is_main else None
+    progress = ProgressLine(total, start_step, f"stage {stage}", info.is_main and cfg.progress)
+    monitor = CollapseMonitor(core.encoder, cfg.monitor.min_std, cfg.monitor.min_erank_frac) if info.is_main else None
+    tokens_per_clip = (frames // enc.tubelet_size) * (size // enc.patch_size) ** 2
+    if info.is_main:
+        print(
+            f"stage {stage}: {type(core).__name__} ({sum(p.numel() for p in trainable) / 1e6:.2f}M trainable params), "
+            f"data {data_desc}, {total} steps of {G} clips ({m} per forward x {accum} accumulation x {info.world_size} "
+            f"device(s), {device.type}{', bf16' if autocast_dtype else ', fp32'}), output {out}"
+        )
+
+    # ---------------------------------------------------------------- steps
+    t_start = time.perf_counter()
+    session_clips = 0
+    last_terms: dict[str, float] = {}
+    data_iter = iter(loader)
+    skip_names = ("hidden",)
+    try:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            wait = 0.0
+            lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.schedule.min_lr)
+            set_lr(optimizer, lr)
+            log_now = (step + 1) % cfg.log_every == 0 or step == start_step or step + 1 == total
+            sums: dict[str, float] = {}
+            counted = clips = dropped = 0
+            stats: dict[str, float] = {}
+            for a, j in enumerate(micro_range(info.rank, accum)):
+                tw = time.perf_counter()
+                batch = next(data_iter)
+                wait += time.perf_counter() - tw
+                bad = batch.get("bad", ())
+                if bad_log is not None:
+                    bad_log.update(batch)
+                dropped += len(bad)
+                video = batch["video"]
+                sync = wrapped.no_sync() if (a < accum - 1 and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+                with sync:
+                    if video.numel() == 0:  # every clip of the micro-batch was unreadable: join the gradient sync with zeros
+                        loss = sum((p * 0.0).sum() for p in trainable)
+                        out_terms = None
+                    else:
+                        seed = micro_seed(cfg.seed, step, j)
+                        torch.manual_seed(seed)
+                        gen = torch.Generator().manual_seed(mix_seed(seed, 5))
+                        x = core.encoder.preprocess(video.to(device, non_blocking=True))
+                        arm = monitor is not None and log_now and a == 0
+                        if arm:
+                            monitor.arm()
+                        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                        with amp:
+                            out_terms = wrapped(x, generator=gen)
+                        if arm:
+                            stats, msgs = monitor.compute(out_terms.get("hidden", out_terms.get("hidden0")))
+                            for msg in msgs:
+                                progress.write(f"warning: step {step + 1}: {msg}")
+                        loss = out_terms["loss"]
+                        clips += video.shape[0]
+                    if hooks.nan_at(stage, step + 1):
+                        loss = loss * float("nan")
+                    (loss / accum).backward()
+                if out_terms is not None:
+                    counted += 1
+                    for k, v in out_terms.items():
+                        if k.startswith(skip_names) or not torch.is_floating_point(v):
+                            continue
+                        v = v.detach().float()
+                        if k == "loss":
+                            v = loss.detach().float()
+                        if v.dim() == 0:
+                            name = "loss" if k == "loss" else f"loss/{k}"
+                            sums[name] = sums.get(name, 0.0) + v.item()
+                        else:
+                            for i, x_i in enumerate(v.reshape(-1).tolist()):
+                                sums[f"{k}/{i}"] = sums.get(f"{k}/{i}", 0.0) + x_i
+
+            # one reduction for every logged number: loss terms, micro-batches counted, clips, drops
+            names = sorted(sums)
+            if info.distributed:  # a rank whose clips were all unreadable has no terms: use the union
+                names = sorted(set().union(*gather_objects(names, info)))
+            vec = torch.tensor([sums.get(n, 0.0) for n in names] + [counted, clips, dropped], dtype=torch.float64)
+            vec = all_reduce_sum(vec, info)
+            n_micro, g_clips, g_dropped = vec[-3].item(), int(vec[-2].item()), int(vec[-1].item())
+            terms = {n: vec[i].item() / max(n_micro, 1.0) for i, n in enumerate(names)}
+
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            grad_norm = float(norm)
+            ok = math.isfinite(grad_norm) and math.isfinite(terms.get("loss", 0.0))
+            if ok:
+                optimizer.step()
+                consecutive = 0
+            else:
+                skipped_total += 1
+                consecutive += 1
+            optimizer.zero_grad(set_to_none=True)
+            dropped_total += g_dropped
+            session_clips += g_clips
+            step_done = step + 1
+            dt = time.perf_counter() - t0
+            clips_per_s = g_clips / dt if dt > 0 else 0.0
+            elapsed = elapsed_before + (time.perf_counter() - t_start)
+            if ok:
+                last_terms = {k: v for k, v in terms.items() if k == "loss" or k.startswith("loss/")}
+
+            if info.is_main:
+                if not ok:
+                    progress.write(
+                        f"warning: step {step_done}: non-finite loss or gradient (loss {terms.get('loss')}, grad norm "
+                        f"{grad_norm}); update skipped ({consecutive} in a row, {skipped_total} in all)"
+                    )
+                fields = {"loss": terms.get("loss", float("nan"))}
+                fields.update({k.removeprefix("loss/"): v for k, v in terms.items() if k.startswith("loss/")})
+                fields.update({"lr": lr, "clips/s": clips_per_s, "tok/s": clips_per_s * tokens_per_clip, "wait": f"{100 * wait / dt:.0f}%"})
+                progress.update(step_done, fields)
+                if log_now or not ok:
+                    record = {"step": step_done, **terms, "lr": lr, "grad_norm": grad_norm, "skipped": not ok,
+                              "skipped_total": skipped_total, "clips_per_s": clips_per_s,
+                              "tokens_per_s": clips_per_s * tokens_per_clip, "data_wait": wait / dt,
+                              "dropped_total": dropped_total, "epoch": step_done * G / len(dataset), "time": elapsed}
+                    record.update({f"collapse/{k}": v for k, v in stats.items()})
+                    records.log(record)
+            if consecutive > cfg.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"stage {stage}: {consecutive} consecutive steps (up to step {step_done}) had a non-finite loss or "
+                    f"gradient (limit max_skipped_steps={cfg.max_skipped_steps}); the run is diverging: lower optim.lr, "
+                    "raise schedule.warmup_steps, or check the data. The last good checkpoint is in "
+                    f"{ckpt.latest_checkpoint(root) or root}"
+                )
+            if step_done % cfg.save_every == 0 or step_done == total:
+                save(step_done, elapsed)
+            if hooks.hits(hooks.kill_after_step, stage, step_done):
+                _die()
+    finally:
+        progress.close()
+        if monitor is not None:
+            monitor.close()
+        if records is not None:
+            records.close()
+
+    # ---------------------------------------------------------------- results
+    wall = time.perf_counter() - t_start
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None or int(latest.name.split("_")[-1]) != total:
+        latest = save(total, elapsed_before + wall)  # e.g. a resume of an already finished run
+    weights = out / WEIGHTS_FILE
+    summary: dict[str, Any] = {}
+    line = ""
+    if info.is_main:
+        ckpt.copy_atomic(latest / ckpt.MODEL_FILE, weights)
+        plot = plot_losses(out / METRICS_FILE, out / PLOT_FILE, f"stage {stage} ({cfg.model.preset})")
+        summary = {
+            "finished": True,
+            "stage": stage,
+            "steps": total,
+            "steps_this_session": total - start_step,
+            "wall_s": wall,
+            "total_s": elapsed_before + wall,
+            "clips_per_s": session_clips / wall if wall > 0 else 0.0,
+            "final_losses": last_terms,
+            "skipped": skipped_total,
+            "dropped": dropped_total,
+            "weights": str(weights),
+            "checkpoints": str(root),
+            "metrics": str(out / METRICS_FILE),
+            "plot": str(plot) if plot else "none",
+            "tensorboard": str(out / "tb") if cfg.tensorboard and (out / "tb").is_dir() else None,
+        }
+        if bad_log is not None and bad_log.count:
+            summary["bad_files"] = bad_log.count
+            print(bad_log.summary())
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        line = format_summary(stage, summary)
+        print(line)
+    barrier(info)
+    return StageResult(stage, out, weights, total, summary, line)
+
+
+def _bad_file_log():
+    try:
+        from invnext.data.dataset import BadFileLog
+    except ImportError:  # pragma: no cover - the data package always has it
+        return None
+    return BadFileLog()
+
+
+def _model_metadata(model_cfg) -> dict[str, str]:
+    try:
+        from invnext.loading import config_metadata
+    except ImportError:  # pragma: no cover
+        return {}
+    return config_metadata(model_cfg)

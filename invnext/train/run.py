@@ -1,0 +1,104 @@
+"""``invnext pretrain``: load and check every stage's config, then run the stages in order.
+
+Output layout: ``OUT/stage1/`` and ``OUT/stage2/`` (each: ``model.safetensors`` = the stage's
+final weights, ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``losses.png``, ``summary.json``).
+With ``--stage both`` Stage 2 starts from ``OUT/stage1`` (its final weights). Every config is
+loaded and checked before the first step of the first stage, so a misspelt key in the Stage-2
+config fails at once, not after Stage 1.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from invnext.config import ConfigError
+from invnext.train.config import TrainConfig, load_train_config, read_config_file
+from invnext.train.distributed import setup, teardown
+from invnext.train.loop import StageResult, TestHooks, UsageError, stage_done, train_stage
+
+__all__ = ["resolve_configs", "pretrain"]
+
+
+def _stages(stage: str | int) -> list[int]:
+    if str(stage) == "both":
+        return [1, 2]
+    if str(stage) in ("1", "2"):
+        return [int(stage)]
+    raise ValueError(f"--stage must be 1, 2 or both, got {stage!r}")
+
+
+def resolve_configs(
+    stage: str | int, configs: Sequence[str] = (), preset: str | None = None, sets: Sequence[str] = ()
+) -> dict[int, TrainConfig]:
+    """The checked TrainConfig of every stage to run (config files are matched to stages by their ``stage`` key)."""
+    stages = _stages(stage)
+    if configs and preset:
+        raise ValueError("give --config FILE or --preset NAME, not both (a config file names its preset in model.preset)")
+    files: dict[int, str] = {}
+    for f in configs:
+        data = read_config_file(f)
+        st = data.get("stage")
+        if st not in (1, 2):
+            raise ConfigError(f"{f}: a config file must say which stage it configures ('stage: 1' or 'stage: 2'), got {st!r}")
+        if st in files:
+            raise ValueError(f"two config files for stage {st}: {files[st]} and {f}")
+        if st not in stages:
+            raise ValueError(f"{f} configures stage {st}, but --stage {stage} does not run it")
+        files[st] = f
+    if configs:
+        missing = [st for st in stages if st not in files]
+        if missing:
+            raise ValueError(f"--stage {stage} needs a config file for stage {missing[0]} (one --config per stage)")
+    return {st: load_train_config(st, files.get(st), preset=preset, sets=sets) for st in stages}
+
+
+def _default_out(configs: Sequence[str], preset: str | None) -> Path:
+    if configs:
+        return Path("runs") / Path(configs[0]).stem.replace("stage1_", "").replace("stage2_", "")
+    return Path("runs") / (preset or "tiny")
+
+
+def pretrain(
+    stage: str | int,
+    configs: Sequence[str] = (),
+    preset: str | None = None,
+    sets: Sequence[str] = (),
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    init: str | None = None,
+    hooks: TestHooks | None = None,
+) -> list[StageResult]:
+    """Run the stages (see the module docstring); returns one :class:`StageResult` per stage run."""
+    cfgs = resolve_configs(stage, configs, preset, sets)
+    stages = list(cfgs)
+    if init is not None and stages != [2]:
+        raise UsageError("--init applies to --stage 2 only (with --stage both, Stage 2 starts from this run's Stage 1)")
+    out_dir = Path(out) if out is not None else _default_out(configs, preset)
+    info = setup(cfgs[stages[0]].device)
+    results = []
+    try:
+        for st in stages:
+            cfg = cfgs[st]
+            sdir = out_dir / f"stage{st}"
+            done = stage_done(sdir) if resume else None
+            if done is not None and done.get("steps") == _planned_steps(cfg, done):
+                if info.is_main:
+                    print(f"stage {st}: already finished in {sdir} ({done['steps']} steps); skipping")
+                results.append(StageResult(st, sdir, sdir / "model.safetensors", done["steps"], done, ""))
+                continue
+            st_init = None
+            if st == 2:
+                st_init = init or cfg.init or (str(out_dir / "stage1") if len(stages) == 2 else None)
+            results.append(train_stage(cfg, sdir, info, resume=resume, init=st_init, hooks=hooks))
+        if info.is_main:
+            where = "; ".join(f"stage {r.stage}: {r.weights}" for r in results)
+            print(f"results in {out_dir}: {where}")
+    finally:
+        teardown(info)
+    return results
+
+
+def _planned_steps(cfg: TrainConfig, done: dict) -> int:
+    """The step count a finished stage was run for, if ``cfg`` still asks for it (epochs: trust the summary)."""
+    return cfg.schedule.steps if cfg.schedule.steps is not None else done.get("steps")
