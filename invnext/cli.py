@@ -84,15 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     check = data_sub.add_parser(
         "check", help="decode every clip of an index and report the unreadable ones",
-        description="Open and decode every clip of INDEX (a CSV / JSONL index or a folder of videos) and report "
-        "the files that cannot be used. Exit status 0 when all are readable, 1 otherwise.",
+        description="Open and decode every clip of INDEX (a CSV / JSONL index or a folder of videos) over its whole "
+        "window and list the files a training run would skip, with the reason. Exit status: 0 all clips readable, "
+        "1 some are not, 2 the index itself is unusable.",
     )
     check.add_argument("index", metavar="INDEX", help="a .csv / .jsonl index or a folder of videos")
+    check.add_argument("--decoder", default="pyav", choices=("pyav", "torchcodec", "decord"), help="video decoder (default: pyav)")
+    _add_probe_parsers(sub)
     return p
 
 
+def _add_probe_parsers(sub: argparse._SubParsersAction) -> None:
+    """``probe`` and ``reconstruct`` (evaluation; parsers and entry points in :mod:`invnext.eval.cli`)."""
+    from invnext.eval.cli import add_parsers
+
+    add_parsers(sub)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
-    from invnext.train.loop import NonFiniteLossError, RunExistsError, TestHooks, UsageError
+    from invnext.train.loop import FaultHooks, NonFiniteLossError, RunExistsError, UsageError
     from invnext.train.run import pretrain, resolve_configs
 
     try:  # every config is checked before anything is built
@@ -103,7 +113,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     try:
         pretrain(
             args.stage, configs=args.config, preset=args.preset, sets=args.sets, out=args.out,
-            resume=args.resume, init=args.init, hooks=TestHooks.from_env(),
+            resume=args.resume, init=args.init, hooks=FaultHooks.from_env(),
         )
     except (UsageError, RunExistsError, NonFiniteLossError) as exc:
         print(f"invnext pretrain: error: {exc}", file=sys.stderr)
@@ -124,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_command == "check":
             from invnext.data.check import run_data_check
 
-            return run_data_check(args.index)
+            return run_data_check(args.index, decoder=args.decoder)
         parser.parse_args(["data", "--help"])
+    if args.command in ("probe", "reconstruct"):
+        from invnext.eval.cli import run
+
+        return run(args)
     parser.print_help(sys.stderr)
     return 2

@@ -15,12 +15,12 @@ another number of devices draw exactly what the uninterrupted single-process run
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["mix_seed", "micro_seed", "micro_range", "StepSampler", "SyntheticClips", "make_loader"]
+__all__ = ["StepSampler", "SyntheticClips", "make_loader", "micro_range", "micro_seed", "mix_seed"]
 
 _MASK64 = (1 << 64) - 1
 

@@ -22,34 +22,39 @@ Loading never unpickles: ``safetensors.torch.load_file`` and ``json.load`` only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 __all__ = [
     "MODEL_FILE",
     "OPTIM_FILE",
     "RNG_FILE",
     "STATE_FILE",
-    "step_dir_name",
-    "complete_checkpoints",
-    "latest_checkpoint",
-    "clean_partial",
-    "flatten_optimizer_state",
-    "unflatten_optimizer_state",
-    "rng_state",
-    "restore_rng_state",
     "CheckpointWriter",
+    "clean_partial",
+    "complete_checkpoints",
     "copy_atomic",
+    "flatten_optimizer_state",
+    "latest_checkpoint",
+    "load_named_optimizer_state",
+    "named_optimizer_state",
     "read_checkpoint",
     "resolve_weights",
+    "restore_rng_state",
+    "rng_state",
+    "step_dir_name",
+    "unflatten_optimizer_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -141,7 +146,7 @@ def _jsonable(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ValueError(f"checkpoint: {where} is not finite ({value})")
         return value
     if isinstance(value, (tuple, list)):
@@ -194,6 +199,42 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], index: Mappin
             g[k] = tuple(v) if k != "params" and isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) else v
         groups.append(g)
     return {"state": state, "param_groups": groups}
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with parameter names (as in ``model.named_parameters()``) instead of indices.
+
+    The same layout ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` returns,
+    which the FSDP path uses; both give the same files.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    index_name: dict[int, str] = {}
+    for g_sd, group in zip(sd["param_groups"], optimizer.param_groups):
+        for i, p in zip(g_sd["params"], group["params"]):
+            if id(p) not in names:
+                raise ValueError("named_optimizer_state: the optimizer holds a parameter that is not in the model")
+            index_name[i] = names[id(p)]
+    return {
+        "state": {index_name[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [index_name[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: Mapping[str, Any]) -> None:
+    """The inverse of :func:`named_optimizer_state`: load a name-keyed state into ``optimizer``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    index: dict[str, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index[names[id(p)]] = len(index)
+    groups = []
+    for g in osd["param_groups"]:
+        unknown = [n for n in g["params"] if n not in index]
+        if unknown:
+            raise ValueError(f"checkpoint: the optimizer state names parameters this model does not train: {unknown[:5]}")
+        groups.append({**g, "params": [index[n] for n in g["params"]]})
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in osd["state"].items()}, "param_groups": groups})
 
 
 # --------------------------------------------------------------------------- RNG

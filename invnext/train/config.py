@@ -38,10 +38,10 @@ import json
 import math
 import os
 import re
-import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -65,10 +65,10 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
-    "train_defaults",
     "load_train_config",
-    "read_config_file",
     "parse_set",
+    "read_config_file",
+    "train_defaults",
 ]
 
 
@@ -281,17 +281,19 @@ def train_defaults(stage: int, preset: str) -> dict[str, Any]:
     if preset not in PRESETS:
         get_preset(preset)
     if preset == "tiny":
+        # Measured on a shared 2-core CPU (1 compute thread + 1 decode worker): ~0.57 s per Stage-1 step
+        # and ~0.77 s per Stage-2 step of 4 clips, so about 3.5 minutes per stage, 7 for both.
         return {
             "stage": stage,
             "model": {"preset": "tiny", "overrides": {}},
             "teacher": "default",
             "init": None,
             "seed": 0,
-            "schedule": {"steps": 120, "warmup_steps": 10, "min_lr": 1e-5},
+            "schedule": {"steps": 360 if stage == 1 else 260, "epochs": None, "warmup_steps": 20, "min_lr": 1e-5},
             "optim": {"lr": 5e-4 if stage == 1 else 2e-4},
             "batch": {"global_size": 4, "per_device": 4},
             "data": {"workers": 1},
-            "save_every": 60,
+            "save_every": 100,
             "keep_last": 2,
             "log_every": 5,
         }
@@ -344,6 +346,17 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _toml_module():
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("TOML config files need Python >= 3.11 or the tomli package (or use YAML)") from None
+    return tomllib
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's plain data (``.yaml`` / ``.yml`` / ``.toml`` / ``.json``)."""
     p = Path(path)
@@ -351,21 +364,28 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {p} does not exist")
     suffix = p.suffix.lower()
     text = p.read_text()
-    try:
-        if suffix in (".yaml", ".yml"):
+    if suffix in (".yaml", ".yml"):
+        try:
             data = _yaml(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {p}: cannot parse: {exc}") from None
+    elif suffix == ".toml":
+        toml = _toml_module()
+        try:
+            data = toml.loads(text)
+        except toml.TOMLDecodeError as exc:
+            raise ValueError(f"config file {p}: cannot parse: {exc}") from None
+    elif suffix == ".json":
+        try:
             data = json.loads(text)
-        else:
-            raise ValueError(f"config file {p}: unknown format {suffix!r} (use .yaml, .yml, .toml or .json)")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config file {p}: cannot parse: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {p}: cannot parse: {exc}") from None
+    else:
+        raise ValueError(f"config file {p}: unknown format {suffix!r} (use .yaml, .yml, .toml or .json)")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}")
+        raise TypeError(f"config file {p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 

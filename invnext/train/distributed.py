@@ -15,16 +15,28 @@ Wrapping (only when ``world_size > 1``):
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
-__all__ = ["DistInfo", "setup", "teardown", "wrap_model", "unwrap", "all_reduce_sum", "barrier", "broadcast_object"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "gather_objects",
+    "grad_sync",
+    "setup",
+    "teardown",
+    "unwrap",
+    "wrap_model",
+]
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,20 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user module under a DDP wrapper (FSDP2 shards in place, so it is the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def grad_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch's backward: gradient sync across ranks only when ``sync`` (the last one).
+
+    DDP: ``no_sync()`` on the others. FSDP2: ``set_requires_gradient_sync(sync)`` (the gradients of the
+    skipped micro-batches accumulate unsharded and are reduce-scattered once). One process: nothing.
+    """
+    if hasattr(model, "no_sync"):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

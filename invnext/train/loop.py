@@ -14,7 +14,7 @@ A step (0-based ``step``; records and checkpoints count completed steps, ``step 
    (and on the first, the last and every skipped step) with the collapse monitors.
 5. Checkpoint every ``save_every`` steps and at the end (``invnext.train.checkpoint``).
 
-Test seams (environment, read by :meth:`TestHooks.from_env`; used by the tests only; a step is
+Test seams (environment, read by :meth:`FaultHooks.from_env`; used by the tests only; a step is
 ``k`` or ``stage:k``): ``INVNEXT_TEST_NAN_STEPS="3,4"`` makes those steps' losses NaN;
 ``INVNEXT_TEST_KILL_AFTER_STEP=k`` SIGKILLs the process after step k (after its checkpoint, if it
 saves one); ``INVNEXT_TEST_KILL_IN_SAVE=k`` SIGKILLs it in the middle of writing step k's checkpoint.
@@ -33,22 +33,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch import nn
 
-from invnext.config import Stage1Config, Stage2Config, to_dict
+from invnext.config import Stage1Config, to_dict
 from invnext.models import Encoder, Stage1Model, Stage2Model
 from invnext.train import checkpoint as ckpt
 from invnext.train.batches import StepSampler, make_loader, micro_range, micro_seed, mix_seed
 from invnext.train.config import TrainConfig, config_to_json, steps_for
-from invnext.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, unwrap, wrap_model
+from invnext.train.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, grad_sync, unwrap, wrap_model
 from invnext.train.monitors import CollapseMonitor
 from invnext.train.optim import build_optimizer, lr_at, set_lr
-from invnext.train.records import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, MetricsLog, ProgressLine, format_summary, plot_losses
+from invnext.train.records import (
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    ProgressLine,
+    format_summary,
+    plot_losses,
+)
 from invnext.train.sources import build_dataset, build_stage1_teacher, collate_fn
 
-__all__ = ["TestHooks", "StageResult", "NonFiniteLossError", "RunExistsError", "UsageError", "train_stage", "stage_done"]
+__all__ = ["FaultHooks", "NonFiniteLossError", "RunExistsError", "StageResult", "UsageError", "stage_done", "train_stage"]
 
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -67,7 +73,7 @@ class UsageError(ValueError):
 
 
 @dataclass(frozen=True)
-class TestHooks:
+class FaultHooks:
     """Fault injection for the tests (module docstring). Steps are ``(stage, step)`` pairs, step 1-based;
     stage 0 matches either stage."""
 
@@ -81,7 +87,7 @@ class TestHooks:
         return (int(stage) if stage else 0, int(step))
 
     @classmethod
-    def from_env(cls) -> "TestHooks":
+    def from_env(cls) -> FaultHooks:
         env = os.environ
         nan = frozenset(cls._parse(x) for x in env.get("INVNEXT_TEST_NAN_STEPS", "").split(",") if x.strip())
         after = env.get("INVNEXT_TEST_KILL_AFTER_STEP")
@@ -149,8 +155,12 @@ def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _stage2_init_encoder(model_cfg: Stage2Config, init: str | None) -> Encoder | None:
-    """The Stage-1 encoder a fresh Stage-2 run starts from (None: ``init: random``)."""
+def _stage2_init_encoder(init: str | None) -> Encoder | None:
+    """The Stage-1 encoder a fresh Stage-2 run starts from (None: ``init: random``).
+
+    ``init`` is a stage folder, a checkpoint folder or root, or a weights file: one of ours (its
+    config travels in the metadata) or the authors' release (``invnext.loading.load_encoder``).
+    """
     if init is None:
         raise UsageError(
             "stage 2 needs a Stage-1 checkpoint: pass --init CKPT (a checkpoint folder, a stage folder or a "
@@ -158,20 +168,12 @@ def _stage2_init_encoder(model_cfg: Stage2Config, init: str | None) -> Encoder |
         )
     if init == "random":
         return None
+    from invnext.loading import load_encoder
+
     try:
-        weights = ckpt.resolve_weights(init)
-    except FileNotFoundError as exc:
-        raise UsageError(f"--init: {exc}") from None
-    state = load_file(os.fspath(weights))
-    enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not enc_state:  # a bare encoder file
-        enc_state = state
-    encoder = Encoder(model_cfg.encoder)
-    try:
-        encoder.load_resized(enc_state)
-    except RuntimeError as exc:
-        raise UsageError(f"--init {init}: {weights} does not fit this Stage-2 encoder: {exc}") from None
-    return encoder
+        return load_encoder(ckpt.resolve_weights(init))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--init {init}: {exc}") from None
 
 
 def _build_model(cfg: TrainConfig, info: DistInfo, init: str | None, fresh: bool) -> nn.Module:
@@ -181,9 +183,12 @@ def _build_model(cfg: TrainConfig, info: DistInfo, init: str | None, fresh: bool
         teacher = build_stage1_teacher(cfg, model_cfg, info)
         torch.manual_seed(mix_seed(cfg.seed, 0))  # the model's init does not depend on how the teacher was made
         return Stage1Model(model_cfg, teacher=teacher)
-    init_encoder = _stage2_init_encoder(model_cfg, init) if fresh else None
+    init_encoder = _stage2_init_encoder(init) if fresh else None
     torch.manual_seed(mix_seed(cfg.seed, 0))
-    return Stage2Model(model_cfg, init_encoder=init_encoder)
+    try:
+        return Stage2Model(model_cfg, init_encoder=init_encoder)
+    except RuntimeError as exc:  # load_state_dict: the Stage-1 encoder has another shape
+        raise UsageError(f"--init {init}: its encoder does not fit this Stage-2 model: {exc}") from None
 
 
 def _frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -215,14 +220,14 @@ def train_stage(
     *,
     resume: bool = False,
     init: str | None = None,
-    hooks: TestHooks | None = None,
+    hooks: FaultHooks | None = None,
 ) -> StageResult:
     """Run (or resume) one stage of ``cfg`` into ``out_dir``; returns where its results are.
 
     ``init`` (Stage 2): the Stage-1 checkpoint, overriding ``cfg.init``.
     Raises RunExistsError when ``out_dir`` already holds checkpoints and ``resume`` is False.
     """
-    hooks = hooks or TestHooks()
+    hooks = hooks or FaultHooks()
     out = Path(out_dir)
     root = out / CHECKPOINTS
     stage = cfg.stage
@@ -262,7 +267,7 @@ def train_stage(
     core = unwrap(wrapped)
     optimizer = build_optimizer(core, cfg.optim)
     trainable = [p for p in core.parameters() if p.requires_grad]
-    sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sharded = info.distributed and strategy == "fsdp"
     skip_prefixes = _frozen_prefixes(core)
     fingerprint = _fingerprint(cfg, len(dataset))
 
@@ -280,10 +285,7 @@ def train_stage(
         # The teacher is not in checkpoints: keep the one just built from its source.
         full = {k: v for k, v in core.state_dict().items() if skip_prefixes and k.startswith(skip_prefixes)}
         full.update(saved["model"])
-        set_state_dict(
-            wrapped, optimizer, model_state_dict=full, optim_state_dict=saved["optim"],
-            options=StateDictOptions(full_state_dict=True),
-        )
+        _load_state(core, optimizer, full, saved["optim"], sharded)
         if not ckpt.restore_rng_state(info.rank, saved["rng"], st["rng"].get(f"rank{info.rank}", {})):
             torch.manual_seed(mix_seed(cfg.seed, 4, info.rank, st["step"]))
         start_step = st["step"]
@@ -309,7 +311,7 @@ def train_stage(
 
     def save(step_done: int, elapsed: float) -> Path | None:
         saving_step[0] = step_done
-        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=sd_opts)
+        model_sd, optim_sd = _full_state(core, optimizer, sharded)
         rngs = gather_objects(ckpt.rng_state(info.rank), info)
         final = None
         if info.is_main:
@@ -355,7 +357,6 @@ def train_stage(
     session_clips = 0
     last_terms: dict[str, float] = {}
     data_iter = iter(loader)
-    skip_names = ("hidden",)
     try:
         for step in range(start_step, total):
             t0 = time.perf_counter()
@@ -363,7 +364,7 @@ def train_stage(
             lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.schedule.min_lr)
             set_lr(optimizer, lr)
             log_now = (step + 1) % cfg.log_every == 0 or step == start_step or step + 1 == total
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             counted = clips = dropped = 0
             stats: dict[str, float] = {}
             for a, j in enumerate(micro_range(info.rank, accum)):
@@ -375,8 +376,7 @@ def train_stage(
                     bad_log.update(batch)
                 dropped += len(bad)
                 video = batch["video"]
-                sync = wrapped.no_sync() if (a < accum - 1 and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-                with sync:
+                with grad_sync(wrapped, a == accum - 1):
                     if video.numel() == 0:  # every clip of the micro-batch was unreadable: join the gradient sync with zeros
                         loss = sum((p * 0.0).sum() for p in trainable)
                         out_terms = None
@@ -402,27 +402,9 @@ def train_stage(
                     (loss / accum).backward()
                 if out_terms is not None:
                     counted += 1
-                    for k, v in out_terms.items():
-                        if k.startswith(skip_names) or not torch.is_floating_point(v):
-                            continue
-                        v = v.detach().float()
-                        if k == "loss":
-                            v = loss.detach().float()
-                        if v.dim() == 0:
-                            name = "loss" if k == "loss" else f"loss/{k}"
-                            sums[name] = sums.get(name, 0.0) + v.item()
-                        else:
-                            for i, x_i in enumerate(v.reshape(-1).tolist()):
-                                sums[f"{k}/{i}"] = sums.get(f"{k}/{i}", 0.0) + x_i
+                    _accumulate_terms(sums, out_terms, loss)
 
-            # one reduction for every logged number: loss terms, micro-batches counted, clips, drops
-            names = sorted(sums)
-            if info.distributed:  # a rank whose clips were all unreadable has no terms: use the union
-                names = sorted(set().union(*gather_objects(names, info)))
-            vec = torch.tensor([sums.get(n, 0.0) for n in names] + [counted, clips, dropped], dtype=torch.float64)
-            vec = all_reduce_sum(vec, info)
-            n_micro, g_clips, g_dropped = vec[-3].item(), int(vec[-2].item()), int(vec[-1].item())
-            terms = {n: vec[i].item() / max(n_micro, 1.0) for i, n in enumerate(names)}
+            terms, _, g_clips, g_dropped = _reduce_terms(sums, counted, clips, dropped, info)
 
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             if hasattr(norm, "full_tensor"):
@@ -516,6 +498,67 @@ def train_stage(
         print(line)
     barrier(info)
     return StageResult(stage, out, weights, total, summary, line)
+
+
+def _accumulate_terms(sums: dict[str, torch.Tensor], out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    """Add a micro-batch's loss terms (detached, on the device: no host sync) to ``sums``.
+
+    Scalars become ``loss`` / ``loss/<name>``; vectors (``align_per_layer``) ``<name>/<i>``; masks are skipped.
+    """
+    for k, v in out.items():
+        if k.startswith("hidden") or not torch.is_floating_point(v):
+            continue
+        v = (loss if k == "loss" else v).detach().float()
+        name = ("loss" if k == "loss" else f"loss/{k}") if v.dim() == 0 else k
+        sums[name] = sums[name] + v if name in sums else v
+
+
+def _reduce_terms(
+    sums: dict[str, torch.Tensor], counted: int, clips: int, dropped: int, info: DistInfo
+) -> tuple[dict[str, float], float, int, int]:
+    """Mean loss terms over every micro-batch of every rank, and the global clip / dropped counts (one reduction)."""
+    names = sorted(sums)
+    if info.distributed:  # a rank whose clips were all unreadable has no terms: use the union
+        names = sorted(set().union(*gather_objects(names, info)))
+    parts = [sums[n].reshape(-1).double().cpu() if n in sums else None for n in names]
+    sizes = [p.numel() if p is not None else 1 for p in parts]
+    if info.distributed:  # a missing term's size must agree across ranks
+        sizes = [max(z) for z in zip(*gather_objects(sizes, info))]
+    flat = [p if p is not None else torch.zeros(z, dtype=torch.float64) for p, z in zip(parts, sizes)]
+    vec = torch.cat([*flat, torch.tensor([counted, clips, dropped], dtype=torch.float64)])
+    vec = all_reduce_sum(vec, info)
+    n_micro = max(vec[-3].item(), 1.0)
+    terms: dict[str, float] = {}
+    offset = 0
+    for n, z in zip(names, sizes):
+        values = (vec[offset:offset + z] / n_micro).tolist()
+        if n == "loss" or n.startswith("loss/"):
+            terms[n] = values[0]
+        else:
+            terms.update({f"{n}/{i}": x for i, x in enumerate(values)})
+        offset += z
+    return terms, n_micro, int(vec[-2].item()), int(vec[-1].item())
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """``(model state, name-keyed optimizer state)``, whole (gathered from the shards under FSDP; rank 0 gets them)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), ckpt.named_optimizer_state(model, optimizer)
+
+
+def _load_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict, sharded: bool) -> None:
+    """Load whole states (every rank reads the same files; FSDP keeps its own shard of each)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(model_sd, strict=True)
+    ckpt.load_named_optimizer_state(model, optimizer, optim_sd)
 
 
 def _bad_file_log():

@@ -20,10 +20,10 @@ import math
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["collapse_stats", "CollapseMonitor", "warn_collapse"]
+__all__ = ["CollapseMonitor", "collapse_stats", "warn_collapse"]
 
 
 def collapse_stats(z: torch.Tensor) -> tuple[float, float]:

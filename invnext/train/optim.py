@@ -22,12 +22,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from invnext.models.layers import PositionTable
 from invnext.train.config import OptimConfig
 
-__all__ = ["no_decay_names", "param_groups", "build_optimizer", "lr_at", "set_lr"]
+__all__ = ["build_optimizer", "lr_at", "no_decay_names", "param_groups", "set_lr"]
 
 _TOKEN_SUFFIXES = ("cls_tokens", "mask_token", "probe")
 

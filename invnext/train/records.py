@@ -2,8 +2,11 @@
 
 Per stage output folder (only the main rank writes)::
 
-    metrics.jsonl   one JSON object per logged step: step, loss terms, lr, grad_norm, skipped,
-                    skipped_total, clips_per_s, tokens_per_s, data_wait, collapse monitors, time
+    metrics.jsonl   one JSON object per logged step: step, loss terms (``loss``, ``loss/<term>``,
+                    per-layer vectors as ``<name>/<i>``), lr, grad_norm, skipped, skipped_total,
+                    clips_per_s, tokens_per_s (clips/s x the clip's T*H*W grid tokens), data_wait
+                    (fraction of the step spent waiting for the loader), dropped_total (unreadable
+                    clips), epoch, time (s since the stage began, across resumes), collapse/* monitors
     tb/             TensorBoard events (when ``tensorboard`` is importable and enabled)
     losses.png      the loss curves and the learning rate (matplotlib, Agg backend), written at the end
     summary.json    the summary line's numbers
@@ -18,10 +21,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["ProgressLine", "MetricsLog", "plot_losses", "format_summary", "read_metrics"]
+__all__ = ["MetricsLog", "ProgressLine", "format_summary", "plot_losses", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "losses.png"
@@ -58,7 +62,7 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed by close()
         self.tb = None
         self.tb_dir = None
         if tensorboard:
@@ -142,7 +146,10 @@ def _fmt(v: Any) -> str:
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, title: str) -> Path | None:
-    """Loss curves (log scale) and the learning rate from ``metrics.jsonl``; None when there is nothing to plot."""
+    """Loss curves (log scale; raw faint, trailing mean solid) and the learning rate from ``metrics.jsonl``.
+
+    Returns the PNG's path, or None when there is nothing to plot.
+    """
     records = read_metrics(metrics_path)
     if not records:
         return None
@@ -158,7 +165,9 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
         ys = [r.get(k) for r in records]
         pts = [(s, y) for s, y in zip(steps, ys) if isinstance(y, (int, float)) and y > 0]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.removeprefix("loss/"), linewidth=1.2 if k == "loss" else 0.9)
+            xs, vs = [p[0] for p in pts], [p[1] for p in pts]
+            line = ax.plot(xs, vs, linewidth=0.6, alpha=0.35)[0]
+            ax.plot(xs, _smooth(vs), color=line.get_color(), label=k.removeprefix("loss/"), linewidth=1.6 if k == "loss" else 1.1)
     ax.set_yscale("log")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -172,6 +181,16 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
     out = Path(png_path)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Trailing mean over ~5% of the points (at least 1): the trend through noisy per-step losses."""
+    w = max(1, len(values) // 20)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - w] if i >= w else 0.0)
+        out.append(acc / min(i + 1, w))
     return out
 
 

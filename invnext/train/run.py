@@ -9,15 +9,15 @@ config fails at once, not after Stage 1.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from invnext.config import ConfigError
 from invnext.train.config import TrainConfig, load_train_config, read_config_file
 from invnext.train.distributed import setup, teardown
-from invnext.train.loop import StageResult, TestHooks, UsageError, stage_done, train_stage
+from invnext.train.loop import FaultHooks, StageResult, UsageError, stage_done, train_stage
 
-__all__ = ["resolve_configs", "pretrain"]
+__all__ = ["pretrain", "resolve_configs"]
 
 
 def _stages(stage: str | int) -> list[int]:
@@ -67,7 +67,7 @@ def pretrain(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     init: str | None = None,
-    hooks: TestHooks | None = None,
+    hooks: FaultHooks | None = None,
 ) -> list[StageResult]:
     """Run the stages (see the module docstring); returns one :class:`StageResult` per stage run."""
     cfgs = resolve_configs(stage, configs, preset, sets)
@@ -78,6 +78,11 @@ def pretrain(
     info = setup(cfgs[stages[0]].device)
     results = []
     try:
+        for st in stages:  # a global batch this many devices cannot split fails before any stage runs
+            try:
+                cfgs[st].batch.accumulation_for(info.world_size)
+            except ValueError as exc:
+                raise UsageError(f"stage {st}: {exc}") from None
         for st in stages:
             cfg = cfgs[st]
             sdir = out_dir / f"stage{st}"

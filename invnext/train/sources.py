@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import Dataset
 
 from invnext.config import Stage1Config
@@ -33,7 +34,7 @@ from invnext.train.batches import SyntheticClips
 from invnext.train.config import TrainConfig
 from invnext.train.distributed import DistInfo, barrier
 
-__all__ = ["EpochItems", "default_data", "build_dataset", "build_stage1_teacher", "collate_fn"]
+__all__ = ["EpochItems", "build_dataset", "build_stage1_teacher", "collate_fn", "default_data"]
 
 
 def _data_api(name: str) -> Callable:
