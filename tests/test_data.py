@@ -1,15 +1,14 @@
 """Video data: index parsing, sparse sampling, transforms, decoding real mp4 files, bad files, ``data check``."""
+
 from __future__ import annotations
 
 import io
 import json
 import logging
-import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from invnext.data.check import run_data_check
 from invnext.data.dataset import (
@@ -255,6 +254,30 @@ def test_reader_reports_counts_and_empty_windows(videos):
     assert seen == [7] and info.num_frames == 7 and frames.shape == (7, 48, 64, 3)
     with pytest.raises(DecodeError, match="no decodable frames"):
         reader.read(str(videos / "c.mp4"), 50.0, 60.0, lambda n: np.zeros(1, dtype=np.int64))
+    # bounds between frames: the nearest frame to each bound counts (frames 3..8 of [0.31, 0.86) s at 10 fps)
+    seen.clear()
+    frames, info = reader.read(str(videos / "a.mp4"), 0.31, 0.86, lambda n: seen.append(n) or np.arange(n))
+    assert seen == [6] and info.num_frames == 6
+    for got, t in zip(frames, range(3, 9)):
+        assert np.abs(got.astype(int) - np.array(colour_of(t))).max() <= 6, t
+
+
+def test_reader_recounts_when_the_metadata_is_wrong(videos, monkeypatch, tmp_path):
+    from invnext.data.video import PyAVReader
+
+    monkeypatch.setattr(PyAVReader, "_claimed", staticmethod(lambda stream, start, end: 13))
+    seen = []
+    frames, info = make_reader("pyav").read(
+        str(videos / "a.mp4"), None, None, lambda n: seen.append(n) or sample_indices(n, 5)
+    )
+    assert seen == [13, 10] and (info.num_frames, info.claimed_frames) == (10, 13)
+    for got, t in zip(frames, [1, 3, 5, 7, 9]):
+        assert np.abs(got.astype(int) - np.array(colour_of(t))).max() <= 6, t
+    out = io.StringIO()
+    assert run_data_check(videos / "a.mp4", out=out) == 2  # a video is not an index
+    index = write_index(tmp_path, [(str(videos / "a.mp4"), 1)])
+    assert run_data_check(index, out=out) == 0
+    assert "metadata claims 13 frames, 10 decodable" in out.getvalue()
 
 
 def test_optional_decoders_fail_with_install_hint():

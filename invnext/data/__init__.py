@@ -1,1 +1,46 @@
-"""Video data: index files, decoding, sampling, transforms, the bundled default dataset."""
+"""Video data: index files, decoding, sparse sampling, transforms, the bundled default dataset and its teacher.
+
+* :mod:`invnext.data.video`: decoders (PyAV; torchcodec / decord when installed), sparse
+  sampling, crops and resizes on uint8 clips, on-device normalisation.
+* :mod:`invnext.data.dataset`: CSV / JSONL / folder indexes, ``VideoDataset``, ``collate_videos``,
+  ``VideoLoader`` and the bad-file accounting (``BadFileLog``).
+* :mod:`invnext.data.bundled`: the default dataset (moving sklearn digits), generated on first use.
+* :mod:`invnext.data.teacher_pretrain`: the default Stage-1 teacher, trained on the same digits.
+* :mod:`invnext.data.check`: ``invnext data check INDEX``.
+
+Names are imported on first use, so ``import invnext.data`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "video": (
+        "DECODERS", "DecodeError", "sample_indices", "train_transform", "eval_transform", "crop_resize",
+        "random_resized_crop_box", "to_model_input", "make_reader", "read_clip", "write_video",
+    ),
+    "dataset": (
+        "VideoEntry", "VideoIndex", "IndexFileError", "read_index", "VideoDataset", "BadSample", "BadFileLog",
+        "collate_videos", "EpochSampler", "VideoLoader",
+    ),
+    "bundled": ("DefaultData", "ensure_default_dataset", "default_cache_root"),
+    "teacher_pretrain": ("load_default_teacher", "train_teacher", "ensure_teacher", "teacher_stats"),
+    "check": ("run_data_check", "check_index"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'invnext.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"invnext.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,6 +5,7 @@ caught even when its first frames are fine) with the chosen decoder. Exit codes:
 entries good; 1 some bad (each listed with its reason); 2 the index itself is invalid
 (unreadable, no ``path`` column, a malformed line, no entries).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ def check_index(index: VideoIndex, decoder: str = "pyav") -> CheckReport:
             _, info = reader.read(entry.path, entry.start, entry.end, lambda n: np.array([0, n - 1], dtype=np.int64))
         except Exception as exc:  # noqa: BLE001 - report whatever stops this file, go on with the next
             text = str(exc).strip() or type(exc).__name__
-            report.bad.append((entry.path, text if type(exc).__name__ == "DecodeError" else f"{type(exc).__name__}: {text}"))
+            report.bad.append(
+                (entry.path, text if type(exc).__name__ == "DecodeError" else f"{type(exc).__name__}: {text}")
+            )
             continue
         report.ok += 1
         report.frames.append(info.num_frames)

@@ -25,15 +25,17 @@ loads it, runs are reproducible, and :meth:`VideoDataset.set_epoch` changes ever
 no ``worker_init_fn`` is needed. The epoch lives in shared memory, so ``set_epoch`` reaches
 persistent workers too (call it before iterating the epoch).
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -352,8 +354,10 @@ class VideoDataset(Dataset):
             self._reader = make_reader(self.decoder, self.decode_threads)
         time_seed, rng = self.generators(index)
         # a fresh generator per call: the reader may ask twice (when the metadata's count is wrong)
-        pick = (lambda n: sample_indices(n, self.num_frames, np.random.default_rng(time_seed))) if self.train else (
-            lambda n: sample_indices(n, self.num_frames)
+        pick = (
+            (lambda n: sample_indices(n, self.num_frames, np.random.default_rng(time_seed)))
+            if self.train
+            else (lambda n: sample_indices(n, self.num_frames))
         )
         if not os.path.isfile(entry.path):
             reason = "file not found" if not os.path.exists(entry.path) else "not a regular file"
@@ -389,7 +393,12 @@ def collate_videos(samples: Sequence[dict[str, Any] | BadSample]) -> dict[str, A
     good = [s for s in samples if not isinstance(s, BadSample)]
     bad = [s for s in samples if isinstance(s, BadSample)]
     if not good:
-        return {"video": torch.zeros(0, dtype=torch.uint8), "index": torch.zeros(0, dtype=torch.int64), "labels": {}, "bad": bad}
+        return {
+            "video": torch.zeros(0, dtype=torch.uint8),
+            "index": torch.zeros(0, dtype=torch.int64),
+            "labels": {},
+            "bad": bad,
+        }
     names = good[0]["labels"].keys()
     return {
         "video": torch.stack([s["video"] for s in good]),

@@ -28,11 +28,12 @@ Decoders: ``"pyav"`` (default, always available); ``"torchcodec"`` and ``"decord
 installed. Each one opens a file, counts the frames of the requested window, asks a
 ``pick(n) -> indices`` callback which frames it wants, and returns exactly those.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -107,17 +108,17 @@ def random_resized_crop_box(
     for _ in range(10):
         target = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_lo, log_hi))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
         if 0 < cw <= width and 0 < ch <= height:
             top = int(rng.integers(0, height - ch + 1))
             left = int(rng.integers(0, width - cw + 1))
             return top, left, ch, cw
     aspect = min(max(width / height, ratio[0]), ratio[1])
     if width / height > aspect:
-        ch, cw = height, int(round(height * aspect))
+        ch, cw = height, round(height * aspect)
     else:
-        cw, ch = width, int(round(width / aspect))
+        cw, ch = width, round(width / aspect)
     return (height - ch) // 2, (width - cw) // 2, ch, cw
 
 
@@ -204,9 +205,13 @@ class ClipInfo:
 
 
 def _window_frames(fps: float, start: float | None, end: float | None, total: int) -> tuple[int, int]:
-    """``[first, stop)`` frame indices of the window ``[start, end)`` seconds in a ``total``-frame stream."""
-    first = 0 if start is None else max(0, int(math.ceil(start * fps - 1e-6)))
-    stop = total if end is None else min(total, int(math.ceil(end * fps - 1e-6)))
+    """``[first, stop)`` frame indices of the window ``[start, end)`` seconds in a ``total``-frame stream.
+
+    Frame i (shown at ``i / fps``) belongs to the window when ``start - 1/(2 fps) <= i / fps <
+    end - 1/(2 fps)``: the frame nearest to each bound counts, as in the PyAV reader's time test.
+    """
+    first = 0 if start is None else max(0, math.ceil(start * fps - 0.5 - 1e-6))
+    stop = total if end is None else min(total, math.ceil(end * fps - 0.5 - 1e-6))
     return first, stop
 
 
@@ -248,7 +253,7 @@ class PyAVReader:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         claimed = int(stream.frames or 0)
         if claimed <= 0 and stream.duration and stream.time_base and fps > 0:
-            claimed = int(round(float(stream.duration * stream.time_base) * fps))
+            claimed = round(float(stream.duration * stream.time_base) * fps)
         if claimed > 0 and (start is not None or end is not None):
             if fps <= 0:
                 return 0
@@ -337,7 +342,9 @@ class TorchCodecReader:
         first, stop = (0, total) if fps <= 0 else _window_frames(fps, start, end, total)
         n = stop - first
         if n <= 0:
-            raise DecodeError("no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
+            raise DecodeError(
+                "no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s")
+            )
         idx = pick(n)
         frames = dec.get_frames_at([int(first + i) for i in idx]).data.numpy()
         return frames, ClipInfo(n, n, frames.shape[1], frames.shape[2])
@@ -366,7 +373,9 @@ class DecordReader:
         first, stop = (0, total) if fps <= 0 else _window_frames(fps, start, end, total)
         n = stop - first
         if n <= 0:
-            raise DecodeError("no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
+            raise DecodeError(
+                "no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s")
+            )
         idx = pick(n)
         frames = vr.get_batch([int(first + i) for i in idx]).asnumpy()
         return frames, ClipInfo(n, n, frames.shape[1], frames.shape[2])
