@@ -31,6 +31,7 @@ installed. Each one opens a file, counts the frames of the requested window, ask
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -319,32 +320,38 @@ class PyAVReader:
         return np.stack([kept[int(i)] for i in idx])
 
 
+def _optional_decoder(module: str, name: str):
+    """Import an optional decoder package, or say how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"decoder='{name}' needs the {name} package: pip install {name} (or use decoder='pyav', always available)"
+        ) from exc
+
+
+def _seekable_window(fps: float, start: float | None, end: float | None, total: int) -> tuple[int, int]:
+    """Frame range [first, first + n) of the clip window for the seeking decoders; n >= 1."""
+    first, stop = (0, total) if fps <= 0 else _window_frames(fps, start, end, total)
+    if stop - first <= 0:
+        raise DecodeError("no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
+    return first, stop - first
+
+
 class TorchCodecReader:
     """Decodes with torchcodec (``pip install torchcodec``): exact seeks to the wanted frames."""
 
     name = "torchcodec"
 
     def __init__(self, threads: int = 1):
-        try:
-            from torchcodec.decoders import VideoDecoder
-        except ImportError as exc:
-            raise ImportError(
-                "decoder='torchcodec' needs the torchcodec package: pip install torchcodec "
-                "(or use decoder='pyav', always available)"
-            ) from exc
-        self._cls = VideoDecoder
+        self._cls = _optional_decoder("torchcodec.decoders", "torchcodec").VideoDecoder
         self.threads = threads
 
     def read(self, path: str, start: float | None, end: float | None, pick: Pick) -> tuple[np.ndarray, ClipInfo]:
         dec = self._cls(path, dimension_order="NHWC", num_ffmpeg_threads=self.threads)
         total = len(dec)
         fps = float(dec.metadata.average_fps or 0)
-        first, stop = (0, total) if fps <= 0 else _window_frames(fps, start, end, total)
-        n = stop - first
-        if n <= 0:
-            raise DecodeError(
-                "no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s")
-            )
+        first, n = _seekable_window(fps, start, end, total)
         idx = pick(n)
         frames = dec.get_frames_at([int(first + i) for i in idx]).data.numpy()
         return frames, ClipInfo(n, n, frames.shape[1], frames.shape[2])
@@ -356,26 +363,14 @@ class DecordReader:
     name = "decord"
 
     def __init__(self, threads: int = 1):
-        try:
-            import decord
-        except ImportError as exc:
-            raise ImportError(
-                "decoder='decord' needs the decord package: pip install decord "
-                "(or use decoder='pyav', always available)"
-            ) from exc
-        self._decord = decord
+        self._decord = _optional_decoder("decord", "decord")
         self.threads = threads
 
     def read(self, path: str, start: float | None, end: float | None, pick: Pick) -> tuple[np.ndarray, ClipInfo]:
         vr = self._decord.VideoReader(path, num_threads=self.threads)
         total = len(vr)
         fps = float(vr.get_avg_fps() or 0)
-        first, stop = (0, total) if fps <= 0 else _window_frames(fps, start, end, total)
-        n = stop - first
-        if n <= 0:
-            raise DecodeError(
-                "no decodable frames" + ("" if start is None and end is None else f" in [{start}, {end}) s")
-            )
+        first, n = _seekable_window(fps, start, end, total)
         idx = pick(n)
         frames = vr.get_batch([int(first + i) for i in idx]).asnumpy()
         return frames, ClipInfo(n, n, frames.shape[1], frames.shape[2])
