@@ -107,15 +107,18 @@ class BuildExt(build_ext):
 
 
 class BuildPy(build_py):
-    """Also ships csrc/token_kernels.cuh beside invnext.native for the run-time NVRTC path."""
+    """Also ships the NVRTC-compatible kernel headers beside invnext.native for the run-time CuPy path."""
+
+    HEADERS = ("token_kernels.cuh", "mask_kernels.cuh", "philox.cuh")
 
     def run(self) -> None:
         super().run()
-        src = ROOT / "csrc" / "token_kernels.cuh"
-        if src.is_file():
-            dst = Path(self.build_lib) / "invnext" / "native" / src.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.copy_file(str(src), str(dst))
+        for name in self.HEADERS:
+            src = ROOT / "csrc" / name
+            if src.is_file():
+                dst = Path(self.build_lib) / "invnext" / "native" / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self.copy_file(str(src), str(dst))
 
 
 def _version() -> str:

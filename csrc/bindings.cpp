@@ -19,7 +19,8 @@ template <typename T> T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "invnext's CUDA token kernels (C API bindings; pointers and streams are ints, results are cudaError_t codes)";
+      "invnext's CUDA token kernels and mask samplers (C API bindings; pointers and streams are ints, results are "
+      "cudaError_t codes)";
   m.attr("ABI") = INVNEXT_NATIVE_ABI;
   m.attr("F32") = static_cast<int>(INVNEXT_F32);
   m.attr("F16") = static_cast<int>(INVNEXT_F16);
@@ -84,6 +85,42 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("inp"), py::arg("B"), py::arg("M"), py::arg("C"), py::arg("dtype"), py::arg("stream"),
       nogil);
+
+  m.attr("MASK_THREADS") = INVNEXT_MASK_THREADS;
+  m.attr("MASK_KEY_BYTES") = INVNEXT_MASK_KEY_BYTES;
+  m.attr("MASK_MAX_BLOCKS") = INVNEXT_MASK_MAX_BLOCKS;
+
+  m.def(
+      "tube_mask",
+      [](std::uintptr_t hidden, std::uintptr_t cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
+         int64_t num_hidden, uint64_t seed, int64_t P, std::uintptr_t stream) {
+        return invnext_tube_mask(ptr<uint8_t>(hidden), ptr<int32_t>(cu_seqlens), B, T, H, W, num_hidden, seed, P,
+                                 stream);
+      },
+      py::arg("hidden"), py::arg("cu_seqlens"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("W"),
+      py::arg("num_hidden"), py::arg("seed"), py::arg("P"), py::arg("stream"), nogil);
+
+  m.def(
+      "multiblock_mask",
+      [](std::uintptr_t hidden, std::uintptr_t cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
+         int64_t num_blocks, double s0, double s1, double a0, double a1, double t0, double t1, uint64_t seed, int64_t P,
+         std::uintptr_t stream) {
+        return invnext_multiblock_mask(ptr<uint8_t>(hidden), ptr<int32_t>(cu_seqlens), B, T, H, W, num_blocks, s0, s1,
+                                       a0, a1, t0, t1, seed, P, stream);
+      },
+      py::arg("hidden"), py::arg("cu_seqlens"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("W"),
+      py::arg("num_blocks"), py::arg("s0"), py::arg("s1"), py::arg("a0"), py::arg("a1"), py::arg("t0"),
+      py::arg("t1"), py::arg("seed"), py::arg("P"), py::arg("stream"), nogil);
+
+  m.def(
+      "semantic_mask",
+      [](std::uintptr_t hidden, std::uintptr_t cu_seqlens, std::uintptr_t attn, int64_t B, int64_t T, int64_t S,
+         int64_t keep, int mode, int dtype, uint64_t seed, int64_t P, std::uintptr_t stream) {
+        return invnext_semantic_mask(ptr<uint8_t>(hidden), ptr<int32_t>(cu_seqlens), ptr<const void>(attn), B, T, S,
+                                     keep, mode, dtype, seed, P, stream);
+      },
+      py::arg("hidden"), py::arg("cu_seqlens"), py::arg("attn"), py::arg("B"), py::arg("T"), py::arg("S"),
+      py::arg("keep"), py::arg("mode"), py::arg("dtype"), py::arg("seed"), py::arg("P"), py::arg("stream"), nogil);
 
   m.def("error_string", [](int code) { return std::string(invnext_error_string(code)); }, py::arg("code"));
 

@@ -1,4 +1,4 @@
-/* The C API of invnext's CUDA token kernels.
+/* The C API of invnext's CUDA token kernels and mask samplers.
  *
  * Plain C, no CUDA or torch headers: callers pass device pointers, sizes, a dtype code and a
  * CUDA stream as integers, so one binary serves every torch version (the Python layer takes
@@ -54,6 +54,38 @@ int invnext_scatter_tokens_backward(void* dpacked, void* partial, const void* gr
 
 /* out[M, C] = sum over b of in[b, M, C], accumulated in fp32 (fp64 for F64) in batch order. */
 int invnext_sum_batch(void* out, const void* in, int64_t B, int64_t M, int64_t C, int dtype, uintptr_t stream);
+
+/* ---- Mask samplers (invnext/ops/masks.py, bit for bit for one seed) ----
+ * hidden: uint8 (torch.bool) [B, N], N = T*H*W (semantic: T*S), 1 = hidden. cu_seqlens (NULL to
+ * skip): int32[B+1] of the packed visible tokens with P prefix rows per sample, written on the
+ * device by the sampler (no host read): the input gather_visible and varlen attention need.
+ * Sizes: one sample's N + P and, with cu_seqlens, B*(N + P) fit int32. */
+
+#define INVNEXT_MASK_THREADS 512       /* threads per block of the mask kernels */
+#define INVNEXT_MASK_KEY_BYTES 45056   /* shared-memory sort keys per frame: S*4 (tube, topk < fp64) or S*8 */
+#define INVNEXT_MASK_MAX_BLOCKS 1024   /* num_blocks limit of multiblock_mask */
+
+enum invnext_mask_mode { INVNEXT_MASK_TOPK = 0, INVNEXT_MASK_SAMPLE = 1 };
+
+/* tube_mask: per sample the num_hidden (0..H*W) frame positions with the smallest
+ * philox_bits(seed, 1, b*H*W + p), ties to the lower p, hidden in every frame. Requires
+ * H*W*4 <= INVNEXT_MASK_KEY_BYTES. */
+int invnext_tube_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
+                      int64_t num_hidden, uint64_t seed, int64_t P, uintptr_t stream);
+
+/* multiblock_mask: the union of num_blocks (1..INVNEXT_MASK_MAX_BLOCKS) boxes per sample, drawn
+ * from spatial_scale [s0, s1] within [0, 1], aspect_ratio [a0, a1] with 0 < a0, a1 finite, and
+ * temporal_scale [t0, t1] within [0, 1] (multiblock_boxes). */
+int invnext_multiblock_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
+                            int64_t num_blocks, double s0, double s1, double a0, double a1, double t0, double t1,
+                            uint64_t seed, int64_t P, uintptr_t stream);
+
+/* semantic_mask: attn [B, T, S] of `dtype`, contiguous; per frame the keep (1..S) largest
+ * scores stay visible, ties to the lower index. mode INVNEXT_MASK_TOPK ranks attn (seed unused),
+ * INVNEXT_MASK_SAMPLE ranks log(attn) + Gumbel noise in fp64. Requires S*4 (topk of a 16/32-bit
+ * dtype) or S*8 (fp64, sample) <= INVNEXT_MASK_KEY_BYTES. */
+int invnext_semantic_mask(uint8_t* hidden, int32_t* cu_seqlens, const void* attn, int64_t B, int64_t T, int64_t S,
+                          int64_t keep, int mode, int dtype, uint64_t seed, int64_t P, uintptr_t stream);
 
 /* cudaGetErrorString of a code returned above. */
 const char* invnext_error_string(int code);

@@ -1,12 +1,14 @@
-"""The run-time path: ``token_kernels.cuh`` compiled by NVRTC through CuPy.
+"""The run-time path: ``token_kernels.cuh`` and ``mask_kernels.cuh`` compiled by NVRTC through CuPy.
 
 Used when the prebuilt extension is absent. :class:`CupyKernels` has the same functions,
 arguments and integer error codes as ``invnext.native._C`` (csrc/bindings.cpp), and mirrors
-the launch choices of ``csrc/token_launch.cuh``: change both together. CuPy caches the
-compiled module on disk, so only the first process pays the compile.
+the launch choices of ``csrc/token_launch.cuh`` and ``csrc/mask_ops.cu``: change both together.
+The mask module is compiled at the first mask call. CuPy caches compiled modules on disk, so
+only the first process pays the compile.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -17,18 +19,34 @@ _MAX_BLOCKS = 1 << 24
 _GATHER_ROWS = 4  # kGatherRows in token_kernels.cuh
 _MAX_INT32 = 2**31 - 1
 _OK, _BAD_ARG = 0, 1  # cudaSuccess, cudaErrorInvalidValue
+# Mask samplers: INVNEXT_MASK_* of csrc/invnext_native.h, launch shapes of csrc/mask_ops.cu.
+MASK_THREADS = 512
+MASK_KEY_BYTES = 45056
+MASK_MAX_BLOCKS = 1024
+_BOX_BYTES = 24  # sizeof(invnext_masks::Box): six ints
 
 # dtype code -> (kernel suffix, element size, elements per 16 bytes)
 _DTYPES = {0: ("f32", 4, 4), 1: ("f16", 2, 8), 2: ("bf16", 2, 8), 3: ("f64", 8, 2)}
 
 
-def kernel_source() -> Path:
-    """token_kernels.cuh: installed beside this file, or in csrc/ of a source checkout."""
+def kernel_source(name: str = "token_kernels.cuh") -> Path:
+    """A kernel header (token_kernels.cuh, mask_kernels.cuh): installed beside this file, or in csrc/ of a checkout."""
     here = Path(__file__).resolve().parent
-    for path in (here / "token_kernels.cuh", here.parent.parent / "csrc" / "token_kernels.cuh"):
+    for path in (here / name, here.parent.parent / "csrc" / name):
         if path.is_file():
             return path
-    raise FileNotFoundError("token_kernels.cuh is neither installed in invnext/native nor in a csrc/ checkout")
+    raise FileNotFoundError(f"{name} is neither installed in invnext/native nor in a csrc/ checkout")
+
+
+def mask_source_text() -> str:
+    """mask_kernels.cuh with philox.cuh pasted in place of its #include: one text, so CuPy's
+    cache (keyed on the source text) sees a change to either header."""
+    mask = kernel_source("mask_kernels.cuh").read_text()
+    include = '#include "philox.cuh"'
+    if mask.count(include) != 1:
+        raise RuntimeError("mask_kernels.cuh must include philox.cuh exactly once")
+    text = mask.replace(include, kernel_source("philox.cuh").read_text())
+    return "\n".join(line for line in text.splitlines() if line.strip() != "#pragma once") + "\n"
 
 
 def _vector_ok(itemsize: int, C: int, *ptrs: int) -> bool:
@@ -43,6 +61,18 @@ def _row_launch(rows: int, pieces: int, rows_per_thread: int = 1) -> tuple[tuple
 
 def _sizes_ok(total: int, B: int, N: int, C: int) -> bool:
     return total >= 0 and B >= 1 and N >= 1 and C >= 0 and total <= _MAX_INT32 and B * N <= _MAX_INT32
+
+
+def _mask_threads(n: int) -> int:
+    """csrc/mask_ops.cu block_threads: a multiple of 32 covering n, at most MASK_THREADS."""
+    return min(MASK_THREADS, max(32, (n + 31) // 32 * 32))
+
+
+def _mask_grid_ok(B: int, T: int, H: int, W: int, cu: int, P: int) -> bool:
+    """csrc/mask_ops.cu grid_ok."""
+    if min(B, T, H, W) < 1 or P < 0 or B > _MAX_INT32 or T * H * W > _MAX_INT32:
+        return False
+    return not cu or B * (T * H * W + P) <= _MAX_INT32
 
 
 def _p(ptr: int) -> np.uint64:
@@ -63,6 +93,7 @@ class CupyKernels:
         code = kernel_source().read_text()
         self._module = cupy.RawModule(code=code, options=("--std=c++17",))
         self._functions: dict[str, object] = {}
+        self._mask_module = None  # mask_kernels.cuh, compiled at the first mask call
         self._streams: dict[int, object] = {}  # torch stream handle -> CuPy wrapper
         self._fn("invnext_build_inverse")  # compile now, so a failure shows up as the unavailable reason
 
@@ -84,9 +115,23 @@ class CupyKernels:
                 wrapped = self._streams[ptr] = self._cupy.cuda.ExternalStream(ptr)
         return wrapped
 
-    def _launch(self, fn, grid, block, args, stream: int) -> None:
+    def _launch(self, fn, grid, block, args, stream: int, shared_mem: int = 0) -> None:
         with self._stream(stream):
-            fn(grid, block, args)
+            fn(grid, block, args, shared_mem=shared_mem)
+
+    def _mask_fn(self, name: str):
+        if self._mask_module is None:
+            self._mask_module = self._cupy.RawModule(code=mask_source_text(), options=("--std=c++17",))
+        key = f"mask:{name}"
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = self._mask_module.get_function(name)
+        return fn
+
+    def _mask_cu_seqlens(self, cu: int, B: int, fixed: int, P: int, stream: int) -> None:
+        if cu:
+            args = (_p(cu), _i(B), _i(fixed), _i(P))
+            self._launch(self._mask_fn("invnext_mask_cu_seqlens"), (1,), (32,), args, stream)
 
     def _build_inverse(self, inv: int, index: int, cu: int, total: int, B: int, BN: int, P: int, stream: int) -> None:
         self._cupy.cuda.runtime.memsetAsync(inv, 0xFF, BN * 4, stream)
@@ -207,6 +252,51 @@ class CupyKernels:
         fn, vec = self._kernel("sum_batch", dtype, _vector_ok(_DTYPES[dtype][1], C, out, inp))
         grid, block = _row_launch(M, C // vec)
         self._launch(fn, grid, block, (_p(out), _p(inp), _i(B), _i(M), _i(C)), stream)
+        return _OK
+
+    # Mask samplers (csrc/mask_ops.cu, same checks and launch shapes).
+
+    def tube_mask(self, hidden, cu_seqlens, B, T, H, W, num_hidden, seed, P, stream):
+        S = H * W
+        if not hidden or not _mask_grid_ok(B, T, H, W, cu_seqlens, P) or S * 4 > MASK_KEY_BYTES:
+            return _BAD_ARG
+        if not 0 <= num_hidden <= S:
+            return _BAD_ARG
+        args = (_p(hidden), _i(T), np.int32(S), np.int32(num_hidden), np.uint64(seed))
+        self._launch(self._mask_fn("invnext_tube_mask_kernel"), (B,), (_mask_threads(S),), args, stream, S * 4)
+        self._mask_cu_seqlens(cu_seqlens, B, T * (S - num_hidden), P, stream)
+        return _OK
+
+    def multiblock_mask(self, hidden, cu_seqlens, B, T, H, W, num_blocks, s0, s1, a0, a1, t0, t1, seed, P, stream):
+        ranges_ok = 0.0 <= s0 <= s1 <= 1.0 and 0.0 < a0 <= a1 < math.inf and 0.0 <= t0 <= t1 <= 1.0
+        if not hidden or not _mask_grid_ok(B, T, H, W, cu_seqlens, P) or not 1 <= num_blocks <= MASK_MAX_BLOCKS:
+            return _BAD_ARG
+        if not ranges_ok:
+            return _BAD_ARG
+        # The C API forms these with the C library's log; math.log is the same function.
+        la0, dla = math.log(a0), math.log(a1) - math.log(a0)
+        visible = (cu_seqlens + 4) if cu_seqlens else 0
+        args = (
+            _p(hidden), _p(visible), np.int32(T), np.int32(H), np.int32(W), np.int32(num_blocks), np.uint64(seed),
+            np.float64(s0), np.float64(s1 - s0), np.float64(la0), np.float64(dla), np.float64(t0), np.float64(t1 - t0),
+        )  # fmt: skip
+        fn = self._mask_fn("invnext_multiblock_mask_kernel")
+        self._launch(fn, (B,), (_mask_threads(T * H * W),), args, stream, num_blocks * _BOX_BYTES)
+        self._mask_cu_seqlens(cu_seqlens, B, -1, P, stream)
+        return _OK
+
+    def semantic_mask(self, hidden, cu_seqlens, attn, B, T, S, keep, mode, dtype, seed, P, stream):
+        if not hidden or not attn or not _mask_grid_ok(B, T, 1, S, cu_seqlens, P) or B * T > _MAX_INT32:
+            return _BAD_ARG
+        if not 1 <= keep <= S or mode not in (0, 1) or dtype not in _DTYPES:
+            return _BAD_ARG
+        key_bytes = 8 if mode == 1 or dtype == 3 else 4
+        if S * key_bytes > MASK_KEY_BYTES:
+            return _BAD_ARG
+        name = f"invnext_semantic_mask_{'sample' if mode == 1 else 'topk'}_{_DTYPES[dtype][0]}"
+        args = (_p(hidden), _p(attn), np.int32(S), np.int32(keep), np.uint64(seed))
+        self._launch(self._mask_fn(name), (B * T,), (_mask_threads(S),), args, stream, S * key_bytes)
+        self._mask_cu_seqlens(cu_seqlens, B, T * keep, P, stream)
         return _OK
 
     def error_string(self, code: int) -> str:

@@ -39,9 +39,9 @@ _ACCELERATED: dict[str, dict[str, str]] = {
     "p_sample_step": {"triton": "invnext_kernels.diffusion:p_sample_step"},
     "ddim_step": {"triton": "invnext_kernels.diffusion:ddim_step"},
     "adaln_modulate": {"triton": "invnext_kernels.diffusion:adaln_modulate"},
-    "tube_mask": {},
-    "multiblock_mask": {},
-    "semantic_mask": {},
+    "tube_mask": {"cuda": "invnext.native.masks:tube_mask"},
+    "multiblock_mask": {"cuda": "invnext.native.masks:multiblock_mask"},
+    "semantic_mask": {"cuda": "invnext.native.masks:semantic_mask"},
     "motion_mask": {},
     # Triton step kernels replayed from a CUDA graph: needs Triton, not the native extension.
     "p_sample_loop": {"triton": "invnext_kernels.sampler:p_sample_loop"},

@@ -1,0 +1,257 @@
+"""CUDA mask samplers (csrc/mask_kernels.cuh) with the canonical signatures of docs/ops_contract.md.
+
+Each returns exactly the boolean mask of its reference in ``invnext.ops.masks`` for the same
+seed: the kernels evaluate the same Philox counters, round the multi-block box arithmetic one
+op at a time as torch does, and pick "the first k of a stable sort" by an exact radix select on
+(key, index). The only values that can differ from the *CPU* reference are fp64 ``exp``/``log``
+results (multi-block aspect ratios, Gumbel scores) that the CUDA math library and the CPU
+library round differently; against torch's CUDA reference the masks are identical. One block
+per sample (tube, multi-block) or per frame (semantic); nothing reads device memory on the host,
+so every call is asynchronous and CUDA-graph capturable.
+
+``*_with_cu_seqlens`` variants also return ``cu_seqlens`` (int32[B+1], prefix sums of
+``P + visible``) computed on the device by the sampler, and a host ``max_seqlen``: exact for
+tube and semantic masks (every sample keeps the same count), the bound ``P + N`` for
+multi-block masks (a valid ``max_seqlen`` for varlen attention; the exact value needs a host
+read, or :func:`invnext.ops.masks.mask_counts` on a CPU mask).
+
+``.unsupported(*args)`` declines (``auto`` then uses the reference) frames too large for the
+shared-memory sort and inputs the extension cannot take. Arguments are the canonical ones, as
+``invnext.ops.masks`` validates them; the ``*_with_cu_seqlens`` variants take the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from invnext import native
+from invnext.ops.masks import hidden_count
+
+# csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
+MASK_KEY_BYTES = 45056
+MASK_MAX_BLOCKS = 1024
+MODES = {"topk": 0, "sample": 1}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_MAX_INT32 = 2**31 - 1
+
+
+def _lib(op: str):
+    lib = native.kernels()
+    if not hasattr(lib, op):
+        raise RuntimeError(
+            f"invnext CUDA kernels: the compiled extension predates {op}; rebuild it (scripts/build_csrc.sh --inplace)"
+        )
+    return lib
+
+
+def _check(lib, code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"invnext CUDA kernel {what} failed: {lib.error_string(code)} (cudaError {code})")
+
+
+def _on(device: torch.device):
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _common_reason(op: str, device: torch.device, B: int, N: int) -> str | None:
+    if device.type != "cuda":
+        return f"the CUDA kernels need a CUDA device, got {device}"
+    why = native.unavailable_reason()
+    if why is not None:
+        return why
+    if not hasattr(native.kernels(), op):
+        return "the compiled extension predates the mask kernels; rebuild it (scripts/build_csrc.sh --inplace)"
+    if N > _MAX_INT32 or B > _MAX_INT32:
+        return f"sizes beyond int32 (B={B}, N={N})"
+    return None
+
+
+def _cu_seqlens(op: str, B: int, P: int, N: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(P, int) or isinstance(P, bool) or P < 0:
+        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {P!r}")
+    if B * (N + P) > _MAX_INT32:
+        raise ValueError(f"{op}: cu_seqlens would overflow int32: B * (N + P) = {B * (N + P)}")
+    return torch.empty(B + 1, dtype=torch.int32, device=device)
+
+
+# --------------------------------------------------------------------------- tube
+
+
+def _tube(batch_size, grid, ratio, seed, device, num_prefix):
+    lib = _lib("tube_mask")
+    device = torch.device(device)
+    T, H, W = grid
+    S = H * W
+    hidden = torch.empty(batch_size, T * S, dtype=torch.bool, device=device)
+    cu = None if num_prefix is None else _cu_seqlens("tube_mask", batch_size, num_prefix, T * S, device)
+    with _on(device):
+        code = lib.tube_mask(
+            _ptr(hidden), _ptr(cu), batch_size, T, H, W, hidden_count(ratio, S), seed, num_prefix or 0,
+            _stream(device),
+        )  # fmt: skip
+    _check(lib, code, "tube_mask")
+    return hidden, cu
+
+
+def tube_mask(
+    batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """``tube_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
+    return _tube(batch_size, grid, ratio, seed, device, None)[0]
+
+
+def _tube_unsupported(batch_size, grid, ratio, seed, device) -> str | None:
+    T, H, W = grid
+    why = _common_reason("tube_mask", torch.device(device), batch_size, T * H * W)
+    if why is None and H * W * 4 > MASK_KEY_BYTES:
+        why = f"a frame of {H * W} positions exceeds the shared-memory sort ({MASK_KEY_BYTES // 4} positions)"
+    return why
+
+
+tube_mask.unsupported = _tube_unsupported
+
+
+def tube_mask_with_cu_seqlens(
+    batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device, num_prefix: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(hidden bool[B, N], cu_seqlens int32[B+1], max_seqlen)``; every sample keeps
+    ``P + T * (H*W - hidden_count(ratio, H*W))`` tokens, so ``max_seqlen`` is exact."""
+    hidden, cu = _tube(batch_size, grid, ratio, seed, device, num_prefix)
+    T, H, W = grid
+    return hidden, cu, num_prefix + T * (H * W - hidden_count(ratio, H * W))
+
+
+# --------------------------------------------------------------------------- multi-block
+
+
+def _multiblock(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device, num_prefix):
+    lib = _lib("multiblock_mask")
+    device = torch.device(device)
+    T, H, W = grid
+    N = T * H * W
+    hidden = torch.empty(batch_size, N, dtype=torch.bool, device=device)
+    cu = None if num_prefix is None else _cu_seqlens("multiblock_mask", batch_size, num_prefix, N, device)
+    with _on(device):
+        code = lib.multiblock_mask(
+            _ptr(hidden), _ptr(cu), batch_size, T, H, W, num_blocks,
+            float(spatial_scale[0]), float(spatial_scale[1]), float(aspect_ratio[0]), float(aspect_ratio[1]),
+            float(temporal_scale[0]), float(temporal_scale[1]), seed, num_prefix or 0, _stream(device),
+        )  # fmt: skip
+    _check(lib, code, "multiblock_mask")
+    return hidden, cu
+
+
+def multiblock_mask(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    num_blocks: int,
+    spatial_scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    temporal_scale: tuple[float, float],
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``multiblock_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
+    args = (batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device)
+    return _multiblock(*args, None)[0]
+
+
+def _multiblock_unsupported(
+    batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device
+) -> str | None:
+    T, H, W = grid
+    why = _common_reason("multiblock_mask", torch.device(device), batch_size, T * H * W)
+    if why is None and num_blocks > MASK_MAX_BLOCKS:
+        why = f"num_blocks={num_blocks} exceeds the kernel's {MASK_MAX_BLOCKS} boxes per sample"
+    if why is None and not math.isfinite(aspect_ratio[1]):
+        why = "an infinite aspect ratio bound"
+    return why
+
+
+multiblock_mask.unsupported = _multiblock_unsupported
+
+
+def multiblock_mask_with_cu_seqlens(
+    batch_size: int,
+    grid: tuple[int, int, int],
+    num_blocks: int,
+    spatial_scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    temporal_scale: tuple[float, float],
+    seed: int,
+    device: torch.device,
+    num_prefix: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(hidden bool[B, N], cu_seqlens int32[B+1], max_seqlen bound P + N)``; the visible
+    counts are summed by the kernel that draws the mask, so nothing waits for the GPU."""
+    args = (batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device)
+    hidden, cu = _multiblock(*args, num_prefix)
+    return hidden, cu, num_prefix + grid[0] * grid[1] * grid[2]
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def _semantic(attn, keep, mode, seed, num_prefix):
+    lib = _lib("semantic_mask")
+    B, T, S = attn.shape
+    attn = attn.contiguous()
+    hidden = torch.empty(B, T * S, dtype=torch.bool, device=attn.device)
+    cu = None if num_prefix is None else _cu_seqlens("semantic_mask", B, num_prefix, T * S, attn.device)
+    with _on(attn.device):
+        code = lib.semantic_mask(
+            _ptr(hidden), _ptr(cu), _ptr(attn), B, T, S, keep, MODES[mode], _DTYPE_CODE[attn.dtype], seed,
+            num_prefix or 0, _stream(attn.device),
+        )  # fmt: skip
+    _check(lib, code, "semantic_mask")
+    return hidden, cu
+
+
+def semantic_mask(attn: torch.Tensor, keep: int, mode: str, seed: int) -> torch.Tensor:
+    """``semantic_mask_reference`` on the GPU.
+
+    Args:
+        attn: float[B, T, S] (float32/16, bfloat16, float64) on a CUDA device.
+        keep: tokens kept per frame, 1 <= keep <= S.
+        mode: "topk" or "sample".
+        seed: the Philox seed ("sample" only).
+    Returns:
+        hidden: bool[B, T*S] on ``attn``'s device.
+    """
+    return _semantic(attn, keep, mode, seed, None)[0]
+
+
+def _semantic_unsupported(attn, keep, mode, seed) -> str | None:
+    B, T, S = attn.shape
+    why = _common_reason("semantic_mask", attn.device, B * T, T * S)
+    if why is None and attn.dtype not in _DTYPE_CODE:
+        why = f"attn dtype {attn.dtype} is not float32/16, bfloat16 or float64"
+    key_bytes = 8 if mode == "sample" or attn.dtype == torch.float64 else 4
+    if why is None and S * key_bytes > MASK_KEY_BYTES:
+        limit = MASK_KEY_BYTES // key_bytes
+        why = f"a frame of {S} tokens exceeds the shared-memory sort ({limit} for this mode/dtype)"
+    return why
+
+
+semantic_mask.unsupported = _semantic_unsupported
+
+
+def semantic_mask_with_cu_seqlens(
+    attn: torch.Tensor, keep: int, mode: str, seed: int, num_prefix: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(hidden bool[B, T*S], cu_seqlens int32[B+1], max_seqlen)``; every sample keeps
+    ``P + T * keep`` tokens, so ``max_seqlen`` is exact."""
+    hidden, cu = _semantic(attn, keep, mode, seed, num_prefix)
+    return hidden, cu, num_prefix + attn.shape[1] * keep
