@@ -11,7 +11,10 @@ bf16 / fp16 inputs, float32 tables read per row at ``t``, outputs in the referen
     adaln_modulate(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
 
 Kernels live in ``_diffusion_steps.py`` (element-wise), ``_diffusion_loss.py`` and
-``_diffusion_adaln.py``; each op here owns its ``torch.autograd.Function``:
+``_diffusion_adaln.py``. Each launch is a ``torch.library`` custom op
+(``invnext::<op>_triton_fwd`` / ``_bwd``, docs/ops_contract.md) with a fake and a registered
+autograd formula, so ``torch.compile`` keeps it as one node; the schedule reaches the ops as
+its float32 tables. Per op:
 - ``q_sample``: backward scales the incoming gradient by the same per-row coefficients.
 - ``diffusion_loss``: differentiable w.r.t. ``model_out`` only (as the reference, whose
   ``x0``, ``x_t``, ``noise`` are detached targets); the backward kernel recomputes every
@@ -20,7 +23,7 @@ Kernels live in ``_diffusion_steps.py`` (element-wise), ``_diffusion_loss.py`` a
   for ``shift`` and ``scale``. When the public op passed stride-0 (broadcast) views, autograd's
   expand/reshape backward sums those over the broadcast rows; ``dshift`` is ``dy`` itself
   (no kernel, no copy when the dtypes agree).
-- ``p_sample_step`` / ``ddim_step`` are sampling steps: one kernel, no graph. If autograd
+- ``p_sample_step`` / ``ddim_step`` are sampling steps: one forward op, no backward. If autograd
   is recording and an input requires grad they run the reference instead, so a caller who
   differentiates through a step still gets gradients.
 
@@ -36,6 +39,7 @@ import contextlib
 
 import torch
 import triton
+from torch import Tensor
 
 from invnext.ops import diffusion as _ref
 from invnext.ops.diffusion_schedule import DiffusionSchedule
@@ -100,97 +104,310 @@ def _grid2(kind: str, M: int, C: int) -> tuple[tuple[int, int], int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------
-# q_sample
+# launchers (the real implementations of the custom ops below)
 # ----------------------------------------------------------------------------------------
-class _QSample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x0, noise, t, schedule):
-        M, C = x0.shape
-        out = torch.empty((M, C), dtype=x0.dtype, device=x0.device)
-        ctx.schedule, ctx.dtypes = schedule, (x0.dtype, noise.dtype)
-        ctx.save_for_backward(t)
-        if M == 0 or C == 0:
-            return out
-        grid, bm, bc, warps = _grid2("stream", M, C)
-        with _on(x0.device):
-            _ks.q_sample_fwd_kernel[grid](
-                out, x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                M, schedule.num_steps, C, *strides2(x0), *strides2(noise), stride1(t),
-                TORCH_TO_TL[x0.dtype], bm, bc, num_warps=warps,
-            )  # fmt: skip
+def _q_sample_forward(x0, noise, t, sqrt_ac, sqrt_1m_ac):
+    M, C = x0.shape
+    out = torch.empty((M, C), dtype=x0.dtype, device=x0.device)
+    if M == 0 or C == 0:
         return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (t,) = ctx.saved_tensors
-        schedule = ctx.schedule
-        need_x0, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        M, C = g.shape
-        dx0 = torch.empty((M, C), dtype=ctx.dtypes[0], device=g.device) if need_x0 else None
-        dnoise = torch.empty((M, C), dtype=ctx.dtypes[1], device=g.device) if need_noise else None
-        if M and C and (need_x0 or need_noise):
-            grid, bm, bc, warps = _grid2("stream", M, C)
-            with _on(g.device):
-                _ks.q_sample_bwd_kernel[grid](
-                    dx0 if need_x0 else g, dnoise if need_noise else g, g, t,
-                    schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                    M, schedule.num_steps, C, *strides2(g), stride1(t), need_x0, need_noise,
-                    TORCH_TO_TL[ctx.dtypes[0]], TORCH_TO_TL[ctx.dtypes[1]], bm, bc, num_warps=warps,
-                )  # fmt: skip
-        return dx0, dnoise, None, None
+    grid, bm, bc, warps = _grid2("stream", M, C)
+    with _on(x0.device):
+        _ks.q_sample_fwd_kernel[grid](
+            out, x0, noise, t, sqrt_ac, sqrt_1m_ac,
+            M, sqrt_ac.shape[0], C, *strides2(x0), *strides2(noise), stride1(t),
+            TORCH_TO_TL[x0.dtype], bm, bc, num_warps=warps,
+        )  # fmt: skip
+    return out
 
 
-def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
-    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
-    if not _kernel_ok(x0, noise):
-        return _ref._q_sample_ref(x0, noise, t, schedule)
-    return _QSample.apply(x0, noise, t, schedule)
+def _q_sample_backward(g, t, sqrt_ac, sqrt_1m_ac, x0_dtype, noise_dtype, need_x0, need_noise):
+    """(dx0, dnoise), each ``[M, C]`` or ``[0, C]`` when not needed."""
+    M, C = g.shape
+    dx0 = torch.empty((M if need_x0 else 0, C), dtype=x0_dtype, device=g.device)
+    dnoise = torch.empty((M if need_noise else 0, C), dtype=noise_dtype, device=g.device)
+    if M and C and (need_x0 or need_noise):
+        grid, bm, bc, warps = _grid2("stream", M, C)
+        with _on(g.device):
+            _ks.q_sample_bwd_kernel[grid](
+                dx0 if need_x0 else g, dnoise if need_noise else g, g, t, sqrt_ac, sqrt_1m_ac,
+                M, sqrt_ac.shape[0], C, *strides2(g), stride1(t), need_x0, need_noise,
+                TORCH_TO_TL[x0_dtype], TORCH_TO_TL[noise_dtype], bm, bc, num_warps=warps,
+            )  # fmt: skip
+    return dx0, dnoise
 
 
-# ----------------------------------------------------------------------------------------
-# diffusion_loss
-# ----------------------------------------------------------------------------------------
-def _loss_args(model_out, x0, x_t, noise, t, schedule):
+def _loss_args(model_out, x0, x_t, noise, t, posterior):
     return (
-        model_out, x0, x_t, noise, t, *_tables(schedule, *_POSTERIOR),
-        x0.shape[0], schedule.num_steps, x_t.shape[1],
+        model_out, x0, x_t, noise, t, *posterior,
+        x0.shape[0], posterior[0].shape[0], x_t.shape[1],
         *strides2(model_out), *strides2(x0), *strides2(x_t), *strides2(noise), stride1(t),
     )  # fmt: skip
 
 
-class _DiffusionLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, model_out, x0, x_t, noise, t, schedule):
-        M, C = x_t.shape
-        loss = torch.empty(M, dtype=torch.float32, device=x_t.device)
-        ctx.schedule = schedule
-        ctx.save_for_backward(model_out, x0, x_t, noise, t)
-        if M == 0:
-            return loss
-        if C == 0:
-            return loss.fill_(float("nan"))  # the reference's mean over no channels
-        bm, bc, warps = _tile("loss_fwd", C)
-        with _on(x_t.device):
-            _kl.loss_fwd_kernel[(triton.cdiv(M, bm),)](
-                loss, *_loss_args(model_out, x0, x_t, noise, t, schedule), accurate(), bm, bc, num_warps=warps
-            )
+def _loss_forward(model_out, x0, x_t, noise, t, posterior):
+    M, C = x_t.shape
+    loss = torch.empty(M, dtype=torch.float32, device=x_t.device)
+    if M == 0:
         return loss
+    if C == 0:
+        return loss.fill_(float("nan"))  # the reference's mean over no channels
+    bm, bc, warps = _tile("loss_fwd", C)
+    with _on(x_t.device):
+        _kl.loss_fwd_kernel[(triton.cdiv(M, bm),)](
+            loss, *_loss_args(model_out, x0, x_t, noise, t, posterior), accurate(), bm, bc, num_warps=warps
+        )
+    return loss
 
-    @staticmethod
-    def backward(ctx, g):
-        model_out, x0, x_t, noise, t = ctx.saved_tensors
+
+def _loss_backward(g, model_out, x0, x_t, noise, t, posterior):
+    M, C = x_t.shape
+    dmo = torch.empty((M, 2 * C), dtype=model_out.dtype, device=model_out.device)
+    if M and C:
+        grid, bm, bc, warps = _grid2("loss_bwd", M, C)
+        with _on(x_t.device):
+            _kl.loss_bwd_kernel[grid](
+                dmo, g, *_loss_args(model_out, x0, x_t, noise, t, posterior), stride1(g),
+                TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=warps,
+            )  # fmt: skip
+    return dmo
+
+
+def _p_sample_launch(out, model_out, x_t, t, posterior, noise, temperature):
+    M, C = x_t.shape
+    if M and C:
+        grid, bm, bc, warps = _grid2("step", M, C)
+        with _on(x_t.device):
+            _ks.p_sample_kernel[grid](
+                out, model_out, x_t, noise, t, *posterior,
+                M, posterior[0].shape[0], float(temperature), C,
+                *strides2(model_out), *strides2(x_t), *strides2(noise), stride1(t), out.stride(0) if M > 1 else 0,
+                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
+            )  # fmt: skip
+    return out
+
+
+def _ddim_launch(out, model_out, x_t, t, tables, noise, eta):
+    M, C = x_t.shape
+    # The reference adds noise only when it is given and eta != 0.
+    has_noise = noise is not None and eta != 0.0
+    if M and C:
+        grid, bm, bc, warps = _grid2("stream", M, C)
+        nz = noise if has_noise else x_t
+        with _on(x_t.device):
+            _ks.ddim_kernel[grid](
+                out, model_out, x_t, nz, t, *tables,
+                M, tables[0].shape[0], float(eta), C,
+                *strides2(model_out), *strides2(x_t), *strides2(nz), stride1(t), out.stride(0) if M > 1 else 0,
+                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
+            )  # fmt: skip
+    return out
+
+
+def _adaln_shape(W: int) -> tuple[int, int, int]:
+    bw = triton.next_power_of_2(max(W, 1))
+    bm = max(1, min(16, 4096 // bw))
+    return bw, bm, (4 if bw * bm <= 2048 else 8)
+
+
+def _adaln_forward(x, shift, scale, eps):
+    """(y [M, W] x's dtype, mean fp32[M], rstd fp32[M])."""
+    M, W = x.shape
+    y = torch.empty((M, W), dtype=x.dtype, device=x.device)
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M and W:
+        bw, bm, warps = _adaln_shape(W)
+        with _on(x.device):
+            _ka.adaln_fwd_kernel[(triton.cdiv(M, bm),)](
+                y, mean, rstd, x, shift, scale, M, float(eps), W,
+                *strides2(x), *strides2(shift), *strides2(scale),
+                TORCH_TO_TL[x.dtype], bm, bw, num_warps=warps,
+            )  # fmt: skip
+    return y, mean, rstd
+
+
+def _adaln_backward(dy, x, scale, mean, rstd, need_dx, need_dscale):
+    """(dx, dscale), each ``[M, W]`` or ``[0, W]`` when not needed; dshift is ``dy`` (no kernel)."""
+    M, W = x.shape
+    dx = torch.empty((M if need_dx else 0, W), dtype=x.dtype, device=x.device)
+    dscale = torch.empty((M if need_dscale else 0, W), dtype=scale.dtype, device=x.device)
+    if M and W and (need_dx or need_dscale):
+        bw, bm, warps = _adaln_shape(W)
+        with _on(x.device):
+            _ka.adaln_bwd_kernel[(triton.cdiv(M, bm),)](
+                dx if need_dx else dy, dscale if need_dscale else dy, dy, x, scale, mean, rstd, M, W,
+                *strides2(dy), *strides2(x), *strides2(scale), need_dx, need_dscale,
+                TORCH_TO_TL[x.dtype], TORCH_TO_TL[scale.dtype], bm, bw, num_warps=warps,
+            )  # fmt: skip
+    return dx, dscale
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library ops (docs/ops_contract.md, "Custom ops"): the schedule is passed as its
+# tables (``S`` = their length), every output size is an input's, and the fakes allocate
+# what the launchers allocate (contiguous, same dtypes).
+# ----------------------------------------------------------------------------------------
+_OP_NAMES = (
+    "q_sample_triton_fwd", "q_sample_triton_bwd", "diffusion_loss_triton_fwd", "diffusion_loss_triton_bwd",
+    "p_sample_step_triton_fwd", "ddim_step_triton_fwd", "adaln_modulate_triton_fwd", "adaln_modulate_triton_bwd",
+)  # fmt: skip
+
+
+def _define_ops():
+    ns = torch.ops.invnext
+    if all(hasattr(ns, n) for n in _OP_NAMES):
+        return tuple(getattr(ns, n) for n in _OP_NAMES)  # a second import of this module
+    op = lambda name: torch.library.custom_op(f"invnext::{name}", mutates_args=())
+
+    # ---- q_sample: x_t = a[t] x0 + s[t] noise; dx0 = a[t] g, dnoise = s[t] g
+    @op("q_sample_triton_fwd")
+    def q_fwd(x0: Tensor, noise: Tensor, t: Tensor, sqrt_ac: Tensor, sqrt_1m_ac: Tensor) -> Tensor:
+        return _q_sample_forward(x0, noise, t, sqrt_ac, sqrt_1m_ac)
+
+    q_fwd.register_fake(lambda x0, noise, t, a, s: x0.new_empty(x0.shape))
+
+    @op("q_sample_triton_bwd")
+    def q_bwd(
+        g: Tensor, t: Tensor, sqrt_ac: Tensor, sqrt_1m_ac: Tensor, x0_dtype: torch.dtype,
+        noise_dtype: torch.dtype, need_x0: bool, need_noise: bool,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return _q_sample_backward(g, t, sqrt_ac, sqrt_1m_ac, x0_dtype, noise_dtype, need_x0, need_noise)
+
+    @q_bwd.register_fake
+    def _(g, t, a, s, x0_dtype, noise_dtype, need_x0, need_noise):
+        M, C = g.shape
+        return g.new_empty((M if need_x0 else 0, C), dtype=x0_dtype), g.new_empty(
+            (M if need_noise else 0, C), dtype=noise_dtype
+        )
+
+    def q_setup(ctx, inputs, output):
+        x0, noise, t, a, s = inputs
+        ctx.save_for_backward(t, a, s)
+        ctx.dtypes = (x0.dtype, noise.dtype)
+
+    def q_grad(ctx, g):
+        t, a, s = ctx.saved_tensors
+        need_x0, need_noise = ctx.needs_input_grad[:2]
+        if not (need_x0 or need_noise):
+            return (None,) * 5
+        dx0, dnoise = q_bwd(g, t, a, s, *ctx.dtypes, need_x0, need_noise)
+        return (dx0 if need_x0 else None), (dnoise if need_noise else None), None, None, None
+
+    q_fwd.register_autograd(q_grad, setup_context=q_setup)
+
+    # ---- diffusion_loss: differentiable in model_out only (x0, x_t, noise are targets)
+    @op("diffusion_loss_triton_fwd")
+    def loss_fwd(
+        model_out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor, posterior: list[Tensor]
+    ) -> Tensor:
+        return _loss_forward(model_out, x0, x_t, noise, t, posterior)
+
+    loss_fwd.register_fake(lambda mo, x0, x_t, noise, t, tables: x_t.new_empty(x_t.shape[0], dtype=torch.float32))
+
+    @op("diffusion_loss_triton_bwd")
+    def loss_bwd(
+        g: Tensor, model_out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor, posterior: list[Tensor]
+    ) -> Tensor:
+        return _loss_backward(g, model_out, x0, x_t, noise, t, posterior)
+
+    loss_bwd.register_fake(lambda g, mo, x0, x_t, noise, t, tables: mo.new_empty((x_t.shape[0], 2 * x_t.shape[1])))
+
+    def loss_setup(ctx, inputs, output):
+        model_out, x0, x_t, noise, t, posterior = inputs
+        ctx.save_for_backward(model_out, x0, x_t, noise, t, *posterior)
+
+    def loss_grad(ctx, g):
+        model_out, x0, x_t, noise, t, *posterior = ctx.saved_tensors
+        no_tables = [None] * len(posterior)  # a list input takes a list of gradients
         if not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        M, C = x_t.shape
-        dmo = torch.empty((M, 2 * C), dtype=model_out.dtype, device=model_out.device)
-        if M and C:
-            grid, bm, bc, warps = _grid2("loss_bwd", M, C)
-            with _on(x_t.device):
-                _kl.loss_bwd_kernel[grid](
-                    dmo, g, *_loss_args(model_out, x0, x_t, noise, t, ctx.schedule), stride1(g),
-                    TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=warps,
-                )  # fmt: skip
-        return dmo, None, None, None, None, None
+            return None, None, None, None, None, no_tables
+        return loss_bwd(g, model_out, x0, x_t, noise, t, posterior), None, None, None, None, no_tables
+
+    loss_fwd.register_autograd(loss_grad, setup_context=loss_setup)
+
+    # ---- sampling steps: forward only (under autograd the entries below run the reference)
+    @op("p_sample_step_triton_fwd")
+    def p_fwd(
+        model_out: Tensor, x_t: Tensor, t: Tensor, posterior: list[Tensor], noise: Tensor, temperature: float
+    ) -> Tensor:
+        out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+        return _p_sample_launch(out, model_out, x_t, t, posterior, noise, temperature)
+
+    p_fwd.register_fake(lambda mo, x_t, t, posterior, noise, temperature: x_t.new_empty(x_t.shape))
+
+    @op("ddim_step_triton_fwd")
+    def ddim_fwd(
+        model_out: Tensor, x_t: Tensor, t: Tensor, tables: list[Tensor], noise: Tensor | None, eta: float
+    ) -> Tensor:
+        out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+        return _ddim_launch(out, model_out, x_t, t, tables, noise, eta)
+
+    ddim_fwd.register_fake(lambda mo, x_t, t, tables, noise, eta: x_t.new_empty(x_t.shape))
+
+    # ---- adaln_modulate: saves mean/rstd (fp32 [M]); dshift = dy needs no kernel
+    @op("adaln_modulate_triton_fwd")
+    def ada_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return _adaln_forward(x, shift, scale, eps)
+
+    @ada_fwd.register_fake
+    def _(x, shift, scale, eps):
+        M = x.shape[0]
+        return x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+    @op("adaln_modulate_triton_bwd")
+    def ada_bwd(
+        dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, need_dx: bool, need_dscale: bool
+    ) -> tuple[Tensor, Tensor]:
+        return _adaln_backward(dy, x, scale, mean, rstd, need_dx, need_dscale)
+
+    @ada_bwd.register_fake
+    def _(dy, x, scale, mean, rstd, need_dx, need_dscale):
+        M, W = x.shape
+        return x.new_empty((M if need_dx else 0, W)), scale.new_empty((M if need_dscale else 0, W))
+
+    def ada_setup(ctx, inputs, output):
+        x, shift, scale, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.shift_dtype = shift.dtype
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def ada_grad(ctx, dy, _dmean, _drstd):
+        x, scale, mean, rstd = ctx.saved_tensors
+        need_dx, need_dshift, need_dscale = ctx.needs_input_grad[:3]
+        dx = dscale = None
+        if need_dx or need_dscale:
+            dx, dscale = ada_bwd(dy, x, scale, mean, rstd, need_dx, need_dscale)
+        dshift = dy.to(ctx.shift_dtype) if need_dshift else None
+        return (dx if need_dx else None), dshift, (dscale if need_dscale else None), None
+
+    ada_fwd.register_autograd(ada_grad, setup_context=ada_setup)
+    return q_fwd, q_bwd, loss_fwd, loss_bwd, p_fwd, ddim_fwd, ada_fwd, ada_bwd
+
+
+(
+    q_sample_triton_fwd,
+    q_sample_triton_bwd,
+    diffusion_loss_triton_fwd,
+    diffusion_loss_triton_bwd,
+    p_sample_step_triton_fwd,
+    ddim_step_triton_fwd,
+    adaln_modulate_triton_fwd,
+    adaln_modulate_triton_bwd,
+) = _define_ops()
+
+_DDIM_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alphas_cumprod", "alphas_cumprod_prev")
+
+
+# ----------------------------------------------------------------------------------------
+# public entries (canonical signatures)
+# ----------------------------------------------------------------------------------------
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
+    if not _kernel_ok(x0, noise):
+        return _ref._q_sample_ref(x0, noise, t, schedule)
+    return q_sample_triton_fwd(x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
 def diffusion_loss(
@@ -204,25 +421,12 @@ def diffusion_loss(
     """Per-row hybrid loss ``float32[M]`` (eps MSE + vb in bits); grads flow to ``model_out[M, 2C]`` only."""
     if not _kernel_ok(model_out, x0, x_t, noise):
         return _ref._diffusion_loss_ref(model_out, x0, x_t, noise, t, schedule)
-    return _DiffusionLoss.apply(model_out, x0, x_t, noise, t, schedule)
+    return diffusion_loss_triton_fwd(model_out, x0, x_t, noise, t, _tables(schedule, *_POSTERIOR))
 
 
-# ----------------------------------------------------------------------------------------
-# reverse steps
-# ----------------------------------------------------------------------------------------
 def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
     """:func:`p_sample_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
-    M, C = x_t.shape
-    if M and C:
-        grid, bm, bc, warps = _grid2("step", M, C)
-        with _on(x_t.device):
-            _ks.p_sample_kernel[grid](
-                out, model_out, x_t, noise, t, *_tables(schedule, *_POSTERIOR),
-                M, schedule.num_steps, float(temperature), C,
-                *strides2(model_out), *strides2(x_t), *strides2(noise), stride1(t), out.stride(0) if M > 1 else 0,
-                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
-            )  # fmt: skip
-    return out
+    return _p_sample_launch(out, model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, temperature)
 
 
 def p_sample_step(
@@ -236,28 +440,12 @@ def p_sample_step(
     """One ancestral step ``x_{t-1}[M, C]`` (x_t's dtype) from ``model_out[M, 2C] = [eps, v]``."""
     if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
         return _ref._p_sample_step_ref(model_out, x_t, t, schedule, noise, temperature)
-    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
-    return p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature)
+    return p_sample_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, float(temperature))
 
 
 def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
     """:func:`ddim_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
-    M, C = x_t.shape
-    # The reference adds noise only when it is given and eta != 0.
-    has_noise = noise is not None and eta != 0.0
-    if M and C:
-        grid, bm, bc, warps = _grid2("stream", M, C)
-        nz = noise if has_noise else x_t
-        with _on(x_t.device):
-            _ks.ddim_kernel[grid](
-                out, model_out, x_t, nz, t,
-                *_tables(schedule, "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-                         "alphas_cumprod", "alphas_cumprod_prev"),
-                M, schedule.num_steps, float(eta), C,
-                *strides2(model_out), *strides2(x_t), *strides2(nz), stride1(t), out.stride(0) if M > 1 else 0,
-                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
-            )  # fmt: skip
-    return out
+    return _ddim_launch(out, model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, eta)
 
 
 def ddim_step(
@@ -271,59 +459,12 @@ def ddim_step(
     """One DDIM step ``x_prev[M, C]`` (x_t's dtype); ``noise`` is used only when given and ``eta != 0``."""
     if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
         return _ref._ddim_step_ref(model_out, x_t, t, schedule, noise, eta)
-    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
-    return ddim_step_into(out, model_out, x_t, t, schedule, noise, eta)
-
-
-# ----------------------------------------------------------------------------------------
-# adaln_modulate
-# ----------------------------------------------------------------------------------------
-def _adaln_shape(W: int) -> tuple[int, int, int]:
-    bw = triton.next_power_of_2(max(W, 1))
-    bm = max(1, min(16, 4096 // bw))
-    return bw, bm, (4 if bw * bm <= 2048 else 8)
-
-
-class _AdaLN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        M, W = x.shape
-        y = torch.empty((M, W), dtype=x.dtype, device=x.device)
-        mean = torch.empty(M, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        if M and W:
-            bw, bm, warps = _adaln_shape(W)
-            with _on(x.device):
-                _ka.adaln_fwd_kernel[(triton.cdiv(M, bm),)](
-                    y, mean, rstd, x, shift, scale, M, float(eps), W,
-                    *strides2(x), *strides2(shift), *strides2(scale),
-                    TORCH_TO_TL[x.dtype], bm, bw, num_warps=warps,
-                )  # fmt: skip
-        ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.shift_dtype = shift.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, mean, rstd = ctx.saved_tensors
-        need_dx, need_dshift, need_dscale = ctx.needs_input_grad[:3]
-        M, W = x.shape
-        dx = torch.empty((M, W), dtype=x.dtype, device=x.device) if need_dx else None
-        dscale = torch.empty((M, W), dtype=scale.dtype, device=x.device) if need_dscale else None
-        if M and W and (need_dx or need_dscale):
-            bw, bm, warps = _adaln_shape(W)
-            with _on(x.device):
-                _ka.adaln_bwd_kernel[(triton.cdiv(M, bm),)](
-                    dx if need_dx else dy, dscale if need_dscale else dy, dy, x, scale, mean, rstd, M, W,
-                    *strides2(dy), *strides2(x), *strides2(scale), need_dx, need_dscale,
-                    TORCH_TO_TL[x.dtype], TORCH_TO_TL[scale.dtype], bm, bw, num_warps=warps,
-                )  # fmt: skip
-        dshift = dy.to(ctx.shift_dtype) if need_dshift else None
-        return dx, dshift, dscale, None
+    return ddim_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, float(eta))
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
     if not _kernel_ok(x, shift, scale) or x.shape[1] > _MAX_ADALN_WIDTH:
         return _ref._adaln_modulate_ref(x, shift, scale, eps)
-    return _AdaLN.apply(x, shift, scale, eps)
+    y, _, _ = adaln_modulate_triton_fwd(x, shift, scale, float(eps))
+    return y

@@ -36,6 +36,11 @@ registers when the prefix is shared). ``dmask_token`` is reduced in two determin
 (fp32 partials per place block, then a torch sum over blocks). Nothing synchronises with
 the host: ``total`` is ``index.shape[0]``.
 
+Each pass is a ``torch.library`` custom op (``invnext::gather_visible_triton_fwd`` / ``_bwd``,
+``invnext::scatter_tokens_triton_fwd`` / ``_bwd``) with a fake and a registered autograd
+formula, so ``torch.compile`` graphs keep the kernels as single nodes; the public functions
+below only validate and call them.
+
 Rows are contiguous with stride C; when C is a multiple of 8 (bf16/fp16) or 4 (fp32) the
 row offsets are hinted with ``tl.multiple_of`` so the loads and stores become 16-byte
 vectors.
@@ -433,70 +438,269 @@ def _gather_rows(
 # ----------------------------------------------------------------------------------------
 # gather_visible
 # ----------------------------------------------------------------------------------------
-class _GatherVisible(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pos, prefix, index, cu_seqlens):
-        out = _gather_rows(x, index, cu_seqlens, pos, prefix)
+def _gather_backward(grad, index, cu_seqlens, B, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
+    """(dx, dpos, dprefix); a gradient that is not needed comes back with a leading dim of 0."""
+    C = grad.shape[1]
+    grad = grad.contiguous()
+    new = lambda lead, rows, need: torch.empty(lead if need else 0, rows, C, dtype=grad.dtype, device=grad.device)
+    dx, dpos, dprefix = new(B, N, need_x), new(pos_batch, N, need_pos), new(prefix_batch, P, need_prefix)
+    pos_mode = 0 if not need_pos else (1 if pos_batch > 1 else 2)
+    if (need_x or pos_mode) and B * N > 0 and C > 0:
+        inv = _inverse_map(index, B * N)
+        block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
+        grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+        _gather_bwd_places_kernel[grid](
+            dx if need_x else grad,
+            dpos if pos_mode else grad,
+            grad,
+            inv,
+            B,
+            N,
+            C,
+            STORE_DX=need_x,
+            POS_MODE=pos_mode,
+            ALIGN=align,
+            ACC=_acc_dtype(grad.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    if need_prefix and P > 0 and C > 0:
+        block_c, _, warps, _ = _tiles(C)
+        block_p = min(triton.next_power_of_2(P), 16)
+        _prefix_grad_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
+            dprefix,
+            grad,
+            cu_seqlens,
+            B,
+            P,
+            C,
+            grad.shape[0],
+            SUM_BATCH=prefix_batch == 1 and B > 1,
+            ACC=_acc_dtype(grad.dtype),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    return dx, dpos, dprefix
+
+
+# ----------------------------------------------------------------------------------------
+# scatter_tokens
+# ----------------------------------------------------------------------------------------
+def _scatter_forward(packed, index, mask_token, pos, batch_size, N):
+    """(out [B, N, C], inv int32[B*N]); ``inv`` is kept for the backward."""
+    C = packed.shape[1]
+    inv = _inverse_map(index, batch_size * N)
+    out = torch.empty(batch_size, N, C, dtype=packed.dtype, device=packed.device)
+    if batch_size * N > 0 and C > 0:
+        block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
+        grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+        _scatter_places_kernel[grid](
+            out,
+            packed,
+            inv,
+            mask_token,
+            pos if pos is not None else packed,
+            batch_size,
+            N,
+            C,
+            HAS_POS=pos is not None,
+            POS_SHARED=pos is not None and pos.shape[0] == 1,
+            ALIGN=align,
+            ACC=_acc_dtype(packed.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    return out, inv
+
+
+def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
+    """(dpacked [total, C], dmask_token [C], dpos summed over the batch [1, N, C]); an output
+    that is not needed has a leading dim of 0. A per-sample ``pos`` needs no kernel (its
+    gradient is ``grad`` itself), so the autograd formula handles it."""
+    B, N, C = grad.shape
+    total = index.shape[0]
+    grad = grad.contiguous()
+    acc = _acc_torch(grad.dtype)
+    block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
+    n_blocks = triton.cdiv(N, block_n)
+    dev = grad.device
+    dpacked = torch.empty(total if need_packed else 0, C, dtype=grad.dtype, device=dev)
+    dpos = torch.empty(1 if need_pos_sum else 0, N, C, dtype=grad.dtype, device=dev)
+    parts = torch.empty(n_blocks if need_mask else 0, C, dtype=acc, device=dev)
+    if (need_packed or need_mask or need_pos_sum) and B * N > 0 and C > 0:
+        _scatter_bwd_places_kernel[(n_blocks, triton.cdiv(C, block_c))](
+            dpacked if need_packed else grad,
+            dpos if need_pos_sum else grad,
+            parts if need_mask else grad,
+            grad,
+            inv,
+            B,
+            N,
+            C,
+            STORE_PACKED=need_packed,
+            POS_SUM=need_pos_sum,
+            MASK_GRAD=need_mask,
+            ALIGN=align,
+            ACC=_acc_dtype(grad.dtype),
+            BLOCK_N=block_n,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    if need_packed and total > 0 and C > 0:
+        rows = max(1, _ROW_TILE_ELEMS // block_c)
+        _zero_unnamed_rows_kernel[(triton.cdiv(total, rows), triton.cdiv(C, block_c))](
+            dpacked, index, total, C, B * N, BLOCK_R=rows, BLOCK_C=block_c, num_warps=warps
+        )
+    if not need_mask:
+        dmask = torch.empty(0, dtype=grad.dtype, device=dev)
+    elif B * N > 0:
+        dmask = parts.sum(0).to(grad.dtype)
+    else:
+        dmask = torch.zeros(C, dtype=grad.dtype, device=dev)
+    return dpacked, dmask, dpos
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library ops (docs/ops_contract.md, "Custom ops"): torch.compile sees each launch as
+# one opaque node whose fake gives the output's shape; ``total`` is ``index.shape[0]``, so no
+# output size depends on tensor values.
+# ----------------------------------------------------------------------------------------
+def _define_ops():
+    ns = torch.ops.invnext
+    names = ("gather_visible_triton_fwd", "gather_visible_triton_bwd", "scatter_tokens_triton_fwd",
+             "scatter_tokens_triton_bwd")  # fmt: skip
+    if all(hasattr(ns, n) for n in names):
+        return tuple(getattr(ns, n) for n in names)  # a second import of this module
+
+    @torch.library.custom_op("invnext::gather_visible_triton_fwd", mutates_args=())
+    def gather_fwd(
+        x: torch.Tensor,
+        index: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        pos: torch.Tensor | None,
+        prefix: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return _gather_rows(x, index, cu_seqlens, pos, prefix)
+
+    @gather_fwd.register_fake
+    def _(x, index, cu_seqlens, pos, prefix):
+        return x.new_empty((index.shape[0], x.shape[2]))
+
+    @torch.library.custom_op("invnext::gather_visible_triton_bwd", mutates_args=())
+    def gather_bwd(
+        grad: torch.Tensor,
+        index: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        batch_size: int,
+        N: int,
+        pos_batch: int,
+        prefix_batch: int,
+        P: int,
+        need_x: bool,
+        need_pos: bool,
+        need_prefix: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _gather_backward(
+            grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix
+        )
+
+    @gather_bwd.register_fake
+    def _(grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
+        C = grad.shape[1]
+        return (
+            grad.new_empty((batch_size if need_x else 0, N, C)),
+            grad.new_empty((pos_batch if need_pos else 0, N, C)),
+            grad.new_empty((prefix_batch if need_prefix else 0, P, C)),
+        )
+
+    def gather_setup(ctx, inputs, output):
+        x, index, cu_seqlens, pos, prefix = inputs
         ctx.save_for_backward(index, cu_seqlens)
-        ctx.x_shape = x.shape
-        ctx.pos_batch = None if pos is None else pos.shape[0]
-        ctx.prefix_shape = None if prefix is None else prefix.shape
-        return out
+        B, N, _ = x.shape
+        Bp = 0 if pos is None else pos.shape[0]
+        Bq, P = (0, 0) if prefix is None else (prefix.shape[0], prefix.shape[1])
+        ctx.dims = (B, N, Bp, Bq, P)
 
-    @staticmethod
-    def backward(ctx, grad):
+    def gather_grad(ctx, grad):
         index, cu_seqlens = ctx.saved_tensors
-        B, N, C = ctx.x_shape
-        need_x, need_pos, need_prefix = ctx.needs_input_grad[:3]
-        grad = grad.contiguous()
-        dx = dpos = dprefix = None
-        pos_mode = 0 if not need_pos else (1 if ctx.pos_batch > 1 else 2)
-        if need_x or pos_mode:
-            inv = _inverse_map(index, B * N)
-            dx = torch.empty(B, N, C, dtype=grad.dtype, device=grad.device) if need_x else None
-            dpos = torch.empty(ctx.pos_batch, N, C, dtype=grad.dtype, device=grad.device) if pos_mode else None
-            if B * N > 0 and C > 0:
-                block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-                grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
-                _gather_bwd_places_kernel[grid](
-                    dx if dx is not None else grad,
-                    dpos if dpos is not None else grad,
-                    grad,
-                    inv,
-                    B,
-                    N,
-                    C,
-                    STORE_DX=need_x,
-                    POS_MODE=pos_mode,
-                    ALIGN=align,
-                    ACC=_acc_dtype(grad.dtype),
-                    BLOCK_N=block_n,
-                    BLOCK_C=block_c,
-                    num_warps=warps,
-                )
-        if need_prefix:
-            Bq, P, _ = ctx.prefix_shape
-            dprefix = torch.empty(Bq, P, C, dtype=grad.dtype, device=grad.device)
-            if P > 0 and C > 0:
-                block_c, _, warps, _ = _tiles(C)
-                block_p = min(triton.next_power_of_2(P), 16)
-                _prefix_grad_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
-                    dprefix,
-                    grad,
-                    cu_seqlens,
-                    B,
-                    P,
-                    C,
-                    grad.shape[0],
-                    SUM_BATCH=Bq == 1 and B > 1,
-                    ACC=_acc_dtype(grad.dtype),
-                    BLOCK_P=block_p,
-                    BLOCK_C=block_c,
-                    num_warps=warps,
-                )
-        return dx, dpos, dprefix, None, None
+        need_x, _, _, need_pos, need_prefix = ctx.needs_input_grad
+        dx, dpos, dprefix = gather_bwd(grad, index, cu_seqlens, *ctx.dims, need_x, need_pos, need_prefix)
+        return (dx if need_x else None), None, None, (dpos if need_pos else None), (dprefix if need_prefix else None)
+
+    gather_fwd.register_autograd(gather_grad, setup_context=gather_setup)
+
+    @torch.library.custom_op("invnext::scatter_tokens_triton_fwd", mutates_args=())
+    def scatter_fwd(
+        packed: torch.Tensor,
+        index: torch.Tensor,
+        mask_token: torch.Tensor,
+        pos: torch.Tensor | None,
+        batch_size: int,
+        N: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _scatter_forward(packed, index, mask_token, pos, batch_size, N)
+
+    @scatter_fwd.register_fake
+    def _(packed, index, mask_token, pos, batch_size, N):
+        out = packed.new_empty((batch_size, N, packed.shape[1]))
+        return out, packed.new_empty((batch_size * N,), dtype=torch.int32)
+
+    @torch.library.custom_op("invnext::scatter_tokens_triton_bwd", mutates_args=())
+    def scatter_bwd(
+        grad: torch.Tensor,
+        index: torch.Tensor,
+        inv: torch.Tensor,
+        need_packed: bool,
+        need_mask: bool,
+        need_pos_sum: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum)
+
+    @scatter_bwd.register_fake
+    def _(grad, index, inv, need_packed, need_mask, need_pos_sum):
+        _, N, C = grad.shape
+        return (
+            grad.new_empty((index.shape[0] if need_packed else 0, C)),
+            grad.new_empty((C if need_mask else 0,)),
+            grad.new_empty((1 if need_pos_sum else 0, N, C)),
+        )
+
+    def scatter_setup(ctx, inputs, output):
+        _, index, _, pos, _, _ = inputs
+        ctx.save_for_backward(index, output[1])
+        ctx.pos_batch = 0 if pos is None else pos.shape[0]
+        ctx.mark_non_differentiable(output[1])
+
+    def scatter_grad(ctx, grad, _dinv):
+        index, inv = ctx.saved_tensors
+        need_packed, _, need_mask, need_pos = ctx.needs_input_grad[:4]
+        pos_sum = need_pos and ctx.pos_batch == 1
+        dpacked = dmask = dpos = None
+        if need_packed or need_mask or pos_sum:
+            dpacked, dmask, dpos = scatter_bwd(grad, index, inv, need_packed, need_mask, pos_sum)
+        if need_pos and not pos_sum:
+            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
+        keep = lambda g, need: g if need else None
+        return keep(dpacked, need_packed), None, keep(dmask, need_mask), keep(dpos, need_pos), None, None
+
+    scatter_fwd.register_autograd(scatter_grad, setup_context=scatter_setup)
+    return gather_fwd, gather_bwd, scatter_fwd, scatter_bwd
 
 
+(
+    gather_visible_triton_fwd,
+    gather_visible_triton_bwd,
+    scatter_tokens_triton_fwd,
+    scatter_tokens_triton_bwd,
+) = _define_ops()
+
+
+# ----------------------------------------------------------------------------------------
+# public entries (canonical signatures)
+# ----------------------------------------------------------------------------------------
 def gather_visible(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -531,93 +735,9 @@ def gather_visible(
             want = f"[1 or {B}, {rows if rows is not None else 'P'}, {C}]"
             raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
     contig = lambda t: None if t is None else t.contiguous()
-    return _GatherVisible.apply(
-        x.contiguous(), contig(pos), contig(prefix), index.contiguous(), cu_seqlens.contiguous()
+    return gather_visible_triton_fwd(
+        x.contiguous(), index.contiguous(), cu_seqlens.contiguous(), contig(pos), contig(prefix)
     )
-
-
-# ----------------------------------------------------------------------------------------
-# scatter_tokens
-# ----------------------------------------------------------------------------------------
-class _ScatterTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, packed, mask_token, pos, index, batch_size, N):
-        total, C = packed.shape
-        inv = _inverse_map(index, batch_size * N)
-        out = torch.empty(batch_size, N, C, dtype=packed.dtype, device=packed.device)
-        if batch_size * N > 0 and C > 0:
-            block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-            grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
-            _scatter_places_kernel[grid](
-                out,
-                packed,
-                inv,
-                mask_token,
-                pos if pos is not None else packed,
-                batch_size,
-                N,
-                C,
-                HAS_POS=pos is not None,
-                POS_SHARED=pos is not None and pos.shape[0] == 1,
-                ALIGN=align,
-                ACC=_acc_dtype(packed.dtype),
-                BLOCK_N=block_n,
-                BLOCK_C=block_c,
-                num_warps=warps,
-            )
-        ctx.save_for_backward(index, inv)
-        ctx.dims = (batch_size, N, total, C)
-        ctx.pos_batch = None if pos is None else pos.shape[0]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        index, inv = ctx.saved_tensors
-        B, N, total, C = ctx.dims
-        need_packed, need_mask, need_pos = ctx.needs_input_grad[:3]
-        grad = grad.contiguous()
-        dpacked = dmask = dpos = None
-        pos_sum = need_pos and ctx.pos_batch == 1
-        if need_pos and not pos_sum:
-            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
-        if need_packed or need_mask or pos_sum:
-            acc = _acc_torch(grad.dtype)
-            block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-            n_blocks = triton.cdiv(N, block_n)
-            dpacked = torch.empty(total, C, dtype=grad.dtype, device=grad.device) if need_packed else None
-            dpos_sum = torch.empty(1, N, C, dtype=grad.dtype, device=grad.device) if pos_sum else None
-            parts = torch.empty(n_blocks, C, dtype=acc, device=grad.device) if need_mask else None
-            if B * N > 0 and C > 0:
-                _scatter_bwd_places_kernel[(n_blocks, triton.cdiv(C, block_c))](
-                    dpacked if dpacked is not None else grad,
-                    dpos_sum if dpos_sum is not None else grad,
-                    parts if parts is not None else grad,
-                    grad,
-                    inv,
-                    B,
-                    N,
-                    C,
-                    STORE_PACKED=need_packed,
-                    POS_SUM=pos_sum,
-                    MASK_GRAD=need_mask,
-                    ALIGN=align,
-                    ACC=_acc_dtype(grad.dtype),
-                    BLOCK_N=block_n,
-                    BLOCK_C=block_c,
-                    num_warps=warps,
-                )
-            if need_packed and total > 0 and C > 0:
-                rows = max(1, _ROW_TILE_ELEMS // block_c)
-                _zero_unnamed_rows_kernel[(triton.cdiv(total, rows), triton.cdiv(C, block_c))](
-                    dpacked, index, total, C, B * N, BLOCK_R=rows, BLOCK_C=block_c, num_warps=warps
-                )
-            if pos_sum:
-                dpos = dpos_sum
-            if need_mask:
-                dmask = (
-                    parts.sum(0).to(grad.dtype) if B * N > 0 else torch.zeros(C, dtype=grad.dtype, device=grad.device)
-                )
-        return dpacked, dmask, dpos, None, None, None
 
 
 def scatter_tokens(
@@ -656,11 +776,12 @@ def scatter_tokens(
         V.check_tensor(op, "pos", pos, ndim=3, dtypes=(packed.dtype,), device=dev)
         if pos.shape[0] not in (1, batch_size) or tuple(pos.shape[1:]) != (N, C):
             raise ValueError(f"{op}: pos must have shape [1 or {batch_size}, {N}, {C}], got {list(pos.shape)}")
-    return _ScatterTokens.apply(
+    out, _ = scatter_tokens_triton_fwd(
         packed.contiguous(),
+        index.contiguous(),
         mask_token.contiguous(),
         None if pos is None else pos.contiguous(),
-        index.contiguous(),
         batch_size,
         N,
     )
+    return out

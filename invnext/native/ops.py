@@ -1,6 +1,8 @@
 """CUDA implementations of the token ops (csrc/), with the canonical signatures of
-docs/ops_contract.md. Each op is one ``torch.autograd.Function`` that launches the kernels
-on torch's current stream; adds and sums run in fp32 (fp64 for fp64) and are rounded once.
+docs/ops_contract.md. Each pass is a ``torch.library`` custom op (``invnext::gather_visible_cuda_fwd``
+/ ``_bwd``, ``invnext::scatter_tokens_cuda_fwd`` / ``_bwd``) with a fake and a registered autograd
+formula, so ``torch.compile`` keeps it as one graph node; it launches the kernels on torch's
+current stream. Adds and sums run in fp32 (fp64 for fp64) and are rounded once.
 
 Gradients::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import Tensor
 
 from invnext import native
 
@@ -71,109 +74,217 @@ def _on(device: torch.device):
     return torch.cuda.device(device)
 
 
-class _GatherVisible(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, index, cu_seqlens, pos, prefix):
-        lib = native.kernels()
-        B, N, C = x.shape
-        total = index.shape[0]
-        Bp = pos.shape[0] if pos is not None else 1
-        Bq, P = (prefix.shape[0], prefix.shape[1]) if prefix is not None else (1, 0)
-        dtype = _dtype_code("gather_visible", x)
-        out = torch.empty(total, C, dtype=x.dtype, device=x.device)
-        with _on(x.device):
-            code = lib.gather_visible_forward(
-                _ptr(out), _ptr(x), _ptr(index), _ptr(cu_seqlens), _ptr(pos), _ptr(prefix),
-                total, B, N, C, Bp, Bq, P, dtype, _stream(x.device),
+# ----------------------------------------------------------------------------------------
+# launchers (the real implementations of the custom ops below)
+# ----------------------------------------------------------------------------------------
+def _gather_forward(x, index, cu_seqlens, pos, prefix):
+    lib = native.kernels()
+    B, N, C = x.shape
+    total = index.shape[0]
+    Bp = pos.shape[0] if pos is not None else 1
+    Bq, P = (prefix.shape[0], prefix.shape[1]) if prefix is not None else (1, 0)
+    dtype = _dtype_code("gather_visible", x)
+    out = torch.empty(total, C, dtype=x.dtype, device=x.device)
+    with _on(x.device):
+        code = lib.gather_visible_forward(
+            _ptr(out), _ptr(x), _ptr(index), _ptr(cu_seqlens), _ptr(pos), _ptr(prefix),
+            total, B, N, C, Bp, Bq, P, dtype, _stream(x.device),
+        )  # fmt: skip
+    _check(lib, code, "gather_visible forward")
+    return out
+
+
+def _gather_backward(grad, index, cu_seqlens, B, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
+    """(dx, dpos, dprefix); a gradient that is not needed comes back with a leading dim of 0."""
+    lib = native.kernels()
+    total, C = grad.shape
+    dtype = _dtype_code("gather_visible", grad)
+    grad = grad.contiguous()
+    empty = lambda *shape: torch.empty(*shape, dtype=grad.dtype, device=grad.device)
+    dx = empty(B * N, C) if need_x or need_pos else None  # d pos is derived from d x
+    inv = torch.empty(B * N, dtype=torch.int32, device=grad.device) if dx is not None else None
+    dprefix = empty(prefix_batch if need_prefix else 0, P, C)
+    dpos = empty(0, N, C)
+    with _on(grad.device):
+        stream = _stream(grad.device)
+        if dx is not None or need_prefix:
+            code = lib.gather_visible_backward(
+                _ptr(dx), _ptr(inv), _ptr(dprefix if need_prefix else None), _ptr(grad), _ptr(index),
+                _ptr(cu_seqlens), total, B, N, C, prefix_batch, P, dtype, stream,
             )  # fmt: skip
-        _check(lib, code, "gather_visible forward")
+            _check(lib, code, "gather_visible backward")
+        if need_pos:
+            if pos_batch == B:
+                dpos = dx.view(B, N, C).clone() if need_x else dx.view(B, N, C)
+            else:
+                dpos = empty(1, N, C)
+                _check(lib, lib.sum_batch(_ptr(dpos), _ptr(dx), B, N, C, dtype, stream), "sum_batch")
+    dx = dx.view(B, N, C) if need_x else empty(0, N, C)
+    return dx, dpos, dprefix
+
+
+def _scatter_forward(packed, index, mask_token, pos, batch_size, N):
+    """(out [B, N, C], inv int32[B*N]); ``inv`` is kept for the backward."""
+    lib = native.kernels()
+    total, C = packed.shape
+    B = batch_size
+    Bp = pos.shape[0] if pos is not None else 1
+    dtype = _dtype_code("scatter_tokens", packed)
+    out = torch.empty(B, N, C, dtype=packed.dtype, device=packed.device)
+    inv = torch.empty(B * N, dtype=torch.int32, device=packed.device)
+    with _on(packed.device):
+        code = lib.scatter_tokens_forward(
+            _ptr(out), _ptr(inv), _ptr(packed), _ptr(index), _ptr(mask_token), _ptr(pos),
+            total, B, N, C, Bp, dtype, _stream(packed.device),
+        )  # fmt: skip
+    _check(lib, code, "scatter_tokens forward")
+    return out, inv
+
+
+def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
+    """(dpacked [total, C], dmask_token [C], dpos summed over the batch [1, N, C]); an output
+    that is not needed has a leading dim of 0 (a per-sample ``pos`` gets ``grad`` itself)."""
+    lib = native.kernels()
+    B, N, C = grad.shape
+    total = index.shape[0]
+    dtype = _dtype_code("scatter_tokens", grad)
+    grad = grad.contiguous()
+    empty = lambda *shape: torch.empty(*shape, dtype=grad.dtype, device=grad.device)
+    dpacked = empty(total if need_packed else 0, C)
+    dpos = empty(1 if need_pos_sum else 0, N, C)
+    partial = None
+    if need_mask:
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        partial = torch.empty(-(-(B * N) // _CHUNK_ROWS), C, dtype=acc, device=grad.device)
+    with _on(grad.device):
+        stream = _stream(grad.device)
+        if need_packed or need_mask:
+            code = lib.scatter_tokens_backward(
+                _ptr(dpacked if need_packed else None), _ptr(partial), _ptr(grad), _ptr(index), _ptr(inv),
+                total, B, N, C, _CHUNK_ROWS, dtype, stream,
+            )  # fmt: skip
+            _check(lib, code, "scatter_tokens backward")
+        if need_pos_sum:
+            _check(lib, lib.sum_batch(_ptr(dpos), _ptr(grad), B, N, C, dtype, stream), "sum_batch")
+    dmask = partial.sum(0).to(grad.dtype) if need_mask else empty(0)
+    return dpacked, dmask, dpos
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library ops (docs/ops_contract.md, "Custom ops"): CUDA only; the fakes give the
+# launchers' shapes (``total`` is ``index.shape[0]``), so torch.compile traces them on any host.
+# ----------------------------------------------------------------------------------------
+_OP_NAMES = ("gather_visible_cuda_fwd", "gather_visible_cuda_bwd", "scatter_tokens_cuda_fwd", "scatter_tokens_cuda_bwd")
+
+
+def _define_ops():
+    ns = torch.ops.invnext
+    if all(hasattr(ns, n) for n in _OP_NAMES):
+        return tuple(getattr(ns, n) for n in _OP_NAMES)  # a second import of this module
+    op = lambda name: torch.library.custom_op(f"invnext::{name}", mutates_args=(), device_types="cuda")
+
+    @op("gather_visible_cuda_fwd")
+    def gather_fwd(x: Tensor, index: Tensor, cu_seqlens: Tensor, pos: Tensor | None, prefix: Tensor | None) -> Tensor:
+        return _gather_forward(x, index, cu_seqlens, pos, prefix)
+
+    gather_fwd.register_fake(lambda x, index, cu, pos, prefix: x.new_empty((index.shape[0], x.shape[2])))
+
+    @op("gather_visible_cuda_bwd")
+    def gather_bwd(
+        grad: Tensor, index: Tensor, cu_seqlens: Tensor, batch_size: int, N: int, pos_batch: int,
+        prefix_batch: int, P: int, need_x: bool, need_pos: bool, need_prefix: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        return _gather_backward(
+            grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix
+        )
+
+    @gather_bwd.register_fake
+    def _(grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
+        C = grad.shape[1]
+        return (
+            grad.new_empty((batch_size if need_x else 0, N, C)),
+            grad.new_empty((pos_batch if need_pos else 0, N, C)),
+            grad.new_empty((prefix_batch if need_prefix else 0, P, C)),
+        )
+
+    def gather_setup(ctx, inputs, output):
+        x, index, cu_seqlens, pos, prefix = inputs
         ctx.save_for_backward(index, cu_seqlens)
-        ctx.dims = (B, N, C, Bp, Bq, P, total, dtype)
-        return out
+        B, N, _ = x.shape
+        Bp = 1 if pos is None else pos.shape[0]
+        Bq, P = (1, 0) if prefix is None else (prefix.shape[0], prefix.shape[1])
+        ctx.dims = (B, N, Bp, Bq, P)
 
-    @staticmethod
-    def backward(ctx, grad):
-        lib = native.kernels()
+    def gather_grad(ctx, grad):
         index, cu_seqlens = ctx.saved_tensors
-        B, N, C, Bp, Bq, P, total, dtype = ctx.dims
         need_x, _, _, need_pos, need_prefix = ctx.needs_input_grad
-        grad = grad.contiguous()
-        dx = inv = dprefix = dpos = None
-        if need_x or need_pos:
-            dx = torch.empty(B * N, C, dtype=grad.dtype, device=grad.device)
-            inv = torch.empty(B * N, dtype=torch.int32, device=grad.device)
-        if need_prefix:
-            dprefix = torch.empty(Bq, P, C, dtype=grad.dtype, device=grad.device)
-        with _on(grad.device):
-            stream = _stream(grad.device)
-            if dx is not None or dprefix is not None:
-                code = lib.gather_visible_backward(
-                    _ptr(dx), _ptr(inv), _ptr(dprefix), _ptr(grad), _ptr(index), _ptr(cu_seqlens),
-                    total, B, N, C, Bq, P, dtype, stream,
-                )  # fmt: skip
-                _check(lib, code, "gather_visible backward")
-            if need_pos:
-                if Bp == B:
-                    dpos = dx.view(B, N, C).clone() if need_x else dx.view(B, N, C)
-                else:
-                    dpos = torch.empty(1, N, C, dtype=grad.dtype, device=grad.device)
-                    _check(lib, lib.sum_batch(_ptr(dpos), _ptr(dx), B, N, C, dtype, stream), "sum_batch")
-        return (dx.view(B, N, C) if need_x else None), None, None, dpos, dprefix
+        if not (need_x or need_pos or need_prefix):
+            return None, None, None, None, None
+        dx, dpos, dprefix = gather_bwd(grad, index, cu_seqlens, *ctx.dims, need_x, need_pos, need_prefix)
+        keep = lambda g, need: g if need else None
+        return keep(dx, need_x), None, None, keep(dpos, need_pos), keep(dprefix, need_prefix)
 
+    gather_fwd.register_autograd(gather_grad, setup_context=gather_setup)
 
-class _ScatterTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, packed, index, mask_token, pos, batch_size, N):
-        lib = native.kernels()
-        total, C = packed.shape
-        B = batch_size
-        Bp = pos.shape[0] if pos is not None else 1
-        dtype = _dtype_code("scatter_tokens", packed)
-        out = torch.empty(B, N, C, dtype=packed.dtype, device=packed.device)
-        inv = torch.empty(B * N, dtype=torch.int32, device=packed.device)
-        with _on(packed.device):
-            code = lib.scatter_tokens_forward(
-                _ptr(out), _ptr(inv), _ptr(packed), _ptr(index), _ptr(mask_token), _ptr(pos),
-                total, B, N, C, Bp, dtype, _stream(packed.device),
-            )  # fmt: skip
-        _check(lib, code, "scatter_tokens forward")
-        ctx.save_for_backward(index, inv)
-        ctx.dims = (B, N, C, Bp, total, dtype)
-        return out
+    @op("scatter_tokens_cuda_fwd")
+    def scatter_fwd(
+        packed: Tensor, index: Tensor, mask_token: Tensor, pos: Tensor | None, batch_size: int, N: int
+    ) -> tuple[Tensor, Tensor]:
+        return _scatter_forward(packed, index, mask_token, pos, batch_size, N)
 
-    @staticmethod
-    def backward(ctx, grad):
-        lib = native.kernels()
+    @scatter_fwd.register_fake
+    def _(packed, index, mask_token, pos, batch_size, N):
+        out = packed.new_empty((batch_size, N, packed.shape[1]))
+        return out, packed.new_empty((batch_size * N,), dtype=torch.int32)
+
+    @op("scatter_tokens_cuda_bwd")
+    def scatter_bwd(
+        grad: Tensor, index: Tensor, inv: Tensor, need_packed: bool, need_mask: bool, need_pos_sum: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum)
+
+    @scatter_bwd.register_fake
+    def _(grad, index, inv, need_packed, need_mask, need_pos_sum):
+        _, N, C = grad.shape
+        return (
+            grad.new_empty((index.shape[0] if need_packed else 0, C)),
+            grad.new_empty((C if need_mask else 0,)),
+            grad.new_empty((1 if need_pos_sum else 0, N, C)),
+        )
+
+    def scatter_setup(ctx, inputs, output):
+        _, index, _, pos, batch_size, _ = inputs
+        ctx.save_for_backward(index, output[1])
+        ctx.pos_sum = pos is not None and pos.shape[0] != batch_size
+        ctx.mark_non_differentiable(output[1])
+
+    def scatter_grad(ctx, grad, _dinv):
         index, inv = ctx.saved_tensors
-        B, N, C, Bp, total, dtype = ctx.dims
         need_packed, _, need_mask, need_pos = ctx.needs_input_grad[:4]
-        grad = grad.contiguous()
-        dpacked = partial = dmask = dpos = None
-        if need_packed:
-            dpacked = torch.empty(total, C, dtype=grad.dtype, device=grad.device)
-        if need_mask:
-            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            chunks = -(-(B * N) // _CHUNK_ROWS)
-            partial = torch.empty(chunks, C, dtype=acc, device=grad.device)
-        with _on(grad.device):
-            stream = _stream(grad.device)
-            if dpacked is not None or partial is not None:
-                code = lib.scatter_tokens_backward(
-                    _ptr(dpacked), _ptr(partial), _ptr(grad), _ptr(index), _ptr(inv),
-                    total, B, N, C, _CHUNK_ROWS, dtype, stream,
-                )  # fmt: skip
-                _check(lib, code, "scatter_tokens backward")
-            if need_pos:
-                if Bp == B:
-                    dpos = grad
-                else:
-                    dpos = torch.empty(1, N, C, dtype=grad.dtype, device=grad.device)
-                    _check(lib, lib.sum_batch(_ptr(dpos), _ptr(grad), B, N, C, dtype, stream), "sum_batch")
-        if partial is not None:
-            dmask = partial.sum(0).to(grad.dtype)
-        return dpacked, None, dmask, dpos, None, None
+        pos_sum = need_pos and ctx.pos_sum
+        dpacked = dmask = dpos = None
+        if need_packed or need_mask or pos_sum:
+            dpacked, dmask, dpos = scatter_bwd(grad, index, inv, need_packed, need_mask, pos_sum)
+        if need_pos and not pos_sum:
+            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
+        keep = lambda g, need: g if need else None
+        return keep(dpacked, need_packed), None, keep(dmask, need_mask), keep(dpos, need_pos), None, None
+
+    scatter_fwd.register_autograd(scatter_grad, setup_context=scatter_setup)
+    return gather_fwd, gather_bwd, scatter_fwd, scatter_bwd
 
 
+(
+    gather_visible_cuda_fwd,
+    gather_visible_cuda_bwd,
+    scatter_tokens_cuda_fwd,
+    scatter_tokens_cuda_bwd,
+) = _define_ops()
+
+
+# ----------------------------------------------------------------------------------------
+# public entries (canonical signatures)
+# ----------------------------------------------------------------------------------------
 def gather_visible(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -200,7 +311,7 @@ def gather_visible(
     # One dtype for the kernel: tables follow x (a no-op when they already match).
     pos = None if pos is None else pos.to(x.dtype).contiguous()
     prefix = None if prefix is None else prefix.to(x.dtype).contiguous()
-    return _GatherVisible.apply(
+    return gather_visible_cuda_fwd(
         x.contiguous(), index.to(torch.int64).contiguous(), cu_seqlens.to(torch.int32).contiguous(), pos, prefix
     )
 
@@ -231,4 +342,7 @@ def scatter_tokens(
         raise ValueError(f"{op}: batch_size and N must be >= 1, got {batch_size} and {N}")
     mask_token = mask_token.to(packed.dtype).contiguous()
     pos = None if pos is None else pos.to(packed.dtype).contiguous()
-    return _ScatterTokens.apply(packed.contiguous(), index.to(torch.int64).contiguous(), mask_token, pos, batch_size, N)
+    out, _ = scatter_tokens_cuda_fwd(
+        packed.contiguous(), index.to(torch.int64).contiguous(), mask_token, pos, batch_size, N
+    )
+    return out
