@@ -370,6 +370,159 @@ def test_half_inputs_round_once(dtype, unit):
         assert ((out.double() - ref).abs() <= unit * ref.abs() + 1e-5).all()
 
 
+# --------------------------------------------------------------------------- padded path
+#
+# float32 / 16-bit inputs run as one SDPA call over the padded [B, H, Lmax, D] batch (within a
+# size budget); float64 keeps the per-sample explicit softmax, the oracle here. Tolerance rule (kernels.md): the
+# padded path's max error against the float64 oracle is at most 2x (output) / 3x (gradients)
+# the error of the same-dtype PyTorch computation, i.e. plain attention as PyTorch runs it in
+# the input dtype (as in test_attention_triton.py). Since the reference upcasts 16-bit inputs,
+# that bound is loose for bfloat16, so the padded path must also stay within the same factors
+# of the per-sample loop it replaces (same upcast, same dtype).
+
+
+def same_dtype_attention(q, k, v, cu, scale, coords, rope, window, num_prefix):
+    """Dense attention over the packed batch in q's dtype: RoPE, matmuls in the dtype, softmax in fp32."""
+    total = q.shape[0]
+    if rope is not None:
+        pm = prefix_mask(cu, total, num_prefix)
+        q = apply_rope_3d(q, coords, rope[0], rope[1], pm)
+        k = apply_rope_3d(k, coords, rope[0], rope[1], pm)
+    allowed = dense_attention_mask(cu, total, coords, window, num_prefix)
+    s = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0))  # [H, total, total]
+    s = (s.float() * scale).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1)
+
+
+class SdpaCalls:
+    """Stands in for ``F.scaled_dot_product_attention``: records each call's q shape, then runs it."""
+
+    def __init__(self, monkeypatch):
+        self.shapes: list[tuple[int, ...]] = []
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", self)
+
+    def __call__(self, q, *args, **kwargs):
+        self.shapes.append(tuple(q.shape))
+        return self._sdpa(q, *args, **kwargs)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+PADDED_CASES = [
+    # lengths, heads, dim, window, num_prefix, rope sections or None, packed qkv
+    ([1, 7, 113, 0], 2, 64, None, 0, (16, 16, 16), False),  # ragged, empty last sample
+    ([7, 0, 113, 1], 2, 32, 9, 0, None, True),  # 1D window: padded rows of the 1-token sample see no real key
+    ([1, 113, 7, 30], 3, 48, 9, 1, (8, 8, 8), False),
+    ([113, 0, 7, 1], 2, 64, (2, 3, 3), 0, (16, 16, 16), True),
+    ([5, 113, 7, 9], 2, 32, (1, 3, 5), 4, (10, 10, 10), False),
+    ([44, 44, 44, 44], 4, 24, None, 4, (8, 8, 8), True),  # encoder-like, equal lengths: no padding
+    ([50, 50, 50], 2, 32, 9, 0, (0, 0, 32), False),  # equal lengths, 1D window
+    ([30, 30], 2, 32, (2, 3, 3), 1, None, False),  # equal lengths, 3D window
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths,heads,dim,window,num_prefix,sections,packed", PADDED_CASES)
+def test_padded_path_matches_float64(monkeypatch, lengths, heads, dim, window, num_prefix, sections, packed, dtype):
+    cu, total = make_cu(lengths), sum(lengths)
+    coords = make_coords(lengths, num_prefix)
+    rope = None if sections is None else (100.0, sections)
+    scale = 0.3
+    base = torch.randn(total, 3, heads, dim, dtype=F64)
+    dout = torch.randn(total, heads, dim, dtype=F64)
+    args = (cu, scale, coords, rope, window, num_prefix)
+
+    def run(dt, fn):
+        leaf = base.to(dt).requires_grad_(True)
+        q, k, v = leaf.unbind(1) if packed else (t.contiguous() for t in leaf.unbind(1))
+        out = fn(q, k, v)
+        (grad,) = torch.autograd.grad(out, leaf, dout.to(dt))
+        return out.detach(), grad.unbind(1)
+
+    def op(q, k, v):
+        return masked_attention(q, k, v, cu, max(lengths), softmax_scale=scale, coords=coords, rope=rope,
+                                window=window, num_prefix=num_prefix)
+
+    gt_out, gt_grads = run(F64, op)  # the explicit per-sample loop (checked against dense above)
+    calls = SdpaCalls(monkeypatch)
+    out, grads = run(dtype, op)
+    assert [s[0] for s in calls.shapes] == [len(lengths)]  # one call, batched over the samples
+    plain_out, plain_grads = run(dtype, lambda q, k, v: same_dtype_attention(q, k, v, *args))
+    loop_out, loop_grads = run(dtype, lambda q, k, v: attn_mod._reference(q, k, v, *args, explicit=False))
+
+    assert out.dtype == dtype and out.shape == (total, heads, dim)
+    assert all(torch.isfinite(g).all() for g in grads)
+    e = max_err(out, gt_out)
+    assert e <= 2 * max_err(plain_out, gt_out), "out vs same-dtype attention"
+    assert e <= 2 * max_err(loop_out, gt_out), "out vs per-sample loop"
+    for name, g, g_gt, g_plain, g_loop in zip("qkv", grads, gt_grads, plain_grads, loop_grads):
+        e = max_err(g, g_gt)
+        assert e <= 3 * max_err(g_plain, g_gt), f"d{name} vs same-dtype attention"
+        assert e <= 3 * max_err(g_loop, g_gt), f"d{name} vs per-sample loop"
+
+
+def test_path_choice(monkeypatch):
+    """One batched SDPA call within the budget, the per-sample loop past it, none for float64."""
+    lengths, heads, dim = [44, 41, 0, 47], 4, 24
+    cu, total = make_cu(lengths), sum(lengths)
+    q, k, v = qkv(total, heads, dim, dtype=torch.float32)
+    padded_size = len(lengths) * heads * 47 * 47  # B * H * Lmax^2
+    assert attn_mod.uses_padded_path(torch.float32, len(lengths), heads, 47)
+    assert attn_mod.uses_padded_path(torch.bfloat16, len(lengths), heads, 47)
+    assert not attn_mod.uses_padded_path(torch.float64, len(lengths), heads, 47)
+
+    monkeypatch.setattr(attn_mod, "_PADDED_ELEMENTS", padded_size)  # the limit is inclusive
+    calls = SdpaCalls(monkeypatch)
+    padded = masked_attention(q, k, v, cu, 47, window=9)
+    assert calls.shapes == [(4, heads, 47, dim)]
+
+    monkeypatch.setattr(attn_mod, "_PADDED_ELEMENTS", padded_size - 1)
+    calls.shapes.clear()
+    loop = masked_attention(q, k, v, cu, 47, window=9)
+    assert calls.shapes == [(heads, n, dim) for n in lengths if n]  # one chunk per non-empty sample
+    torch.testing.assert_close(padded, loop, rtol=1e-6, atol=1e-6)
+
+    monkeypatch.setattr(attn_mod, "_PADDED_ELEMENTS", padded_size)
+    calls.shapes.clear()
+    masked_attention(q.double(), k.double(), v.double(), cu, 47, window=9)
+    assert calls.shapes == []  # float64 stays on the explicit softmax (the oracle) whatever the budget
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1])
+@pytest.mark.parametrize("window", [None, 3, (1, 1, 1), (2, 3, 5)])
+def test_padded_mask(window, num_prefix):
+    """Each sample's block of the padded mask is its block of the dense mask; no row is empty."""
+    lengths, P = [1, 113, 7, 30] if num_prefix else [1, 113, 0, 7, 30], num_prefix
+    cu, longest = make_cu(lengths), max(lengths)
+    coords = make_coords(lengths, P)
+    dense = dense_attention_mask(cu, sum(lengths), coords, window, P)
+    coords_p = torch.zeros(len(lengths), longest, 3, dtype=torch.int32)
+    for b, (s, n) in enumerate(zip(cu.tolist(), lengths)):
+        coords_p[b, :n] = coords[s : s + n]
+    mask = attn_mod._padded_mask(torch.tensor(lengths), longest, coords_p, window, P, ragged=True)
+    mask = mask.expand(len(lengths), 1, longest, longest)[:, 0]  # [B, L, L]
+    for b, (s, n) in enumerate(zip(cu.tolist(), lengths)):
+        assert torch.equal(mask[b, :n, :n], dense[s : s + n, s : s + n])
+        assert not mask[b, :n, n:].any()  # real queries never see padding
+    # Padded query rows keep a key: SDPA kernels differ on empty rows (NaN in some backwards).
+    assert mask.any(dim=-1).all()
+
+
+def test_padded_rows_stay_finite():
+    """A 1-token sample padded to 113 rows under a 1D window: its padded query rows see no real key."""
+    lengths = [1, 113]
+    assert attn_mod.uses_padded_path(torch.float32, 2, 1, 113)
+    q, k, v = qkv(114, 1, 16, dtype=torch.float32, grad=True)
+    out = masked_attention(q, k, v, make_cu(lengths), 113, window=3)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(out[0], v[0].detach())  # the 1-token sample attends to itself only
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

@@ -39,9 +39,11 @@ The reference computes in float32 (float64 for float64 inputs) and rounds once a
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from invnext.ops import _validate as V
 from invnext.ops._dispatch import dispatch, register_reference
@@ -53,6 +55,20 @@ HEAD_DIM_RANGE = (16, 256)
 # Score elements (heads x query rows x keys) materialised at once per sample; bounds the
 # reference's forward memory on long samples (a 4096-token, 16-head sample runs in 16 chunks).
 _CHUNK_ELEMENTS = 1 << 24
+
+# The padded path (one SDPA call over [B, H, Lmax, D]) runs while B * H * Lmax^2 stays at or
+# below this. That product is the padded score matrix: what SDPA's math kernel holds (128 MiB
+# in float32 at the limit, a few such tensors with the backward), and the work a fused kernel
+# spends, padding included (fused kernels hold only the mask, [B, 1, Lmax, Lmax] at most).
+# Past it, e.g. when one long sample pads many short ones, the per-sample loop costs less.
+_PADDED_ELEMENTS = 1 << 25
+_CUDA_MASK_BYTES = 1 << 30  # a windowed padded batch's bool mask on the GPU
+
+# On the CPU the padded path pins SDPA to its math kernel, the formulation the per-sample loop
+# gets (SDPA takes its 3D calls there). The fused CPU kernel is ~20% faster on the tiny
+# preset's shapes, but its float32 gradients land 2-5x further from float64 than the math
+# kernel's, past kernels.md's 3x rule; True lets SDPA choose. CUDA always lets SDPA choose.
+_CPU_FUSED_SDPA = False
 
 
 # --------------------------------------------------------------------------- validation
@@ -266,22 +282,41 @@ def _explicit_attention(q, k, v, scale: float, allowed: torch.Tensor | None) -> 
     return torch.matmul(e / e.sum(dim=-1, keepdim=True), v)
 
 
-def _reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, explicit: bool):
-    """The reference body; ``explicit=False`` lets SDPA do the per-chunk softmax (same math)."""
-    total, heads, _ = q.shape
-    bounds = cu_seqlens.tolist()
-    if num_prefix and min(e - s for s, e in zip(bounds[:-1], bounds[1:])) < num_prefix:
-        raise ValueError(f"{_OP}: every sample needs its num_prefix={num_prefix} prefix tokens, cu_seqlens={bounds}")
+def _upcast_rotate(q, k, v, cu_seqlens, coords, rope, num_prefix) -> torch.Tensor:
+    """``qkv [total, 3H, D]`` in the compute dtype, its q and k heads rotated by RoPE."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    heads = q.shape[1]
+    # One [total, 3H, D] tensor: q and k share each token's angles (one RoPE call), and the
+    # padded path pads q, k and v with one index.
+    qkv = torch.cat([q, k, v], dim=1).to(cdt)
     if rope is not None:
-        # q and k share each token's angles: rotate them as one [total, 2H, D] tensor.
-        pm = prefix_mask(cu_seqlens, total, num_prefix)
-        qk = apply_rope_3d(torch.cat([qc, kc], dim=1), coords, rope[0], rope[1], pm)
-        qc, kc = qk[:, :heads], qk[:, heads:]
+        pm = prefix_mask(cu_seqlens, q.shape[0], num_prefix)
+        qk = apply_rope_3d(qkv[:, : 2 * heads], coords, rope[0], rope[1], pm)
+        qkv = torch.cat([qk, qkv[:, 2 * heads :]], dim=1)
+    return qkv
+
+
+def _sample_bounds(cu_seqlens: torch.Tensor, num_prefix: int) -> list[int]:
+    bounds = cu_seqlens.tolist()
+    if num_prefix and min(e - s for s, e in pairwise(bounds)) < num_prefix:
+        raise ValueError(f"{_OP}: every sample needs its num_prefix={num_prefix} prefix tokens, cu_seqlens={bounds}")
+    return bounds
+
+
+def _reference(
+    q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, explicit: bool, bounds=None
+):
+    """The per-sample loop; ``explicit=False`` lets SDPA do the per-chunk softmax (same math).
+
+    ``bounds``: ``cu_seqlens`` as a checked host list, if the caller already has it.
+    """
+    heads = q.shape[1]
+    if bounds is None:
+        bounds = _sample_bounds(cu_seqlens, num_prefix)
+    qc, kc, vc = _upcast_rotate(q, k, v, cu_seqlens, coords, rope, num_prefix).split(heads, dim=1)
     local_coords = coords.long() if coords is not None else None
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in pairwise(bounds):
         length = end - start
         if length == 0:
             continue
@@ -304,6 +339,97 @@ def _reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_pre
     return torch.cat(outs, dim=1).transpose(0, 1).to(q.dtype)
 
 
+def _padded_mask(lengths, longest: int, coords_p, window, num_prefix: int, ragged: bool) -> torch.Tensor | None:
+    """``bool[B or 1, 1, 1 or Lmax, Lmax]`` for the padded batch (None: attend to everything).
+
+    ``lengths`` int64[B]; ``coords_p`` int32 ``[B, Lmax, 3]`` (zeros on padding) or None.
+    """
+    pos = torch.arange(longest, device=lengths.device)
+    if window is None:
+        if not ragged:
+            return None
+        # Key padding only. Padded query rows see their sample's keys (harmless: they are
+        # dropped); an empty sample keeps its padded key 0 so no softmax row is empty.
+        return (pos < lengths.clamp(min=1)[:, None])[:, None, None, :]
+    if isinstance(window, int):
+        near = ((pos[:, None] - pos[None, :]).abs() <= window // 2)[None]  # [1, L, L]
+    else:
+        near = torch.ones(coords_p.shape[0], longest, longest, dtype=torch.bool, device=lengths.device)
+        for a, w in enumerate(window):  # per axis: avoids a [B, L, L, 3] temporary
+            c = coords_p[..., a]
+            near &= (c[:, :, None] - c[:, None, :]).abs() <= w // 2
+    is_prefix = pos < num_prefix
+    allowed = near | is_prefix[:, None] | is_prefix[None, :]
+    if ragged:
+        # Keys past a sample's end are padding. A padded query row may see no real key at all,
+        # so it keeps its own (zero) key: SDPA kernels disagree on fully masked rows (zeros in
+        # some, NaN in others), and a NaN there would reach dk, dv through the backward.
+        eye = torch.eye(longest, dtype=torch.bool, device=lengths.device)
+        allowed = (allowed & (pos < lengths[:, None])[:, None, :]) | eye
+    return allowed[:, None]
+
+
+def _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, bounds=None):
+    """All samples in one SDPA call: pad to ``[B, H, Lmax, D]``, mask, unpad (same math as the loop).
+
+    ``bounds`` as in :func:`_reference`.
+    """
+    total, heads, dim = q.shape
+    if bounds is None:
+        bounds = _sample_bounds(cu_seqlens, num_prefix)
+    batch, longest = len(bounds) - 1, max(e - s for s, e in pairwise(bounds))
+    if total == 0:
+        return q.new_empty(q.shape)
+    device = q.device
+    x = _upcast_rotate(q, k, v, cu_seqlens, coords, rope, num_prefix)  # [total, 3H, D]
+    if device.type == "cuda":
+        # The plain-PyTorch GPU baseline: SDPA's fused kernels in the input dtype (they
+        # accumulate in fp32), as a model written with padded SDPA would run.
+        x = x.to(q.dtype)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ragged = batch * longest != total
+    coords_p = None
+    if isinstance(window, tuple):
+        coords_p = coords
+    if ragged:
+        # Token r of sample b goes to padded row b * Lmax + (r - cu[b]); the same index unpads.
+        shift = torch.arange(batch, device=device) * longest - cu_seqlens[:-1].long()
+        dst = torch.arange(total, device=device) + torch.repeat_interleave(shift, lengths, output_size=total)
+        x = x.new_zeros(batch * longest, 3 * heads, dim).index_copy(0, dst, x)
+        if coords_p is not None:
+            coords_p = coords_p.new_zeros(batch * longest, 3).index_copy(0, dst, coords_p)
+    if coords_p is not None:
+        coords_p = coords_p.view(batch, longest, 3)
+    qp, kp, vp = x.view(batch, longest, 3 * heads, dim).transpose(1, 2).split(heads, dim=1)  # [B, H, L, D]
+    mask = _padded_mask(lengths, longest, coords_p, window, num_prefix, ragged)
+    if device.type == "cpu" and not _CPU_FUSED_SDPA:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)
+    out = out.transpose(1, 2).reshape(batch * longest, heads, dim)
+    if ragged:
+        out = out.index_select(0, dst)
+    return out.to(q.dtype)
+
+
+def uses_padded_path(
+    dtype: torch.dtype, batch: int, heads: int, longest: int, device_type: str = "cpu", windowed: bool = True
+) -> bool:
+    """Whether the reference runs one padded SDPA call (else the per-sample loop).
+
+    float64 always takes the loop: its explicit softmax is the tests' oracle. On the CPU the
+    padded path runs while ``batch * heads * longest**2 <= _PADDED_ELEMENTS`` (the math kernel
+    holds the scores). On CUDA, SDPA's fused kernels never hold the scores, so only a window's
+    boolean mask ``[B, 1, L, L]`` limits it: ``batch * longest**2 <= _CUDA_MASK_BYTES``.
+    """
+    if dtype == torch.float64:
+        return False
+    if device_type == "cuda":
+        return not windowed or batch * longest * longest <= _CUDA_MASK_BYTES
+    return batch * heads * longest * longest <= _PADDED_ELEMENTS
+
+
 @register_reference("masked_attention")
 def masked_attention_reference(
     q: torch.Tensor,
@@ -319,12 +445,24 @@ def masked_attention_reference(
 ) -> torch.Tensor:
     """Pure-PyTorch ``masked_attention`` with the canonical (already validated) arguments.
 
-    Loops over samples, upcasts to float32 (float64 for float64 inputs), applies RoPE to
-    q and k, and chunks query rows to bound memory. Float64 runs an explicit masked
-    softmax; lower precisions hand the same masked problem to
-    ``F.scaled_dot_product_attention`` (faster on CPU). Returns ``[total, H, D]`` in q's dtype.
+    Upcasts to float32 (float64 for float64 inputs) and applies RoPE to q and k, then takes
+    one of two paths (:func:`uses_padded_path`):
+
+    * padded: the packed batch is padded to ``[B, H, Lmax, D]`` with one index, attended by a
+      single ``F.scaled_dot_product_attention`` call under a boolean mask, and unpadded with
+      the same index -- the usual "gather + padded SDPA" baseline;
+    * per-sample loop, query rows chunked to bound memory: float64 (an explicit masked
+      softmax, the tests' oracle) and batches whose padded scores exceed ``_PADDED_ELEMENTS``
+      (lower precisions then use SDPA per chunk).
+
+    Returns ``[total, H, D]`` in q's dtype.
     """
-    del max_seqlen  # the reference reads the lengths themselves
+    del max_seqlen  # the reference reads the lengths themselves (exact Lmax, no loose bound)
+    bounds = _sample_bounds(cu_seqlens, num_prefix)
+    longest = max(e - s for s, e in pairwise(bounds))
+    if uses_padded_path(q.dtype, len(bounds) - 1, q.shape[1], longest, q.device.type, window is not None):
+        return _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, bounds=bounds)
     return _reference(
-        q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, explicit=q.dtype == torch.float64
+        q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix,
+        explicit=q.dtype == torch.float64, bounds=bounds,
     )
