@@ -320,6 +320,11 @@ class TeacherConfig(_Checked):
     comes from the checkpoint: ``patch_size``, ``width``, ``depth`` and ``pooled_dim`` are checked
     against it, ``img_size`` is the resolution frames are resized to, and ``mean`` / ``std`` are
     replaced by the checkpoint's preprocessor config when one was saved.
+
+    ``patch_embed`` (kind "tiny" only): ``"linear"``, one Linear per ``patch_size`` patch (a ViT's
+    stem), or ``"conv"``, a small convolutional stem (``invnext.models.teacher.ConvPatchEmbed``:
+    ``patch_size`` a multiple of 4) whose tokens each see a whole object; the tiny preset and the
+    bundled default teacher use ``"conv"`` (a linear stem does not learn the bundled digits).
     """
 
     kind: Literal["tiny", "siglip", "siglip2"] = "siglip2"
@@ -335,6 +340,7 @@ class TeacherConfig(_Checked):
     pooled_dim: int = 1536
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    patch_embed: Literal["linear", "conv"] = "linear"
 
     def validate(self) -> None:
         for name in ("img_size", "patch_size", "width", "depth", "heads", "pooled_dim"):
@@ -344,6 +350,11 @@ class TeacherConfig(_Checked):
         self._require(len(self.layers) >= 1, "layers", "must name at least one layer")
         self._require(all(0 <= i < self.depth for i in self.layers), "layers", f"must lie in [0, depth={self.depth})")
         self._require(all(s > 0 for s in self.std), "std", "must be > 0")
+        if self.patch_embed == "conv":
+            only_tiny = f"the conv stem exists for kind 'tiny' only (this is kind {self.kind!r})"
+            self._require(self.kind == "tiny", "patch_embed", only_tiny)
+            need_4 = f"the conv stem needs patch_size a multiple of 4 (patch_size={self.patch_size})"
+            self._require(self.patch_size % 4 == 0, "patch_embed", need_4)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -449,7 +460,8 @@ def _tiny() -> Preset:
     )
     dec = DecoderConfig(width=128, depth=2, sample_steps=10)
     teacher = TeacherConfig(
-        kind="tiny", name="tiny", img_size=112, patch_size=16, width=64, depth=4, heads=2, layers=(1, 3), pooled_dim=64
+        kind="tiny", name="tiny", img_size=112, patch_size=16, width=64, depth=4, heads=2, layers=(1, 3), pooled_dim=64,
+        patch_embed="conv",
     )
     return Preset(
         stage1=Stage1Config(encoder=enc, predictor=pred, decoder=dec, teacher=teacher),

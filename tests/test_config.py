@@ -11,10 +11,11 @@ from invnext.config import (
     DecoderConfig,
     EncoderConfig,
     MaskViewConfig,
-    Preset,
     PredictorConfig,
+    Preset,
     Stage1Config,
     Stage2Config,
+    TeacherConfig,
     from_dict,
     get_preset,
     override,
@@ -129,3 +130,14 @@ def test_get_preset_unknown_and_override():
         to_dict({"a": 1})
     with pytest.raises(TypeError, match="from_dict: cls must be a config dataclass"):
         from_dict(dict, {})
+
+
+def test_teacher_patch_embed_option():
+    assert TeacherConfig().patch_embed == "linear" and get_preset("tiny").stage1.teacher.patch_embed == "conv"
+    assert from_dict(TeacherConfig, {"kind": "tiny", "patch_embed": "conv"}).patch_embed == "conv"
+    with pytest.raises(ValueError, match=r"TeacherConfig\.patch_embed: must be one of 'linear', 'conv', got 'cnn'"):
+        from_dict(TeacherConfig, {"kind": "tiny", "patch_embed": "cnn"})
+    with pytest.raises(ValueError, match=r"TeacherConfig\.patch_embed: the conv stem exists for kind 'tiny' only"):
+        from_dict(TeacherConfig, {"kind": "siglip2", "patch_embed": "conv"})
+    with pytest.raises(ValueError, match=r"TeacherConfig\.patch_embed: the conv stem needs patch_size a multiple of 4"):
+        from_dict(TeacherConfig, {"kind": "tiny", "patch_size": 14, "img_size": 112, "patch_embed": "conv"})

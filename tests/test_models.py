@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from invnext import ops
 from invnext.config import EncoderConfig, PredictorConfig, get_preset, override
 from invnext.models import (
+    ConvPatchEmbed,
     DiffusionDecoder,
     Encoder,
     Predictor,
@@ -483,6 +484,55 @@ def test_tiny_teacher_outputs():
     # Per frame: a frame's outputs do not depend on the other frames.
     alone = teacher(video[:, :, 1:2])
     torch.testing.assert_close(alone.features[:, :, 0], out.features[:, :, 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_teacher_patch_embed_option_builds_and_reloads(stem, tmp_path):
+    cfg = override(TINY.stage1.teacher, {"patch_embed": stem, "img_size": 64, "depth": 2, "layers": [0, 1]})
+    torch.manual_seed(0)
+    teacher = TinyTeacher(cfg).eval()
+    assert isinstance(teacher.patch_embed, ConvPatchEmbed if stem == "conv" else torch.nn.Linear)
+    video = torch.randn(1, 3, 2, 64, 64)
+    with torch.no_grad():
+        out = teacher(video)
+    assert out.features.shape == (1, 2, 2, 16, 64) and torch.isfinite(out.pooled).all()
+    path = tmp_path / "teacher.safetensors"
+    save_weights(teacher, path)
+    torch.manual_seed(1)
+    again = TinyTeacher(cfg)
+    load_weights(again, path)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(video).features, out.features)
+    other = override(cfg, {"patch_embed": "linear" if stem == "conv" else "conv"})
+    with pytest.raises(RuntimeError, match="patch_embed"):  # the other stem's weights do not fit
+        load_weights(TinyTeacher(other), path)
+
+
+def test_default_teacher_cache_records_its_stem_and_old_caches_still_load(tmp_path, monkeypatch):
+    import json
+
+    from invnext.data import teacher_pretrain as tp
+
+    cfg = override(TINY.stage1.teacher, {"depth": 2, "layers": [0, 1]})
+    assert cfg.patch_embed == "conv"  # the tiny preset's (and the default) teacher has the conv stem
+    torch.manual_seed(0)
+    teacher = TinyTeacher(cfg).eval()
+    settings = tp._settings(cfg, (3, 2, 1), 0)
+    assert settings["config"]["patch_embed"] == "conv" and settings["patch_embed"]["kind"] == "conv"
+    save_weights(teacher, tmp_path / tp.WEIGHTS_NAME)
+    # a cache written before TeacherConfig.patch_embed existed: no key in its configs
+    old_cfg = {k: v for k, v in settings["config"].items() if k != "patch_embed"}
+    record = {"settings": {**settings, "config": old_cfg}, "config": old_cfg, "stats": {}}
+    (tmp_path / tp.CONFIG_NAME).write_text(json.dumps(record))
+    monkeypatch.setattr(tp, "train_teacher", lambda *a, **k: pytest.fail("a valid cache must not be retrained"))
+    assert tp.ensure_teacher(tmp_path, cfg=cfg, steps=(3, 2, 1)) == tmp_path / tp.WEIGHTS_NAME
+    loaded = tp.load_default_teacher(tmp_path, cfg)
+    assert isinstance(loaded.patch_embed, ConvPatchEmbed) and not loaded.training
+    video = torch.randn(1, 3, 1, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(loaded(video).pooled, teacher(video).pooled)
+    with pytest.raises(ValueError, match="patch_embed"):
+        tp.load_default_teacher(tmp_path, override(cfg, {"patch_embed": "linear"}))
 
 
 def test_save_load_weights_roundtrip(tmp_path):

@@ -6,12 +6,13 @@ default run first trains the tiny preset's teacher as an image classifier on the
 clips are made of (the *train* pool of :func:`bundled.digit_split` only: validation digits
 stay unseen), on single frames drawn like the clips' frames after a random resized crop.
 
-One change to the preset's architecture: the patch embedding is a small convolutional stem
-(:class:`ConvPatchEmbed`) instead of a linear map of each 16x16 patch. Measured on this data,
-a linear patch embedding stays at chance for 400 steps (it must learn every position and
-sub-patch offset of a digit separately), while the conv stem recognises digits anywhere after
-~200 steps. Everything else (blocks, attention-pool head, outputs) is ``TinyTeacher``'s own,
-so the result is a ``TinyTeacher`` and an ``ImageTeacher``.
+The tiny preset's teacher config says ``patch_embed: conv``: its patch embedding is the small
+convolutional stem :class:`invnext.models.teacher.ConvPatchEmbed`, not a linear map of each
+16x16 patch. Measured on this data, a linear patch embedding stays at chance for 400 steps (it
+must learn every position and sub-patch offset of a digit separately), while the conv stem
+recognises digits anywhere after ~200 steps. The teacher is a plain ``TinyTeacher`` built from
+that config (an ``ImageTeacher``), so the config recorded beside its weights (and in every
+Stage-1 checkpoint) describes it completely.
 
 Training (:func:`train_teacher`), from a fast-training init (:func:`_init_for_training`), in
 three stages: A) the stem alone (cheap), B) the attention pool over the frozen stem's tokens,
@@ -19,6 +20,9 @@ C) a light pass through the whole teacher. Measured on an idle 2-core CPU with t
 ~92% on frames of held-out digit clips (chance 10%) in ~38 s. The weights go to
 ``teacher.safetensors`` beside the clips with ``teacher.json`` (the TeacherConfig, the
 training settings and the measured accuracies); :func:`load_default_teacher` reads them back.
+A cache written before ``TeacherConfig.patch_embed`` existed (its config has no such key; its
+settings say ``patch_embed: {kind: conv}``) is read as a conv-stem teacher and stays valid: it
+is neither retrained nor rejected (:func:`_upgrade_config`).
 
 :func:`frame_forward` runs the teacher's own modules on single frames with all frames'
 attention in one SDPA call (the packed reference ``masked_attention`` loops over samples,
@@ -45,12 +49,12 @@ from invnext.config import TeacherConfig, from_dict, get_preset, to_dict
 from invnext.data import bundled
 from invnext.models.io import load_weights, save_weights
 from invnext.models.layers import patchify
-from invnext.models.teacher import TinyTeacher
+from invnext.models.teacher import CONV_STEM_CHANNELS, ConvPatchEmbed, TinyTeacher  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("invnext.data")
 
 TEACHER_VERSION = 2
-STEM_CHANNELS = (32, 64)
+STEM_CHANNELS = CONV_STEM_CHANNELS
 STEM_STEPS = 220
 STEM_LR = 3e-3
 POOL_STEPS = 160
@@ -123,54 +127,11 @@ def normalise_frames(frames: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
 # --------------------------------------------------------------------------- model
 
 
-class ConvPatchEmbed(nn.Module):
-    """A small convolutional patch embedding: ``[F, S, 3 * p * p]`` patch vectors -> ``[F, S, width]`` tokens.
-
-    The patches are put back into images ``[F, 3, g*p, g*p]``, averaged over ``p/4 x p/4``
-    blocks, then four 3x3 convolutions (two of stride 2, ReLU between) give one ``width``-vector
-    per patch with a ~17 px receptive field at 1/4 resolution (~68 px at full resolution), so
-    every token sees a whole digit. Convolutions share weights over positions: the teacher
-    recognises a digit wherever it is after a few thousand images, where a linear patch
-    embedding has to learn every position and sub-patch offset separately (measured: at chance
-    after 400 steps).
-    """
-
-    def __init__(self, width: int, patch: int, channels: tuple[int, int] = STEM_CHANNELS):
-        super().__init__()
-        if patch % 4:
-            raise ValueError(f"ConvPatchEmbed: patch must be a multiple of 4, got {patch}")
-        self.patch = patch
-        c1, c2 = channels
-        self.net = nn.Sequential(
-            nn.AvgPool2d(patch // 4),
-            nn.Conv2d(3, c1, 3, 1, 1),
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(c2, c2, 3, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(c2, width, 3, 1, 1),
-        )
-
-    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """``[F, 3, H, W]`` -> ``[F, width, H / p, W / p]``."""
-        return self.net(images)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        F_, S, _ = tokens.shape
-        g, p = math.isqrt(S), self.patch
-        # invert patchify's (h, w) raster of (c, dy, dx) vectors
-        images = tokens.view(F_, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(F_, 3, g * p, g * p)
-        return self.feature_map(images).flatten(2).transpose(1, 2)
-
-
 def build_default_teacher(cfg: TeacherConfig) -> TinyTeacher:
-    """The default teacher's structure: a ``TinyTeacher(cfg)`` whose patch embedding is a :class:`ConvPatchEmbed`."""
+    """The default teacher's structure: ``TinyTeacher(cfg)`` (its stem is ``cfg.patch_embed``: conv by default)."""
     if cfg.kind != "tiny":
         raise ValueError(f"build_default_teacher: the default teacher is a tiny one, got kind={cfg.kind!r}")
-    teacher = TinyTeacher(cfg)
-    teacher.patch_embed = ConvPatchEmbed(cfg.width, cfg.patch_size)
-    return teacher
+    return TinyTeacher(cfg)
 
 
 def frame_forward(teacher: TinyTeacher, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,13 +321,34 @@ def train_teacher(
 
 
 def _settings(cfg: TeacherConfig, steps: tuple[int, int, int], seed: int) -> dict[str, Any]:
-    return {
-        "version": TEACHER_VERSION,
-        "config": to_dict(cfg),
-        "patch_embed": {"kind": "conv", "channels": list(STEM_CHANNELS)},
-        "steps": list(steps),
-        "seed": seed,
-    }
+    stem: dict[str, Any] = {"kind": cfg.patch_embed}
+    if cfg.patch_embed == "conv":
+        stem["channels"] = list(STEM_CHANNELS)
+    return {"version": TEACHER_VERSION, "config": to_dict(cfg), "patch_embed": stem, "steps": list(steps), "seed": seed}
+
+
+def _upgrade_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A cached TeacherConfig dict with its ``patch_embed`` filled in.
+
+    Caches written before the field existed always held the conv stem, which their settings
+    record as ``patch_embed: {kind: conv}``; without that record the stem was linear.
+    """
+    if "patch_embed" in config:
+        return config
+    stem = settings.get("patch_embed")
+    kind = stem.get("kind", "linear") if isinstance(stem, dict) else "linear"
+    return {**config, "patch_embed": kind}
+
+
+def _cached_settings(meta: Path) -> dict[str, Any] | None:
+    """The settings a cache's ``teacher.json`` records (upgraded by :func:`_upgrade_config`), or None."""
+    try:
+        settings = json.loads(meta.read_text()).get("settings")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
+        return None
+    return {**settings, "config": _upgrade_config(settings["config"], settings)}
 
 
 def teacher_steps(steps: int | tuple[int, int, int] | None) -> tuple[int, int, int]:
@@ -403,11 +385,8 @@ def ensure_teacher(
     steps = teacher_steps(steps)
     settings = _settings(cfg, steps, seed)
     weights, meta = root / WEIGHTS_NAME, root / CONFIG_NAME
-    try:
-        if weights.is_file() and json.loads(meta.read_text()).get("settings") == settings:
-            return weights
-    except (OSError, ValueError):
-        pass
+    if weights.is_file() and _cached_settings(meta) == settings:
+        return weights
     logger.info("training the default teacher (%d + %d + %d steps)", *steps)
     teacher, stats = train_teacher(cfg, stem_steps=steps[0], pool_steps=steps[1], steps=steps[2], seed=seed)
     logger.info(
@@ -415,9 +394,7 @@ def ensure_teacher(
         100 * stats["val_accuracy"], stats["seconds"],
     )  # fmt: skip
     tmp = root / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_weights(
-        teacher, tmp, metadata={"kind": "TinyTeacher+ConvPatchEmbed", "settings": json.dumps(settings, sort_keys=True)}
-    )
+    save_weights(teacher, tmp, metadata={"kind": "TinyTeacher", "settings": json.dumps(settings, sort_keys=True)})
     os.replace(tmp, weights)
     tmp_meta = root / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     tmp_meta.write_text(json.dumps({"settings": settings, "config": to_dict(cfg), "stats": stats}, indent=1))
@@ -436,8 +413,9 @@ def load_default_teacher(data: Any, cfg: TeacherConfig | None = None) -> TinyTea
 
     ``data``: a :class:`bundled.DefaultData` or its root folder. ``cfg``: the TeacherConfig the
     caller's model expects (default: the cached one); a mismatch raises ValueError naming the
-    differing fields. The result is a :class:`TinyTeacher` (an ``ImageTeacher``) whose
-    ``patch_embed`` is a :class:`ConvPatchEmbed`; pass it as ``Stage1Model(cfg, teacher=...)``.
+    differing fields. The result is a :class:`TinyTeacher` (an ``ImageTeacher``) with the stem
+    its config names (a :class:`ConvPatchEmbed` for the default config); pass it as
+    ``Stage1Model(cfg, teacher=...)``.
     """
     root = Path(data.root if isinstance(data, bundled.DefaultData) else data)
     weights, meta = root / WEIGHTS_NAME, root / CONFIG_NAME
@@ -446,7 +424,8 @@ def load_default_teacher(data: Any, cfg: TeacherConfig | None = None) -> TinyTea
             f"load_default_teacher: no trained teacher in {root} (expected {WEIGHTS_NAME} and {CONFIG_NAME}); "
             "run ensure_default_dataset(..., teacher=True)"
         )
-    saved = from_dict(TeacherConfig, json.loads(meta.read_text())["config"])
+    record = json.loads(meta.read_text())
+    saved = from_dict(TeacherConfig, _upgrade_config(record["config"], record.get("settings") or {}))
     if cfg is not None and cfg != saved:
         wanted, cached = to_dict(cfg), to_dict(saved)
         diff = {k: (wanted[k], cached[k]) for k in wanted if wanted[k] != cached[k]}

@@ -3,7 +3,9 @@
 ``SiglipTeacher`` (a local SigLIP / SigLIP2 tower) imports transformers only when constructed.
 
 Every attention, token gather/scatter, mask and diffusion step goes through the public ops of
-:mod:`invnext.ops`, so accelerated backends drop in without touching the models.
+:mod:`invnext.ops`, so accelerated backends drop in without touching the models;
+:func:`set_ops_backend` picks the backend model-wide ("torch": the plain-PyTorch baseline) and
+:func:`set_grad_checkpointing` turns on activation checkpointing per block.
 """
 from invnext.models.decoder import DiffusionDecoder
 from invnext.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput
@@ -13,9 +15,11 @@ from invnext.models.modernbert import load_modernbert_layers
 from invnext.models.predictor import Predictor
 from invnext.models.stage1 import Stage1Model, kept_per_frame
 from invnext.models.stage2 import Stage2Model
-from invnext.models.teacher import ImageTeacher, TeacherOutput, TinyTeacher, build_teacher
+from invnext.models.switches import set_grad_checkpointing, set_ops_backend
+from invnext.models.teacher import ConvPatchEmbed, ImageTeacher, TeacherOutput, TinyTeacher, build_teacher
 
 __all__ = [
+    "ConvPatchEmbed",
     "DiffusionDecoder",
     "Encoder",
     "EncoderOutput",
@@ -33,4 +37,6 @@ __all__ = [
     "load_modernbert_layers",
     "load_weights",
     "save_weights",
+    "set_grad_checkpointing",
+    "set_ops_backend",
 ]

@@ -21,9 +21,10 @@ import torch.nn as nn
 
 from invnext import ops
 from invnext.config import DecoderConfig
+from invnext.models.switches import CheckpointedBlocks, OpsUser
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(OpsUser, nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -32,10 +33,11 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(ops.adaln_modulate(x, shift, scale, eps=self.eps))
+        h = ops.adaln_modulate(x, shift, scale, eps=self.eps, backend=self.backend_for("adaln_modulate"))
+        return x + gate * self.mlp(h)
 
 
-class FinalLayer(nn.Module):
+class FinalLayer(OpsUser, nn.Module):
     def __init__(self, width: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -44,10 +46,11 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(y).chunk(2, dim=-1)
-        return self.linear(ops.adaln_modulate(x, shift, scale, eps=self.eps))
+        h = ops.adaln_modulate(x, shift, scale, eps=self.eps, backend=self.backend_for("adaln_modulate"))
+        return self.linear(h)
 
 
-class DiffusionDecoder(nn.Module):
+class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
     """``DiffusionDecoder(cfg, target_dim, cond_dim)``: the denoiser plus its training loss and sampler."""
 
     def __init__(self, cfg: DecoderConfig, target_dim: int, cond_dim: int):
@@ -93,7 +96,7 @@ class DiffusionDecoder(nn.Module):
         y = self.time_embed(temb) + self.cond_embed(cond)
         h = self.input_proj(x_t.to(dtype))
         for block in self.blocks:
-            h = block(h, y)
+            h = self.run_block(block, h, y)
         return self.final(h, y)
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,9 +122,11 @@ class DiffusionDecoder(nn.Module):
         t = torch.randint(0, sched.num_steps, (M,), generator=generator, device=gen_device).to(device)
         x0 = target.float()
         noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device)
-        x_t = ops.q_sample(x0, noise, t, sched)
+        x_t = ops.q_sample(x0, noise, t, sched, backend=self.backend_for("q_sample"))
         out = self.forward(x_t, t, cond).float()
-        return ops.diffusion_loss(out, x0, x_t, noise, t, sched, reduction="mean")
+        return ops.diffusion_loss(
+            out, x0, x_t, noise, t, sched, reduction="mean", backend=self.backend_for("diffusion_loss")
+        )
 
     @torch.no_grad()
     def sample(
@@ -147,5 +152,5 @@ class DiffusionDecoder(nn.Module):
             lambda x, t, c: self.forward(x, t, c).float(),
             cond, sched, channels=self.target_dim, noise=noise,
             generator=generator if generator is not None and generator.device == cond.device else None,
-            temperature=temp,
+            temperature=temp, backend=self.backend_for("p_sample_loop"),
         )

@@ -36,6 +36,7 @@ from invnext.models.layers import (
     resize_grid_table,
     uniform_cu_seqlens,
 )
+from invnext.models.switches import CheckpointedBlocks, OpsUser
 
 # ImageNet statistics (InternVideo2/UMT convention): preprocess() maps uint8 RGB frames to
 # (x / 255 - mean) / std per channel.
@@ -87,7 +88,7 @@ class PatchEmbed(nn.Module):
         return self.post_norm(self.proj(self.pre_norm(x)))
 
 
-class Attention(nn.Module):
+class Attention(OpsUser, nn.Module):
     def __init__(self, width: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
@@ -105,6 +106,7 @@ class Attention(nn.Module):
         out = ops.masked_attention(
             q, k, v.reshape(shape), pack.cu_seqlens, pack.max_seqlen,
             coords=pack.coords if rope is not None else None, rope=rope, num_prefix=pack.num_prefix,
+            backend=self.backend_for("masked_attention"),
         )
         return self.proj(out.reshape(total, width))
 
@@ -176,7 +178,7 @@ class AttentionPool(nn.Module):
         return self.proj(out.reshape(B, C))
 
 
-class Encoder(nn.Module):
+class Encoder(OpsUser, CheckpointedBlocks, nn.Module):
     """InternVideo-Next's video ViT (see the module docstring).
 
     Attributes:
@@ -280,7 +282,7 @@ class Encoder(nn.Module):
         wanted = {i: None for i in return_layers}
         x = tokens
         for i, block in enumerate(self.blocks):
-            x = block(x, pack, self.rope)
+            x = self.run_block(block, x, pack, self.rope)
             if i in wanted:
                 wanted[i] = x
         x = self.norm(x)
@@ -306,7 +308,9 @@ class Encoder(nn.Module):
         grid = self.grid_of(video)
         x = self.patch_embed(video)
         prefix, pos = self.positions(grid, x.dtype)
-        packed = ops.gather_visible(x, hidden, pos, prefix, num_visible=num_visible)
+        packed = ops.gather_visible(
+            x, hidden, pos, prefix, num_visible=num_visible, backend=self.backend_for("gather_visible")
+        )
         coords = grid_coords(packed.index, grid) if self.rope is not None else None
         return self.forward_packed(
             packed.tokens, packed.cu_seqlens, packed.max_seqlen, coords,

@@ -40,9 +40,10 @@ from invnext import ops
 from invnext.config import PredictorConfig
 from invnext.models.layers import MLPHead, PositionTable, grid_coords, uniform_cu_seqlens
 from invnext.models.modernbert import load_modernbert_layers
+from invnext.models.switches import CheckpointedBlocks, OpsUser
 
 
-class PredictorAttention(nn.Module):
+class PredictorAttention(OpsUser, nn.Module):
     def __init__(self, cfg: PredictorConfig, is_global: bool):
         super().__init__()
         self.heads = cfg.heads
@@ -63,11 +64,15 @@ class PredictorAttention(nn.Module):
             q, k, v = qkv.unbind(1)
             q = ops.apply_rope_3d(q, coords_1d, self.theta, sections)
             k = ops.apply_rope_3d(k, coords_1d, self.theta, sections)
-            out = ops.masked_attention(q, k, v, cu_seqlens, max_seqlen, coords=coords_3d, window=self.window)
+            out = ops.masked_attention(
+                q, k, v, cu_seqlens, max_seqlen,
+                coords=coords_3d, window=self.window, backend=self.backend_for("masked_attention"),
+            )
         else:
             out = ops.masked_attention(
                 qkv, None, None, cu_seqlens, max_seqlen,
                 coords=coords_1d, rope=(self.theta, sections), window=self.window,
+                backend=self.backend_for("masked_attention"),
             )
         return self.Wo(out.reshape(total, width))
 
@@ -103,7 +108,7 @@ class PredictorLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Predictor(nn.Module):
+class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
     """``Predictor(cfg, in_dim, grid)``: encoder tokens (+ mask tokens) -> a latent per grid token.
 
     Args:
@@ -162,7 +167,9 @@ class Predictor(nn.Module):
         x = self.embed(tokens)
         mask = self.embed(self.mask_token.to(tokens.dtype)[None])[0].to(x.dtype)
         _, pos = self.pos_embed(grid)
-        x = ops.scatter_tokens(x, index, mask, pos.to(x.dtype), N, batch_size=batch_size)
+        x = ops.scatter_tokens(
+            x, index, mask, pos.to(x.dtype), N, batch_size=batch_size, backend=self.backend_for("scatter_tokens")
+        )
         return self.forward_grid(x, grid)
 
     def forward_grid(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -175,5 +182,5 @@ class Predictor(nn.Module):
         cu = uniform_cu_seqlens(B, N, device)
         h = x.reshape(B * N, C)
         for layer in self.layers:
-            h = layer(h, cu, N, coords_1d, coords_3d)
+            h = self.run_block(layer, h, cu, N, coords_1d, coords_3d)
         return self.final_norm(h).view(B, N, C)

@@ -18,6 +18,9 @@ One step on a clip batch ``video[B, 3, T, H, W]`` (normalised with ``encoder.mea
    (c) Diffusion: the predictor turns [visible tokens; mask tokens] into latents; the decoder's
    diffusion loss reconstructs each hidden token's raw pixel patch (in [-1, 1]) from its latent.
 5. ``loss = align_weight * (a) + pool_weight * (b) + diffusion_weight * (c)``.
+
+Profiler regions (``torch.profiler.record_function``, for the step-time breakdown): "teacher",
+"masks", "encoder", "loss" ((a) and (b)), "predictor", "decoder" ((c): decoder and its loss).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from invnext import ops
 from invnext.config import Stage1Config
@@ -33,6 +37,7 @@ from invnext.models.decoder import DiffusionDecoder
 from invnext.models.encoder import Encoder, EncoderOutput
 from invnext.models.layers import MLPHead, PositionTable, cosine_loss, grid_rows, patchify, true_positions
 from invnext.models.predictor import Predictor
+from invnext.models.switches import OpsUser
 from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher
 
 
@@ -41,7 +46,7 @@ def kept_per_frame(ratio: float, frame_tokens: int) -> int:
     return frame_tokens - min(math.floor(ratio * frame_tokens + 0.5), frame_tokens - 1)
 
 
-class Stage1Model(nn.Module):
+class Stage1Model(OpsUser, nn.Module):
     """Encoder + predictor + diffusion decoder + alignment heads, with a frozen teacher.
 
     Args:
@@ -151,7 +156,8 @@ class Stage1Model(nn.Module):
         T, H, W = grid
         S, N = H * W, T * H * W
         B = video.shape[0]
-        tout = self.run_teacher(video, teacher_video)
+        with record_function("teacher"):
+            tout = self.run_teacher(video, teacher_video)
         if tuple(tout.attn.shape) != (B, T, S) or tout.features.shape[:4] != (B, len(self.student_layers), T, S):
             raise ValueError(
                 f"Stage1Model: the teacher's grid must match the student's ({T} frames of {H}x{W} tokens); "
@@ -159,20 +165,27 @@ class Stage1Model(nn.Module):
             )
 
         keep = kept_per_frame(cfg.mask_ratio, S)
-        hidden = ops.semantic_mask(tout.attn.float(), keep, cfg.mask_mode, generator=generator)
-        enc = self.encoder.forward_masked(
-            video, hidden, num_visible=[T * keep] * B, return_layers=self.student_layers
-        )
+        with record_function("masks"):
+            hidden = ops.semantic_mask(
+                tout.attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
+            )
+        with record_function("encoder"):
+            enc = self.encoder.forward_masked(
+                video, hidden, num_visible=[T * keep] * B, return_layers=self.student_layers
+            )
 
-        per_layer = self.alignment_losses(enc, tout)
-        align = per_layer.mean()
-        pool = cosine_loss(self.pool_head(enc.pooled), tout.pooled.float().mean(1))
+        with record_function("loss"):
+            per_layer = self.alignment_losses(enc, tout)
+            align = per_layer.mean()
+            pool = cosine_loss(self.pool_head(enc.pooled), tout.pooled.float().mean(1))
 
-        latents = self.predictor(enc.tokens, enc.index, B, grid)  # [B, N, Wp]
-        where = true_positions(hidden.reshape(-1), B * (N - T * keep))
-        cond = latents.reshape(B * N, -1)[where]
-        target = self.pixel_targets(video).reshape(B * N, -1)[where]
-        diffusion = self.decoder.loss(cond, target, generator=generator)
+        with record_function("predictor"):
+            latents = self.predictor(enc.tokens, enc.index, B, grid)  # [B, N, Wp]
+        with record_function("decoder"):
+            where = true_positions(hidden.reshape(-1), B * (N - T * keep))
+            cond = latents.reshape(B * N, -1)[where]
+            target = self.pixel_targets(video).reshape(B * N, -1)[where]
+            diffusion = self.decoder.loss(cond, target, generator=generator)
 
         loss = cfg.align_weight * align + cfg.pool_weight * pool + cfg.diffusion_weight * diffusion
         return {

@@ -9,6 +9,9 @@ places; ``head`` (Linear-GELU-Linear-LayerNorm, predictor width -> encoder width
 latents at hidden tokens, and the loss is the mean ``2 - 2 cos`` over hidden tokens, summed
 over views.
 
+Profiler regions (``torch.profiler.record_function``): "teacher" (the frozen target), "masks",
+"encoder", "predictor", "loss" (head and cosine loss), the last four once per view.
+
 The Stage-2 loss never reads the pooled embedding, so the student's attention-pool head is
 frozen here (it keeps its Stage-1 weights) and the pool is skipped in every Stage-2 pass.
 """
@@ -18,15 +21,17 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from invnext import ops
 from invnext.config import Stage2Config
 from invnext.models.encoder import Encoder
 from invnext.models.layers import MLPHead, cosine_loss, l2norm, true_positions
 from invnext.models.predictor import Predictor
+from invnext.models.switches import OpsUser
 
 
-class Stage2Model(nn.Module):
+class Stage2Model(OpsUser, nn.Module):
     """Student encoder + predictor + head, and the frozen target encoder.
 
     Args:
@@ -69,7 +74,7 @@ class Stage2Model(nn.Module):
         return [
             ops.multiblock_mask(
                 batch_size, grid, v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale,
-                generator=generator, device=device,
+                generator=generator, device=device, backend=self.backend_for("multiblock_mask"),
             )
             for v in self.cfg.views
         ]
@@ -93,20 +98,26 @@ class Stage2Model(nn.Module):
         grid = self.encoder.grid_of(video)
         B = video.shape[0]
         N = grid[0] * grid[1] * grid[2]
-        target = self.targets(video).reshape(B * N, -1)
+        with record_function("teacher"):
+            target = self.targets(video).reshape(B * N, -1)
         if masks is None:
-            masks = self.view_masks(B, grid, video.device, generator)
+            with record_function("masks"):
+                masks = self.view_masks(B, grid, video.device, generator)
         if len(masks) != len(self.cfg.views):
             raise ValueError(f"Stage2Model: masks must hold one mask per view ({len(self.cfg.views)}), got {len(masks)}")
         out: dict[str, torch.Tensor] = {}
         total = video.new_zeros((), dtype=torch.float32)
         for i, hidden in enumerate(masks):
-            counts = hidden.sum(1).cpu()  # one sync: sizes the packed batch and the hidden rows
-            enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist(), pool=False)
-            latents = self.predictor(enc.tokens, enc.index, B, grid)
-            where = true_positions(hidden.reshape(-1), int(counts.sum()))
-            pred = self.head(latents.reshape(B * N, -1)[where])
-            loss = cosine_loss(pred, target[where])
+            with record_function("masks"):
+                counts = hidden.sum(1).cpu()  # one sync: sizes the packed batch and the hidden rows
+            with record_function("encoder"):
+                enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist(), pool=False)
+            with record_function("predictor"):
+                latents = self.predictor(enc.tokens, enc.index, B, grid)
+            with record_function("loss"):
+                where = true_positions(hidden.reshape(-1), int(counts.sum()))
+                pred = self.head(latents.reshape(B * N, -1)[where])
+                loss = cosine_loss(pred, target[where])
             out[f"view{i}"] = loss
             out[f"hidden{i}"] = hidden
             total = total + loss

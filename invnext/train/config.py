@@ -31,6 +31,9 @@ File layout (every section optional; see ``configs/stage1_tiny.yaml``)::
     progress: true
     tensorboard: true
     threads: null                 # CPU: compute threads (null: $OMP_NUM_THREADS, else CPUs - data.workers)
+    ops_backend: auto             # auto | torch (the plain-PyTorch baseline) | triton | cuda (models.set_ops_backend)
+    grad_checkpointing: false     # recompute each block's activations in backward (models.set_grad_checkpointing)
+    compile: false                # torch.compile the training model's forward (weights keep their names)
 """
 from __future__ import annotations
 
@@ -242,6 +245,9 @@ class TrainConfig(_Checked):
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = None  # CPU runs: compute threads; None = $OMP_NUM_THREADS, else CPU count - data.workers
+    ops_backend: Literal["auto", "torch", "triton", "cuda"] = "auto"  # every invnext.ops call of the model
+    grad_checkpointing: bool = False  # activation checkpointing per encoder / predictor / decoder block
+    compile: bool = False  # torch.compile the model's forward (in place: no _orig_mod. prefix in the weights)
 
     def validate(self) -> None:
         for name in ("save_every", "keep_last", "log_every", "max_skipped_steps"):

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from invnext.config import Stage1Config, to_dict
-from invnext.models import Encoder, Stage1Model, Stage2Model
+from invnext.models import Encoder, Stage1Model, Stage2Model, set_grad_checkpointing, set_ops_backend
 from invnext.train import checkpoint as ckpt
 from invnext.train.batches import StepSampler, make_loader, micro_range, micro_seed, mix_seed
 from invnext.train.config import TrainConfig, config_to_json, steps_for
@@ -260,11 +260,14 @@ def train_stage(
     G, m = cfg.batch.global_size, cfg.batch.per_device
 
     model = _build_model(cfg, info, init if init is not None else cfg.init, fresh=existing is None)
+    set_grad_checkpointing(set_ops_backend(model, cfg.ops_backend), cfg.grad_checkpointing)
     model.to(device)
     model.train()
     strategy = cfg.resolved_strategy()
     wrapped = wrap_model(model, strategy, info)
     core = unwrap(wrapped)
+    if cfg.compile:
+        core.compile()  # in place (nn.Module.compile): state_dict names stay free of torch.compile's "_orig_mod."
     optimizer = build_optimizer(core, cfg.optim)
     trainable = [p for p in core.parameters() if p.requires_grad]
     sharded = info.distributed and strategy == "fsdp"
