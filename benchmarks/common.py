@@ -18,6 +18,16 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Set by ``benchmarks.run`` for its child processes: where results go, and the peaks it measured
+# once at the start (JSON), so every module's fraction of peak uses the same figures.
+RESULTS_ENV = "INVNEXT_BENCH_RESULTS"
+PEAKS_ENV = "INVNEXT_BENCH_PEAKS"
+
+
+def results_dir() -> Path:
+    """Where result files go: ``$INVNEXT_BENCH_RESULTS`` if set, else ``benchmarks/results``."""
+    override = os.environ.get(RESULTS_ENV)
+    return Path(override) if override else RESULTS_DIR
 
 
 @dataclass
@@ -78,22 +88,46 @@ def _copy_peak_gbps(nbytes: int = 1 << 30) -> float:
 
 
 def measured_peaks() -> dict[str, float]:
-    """This card's bf16 matmul TFLOP/s and device-copy GB/s (bytes read + written), measured once."""
+    """This card's bf16 matmul TFLOP/s and device-copy GB/s (bytes read + written), measured once
+    (or taken from ``$INVNEXT_BENCH_PEAKS`` when the suite runner measured them already)."""
     if _PEAKS or not torch.cuda.is_available():
         return _PEAKS
+    given = os.environ.get(PEAKS_ENV)
+    if given:
+        peaks = json.loads(given)
+        if {"matmul_bf16_tflops", "copy_gbps"} <= set(peaks):
+            _PEAKS.update({k: float(v) for k, v in peaks.items()})
+            return _PEAKS
     _PEAKS["matmul_bf16_tflops"] = _matmul_peak_tflops()
     _PEAKS["copy_gbps"] = _copy_peak_gbps()
     torch.cuda.empty_cache()
     return _PEAKS
 
 
+def quantiles_ms(samples_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of host-timed samples in ms (linear interpolation, as do_bench reports)."""
+    if not samples_ms:
+        raise ValueError("quantiles_ms: samples_ms is empty")
+    t = torch.tensor(samples_ms, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def slug(text: str) -> str:
+    """File-name form of a GPU name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return _slug(text)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def write_results(name: str, rows: list[Row], notes: str = "") -> Path:
-    """Write ``results/<name>_<gpu>_<date>.json`` and a markdown table beside it; return the json path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, rows: list[Row], notes: str = "", out_dir: Path | None = None) -> Path:
+    """Write ``results/<name>_<gpu>_<date>.json`` and a markdown table beside it; return the json path.
+
+    ``out_dir`` overrides the folder (default :func:`results_dir`)."""
+    out_dir = Path(out_dir) if out_dir is not None else results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()
     stem = f"{name}_{_slug(gpu_name())}_{date}"
     meta = {
@@ -111,9 +145,9 @@ def write_results(name: str, rows: list[Row], notes: str = "") -> Path:
         meta["triton"] = triton.__version__
     except Exception:  # pragma: no cover
         meta["triton"] = None
-    path = RESULTS_DIR / f"{stem}.json"
+    path = out_dir / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    (RESULTS_DIR / f"{stem}.md").write_text(markdown_table(rows, meta))
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, meta))
     return path
 
 
