@@ -31,6 +31,7 @@ outputs (per stage, in OUT/stage1 and OUT/stage2):
   monitor.{min_std,min_erank_frac}    model.preset    model.overrides.<any Stage1Config/Stage2Config key>
   teacher  init  seed  save_every  keep_last  log_every  max_skipped_steps
   precision (auto|bf16|fp32)  device (auto|cpu|cuda)  strategy (auto|ddp|fsdp)  progress  tensorboard  threads
+  ops_backend (auto|torch|triton|cuda; torch = the plain-PyTorch baseline)  grad_checkpointing  compile
 """
 
 
@@ -80,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "model.safetensors); --stage both uses OUT/stage1 automatically",
     )
 
+    pre.add_argument(
+        "--eval", dest="evaluate", default="auto", choices=("auto", "on", "off"),
+        help="end a --stage both run with attentive probes of a random encoder, the image teacher and both "
+        "stages' encoders, plus a reconstruction picture, in OUT/eval/ (auto: on when the run trained on the "
+        "bundled default dataset, whose labels the probes need)",
+    )
+
     data = sub.add_parser("data", help="dataset tools", description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     check = data_sub.add_parser(
@@ -113,7 +121,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     try:
         pretrain(
             args.stage, configs=args.config, preset=args.preset, sets=args.sets, out=args.out,
-            resume=args.resume, init=args.init, hooks=FaultHooks.from_env(),
+            resume=args.resume, init=args.init, hooks=FaultHooks.from_env(), evaluate=args.evaluate,
         )
     except (UsageError, RunExistsError, NonFiniteLossError) as exc:
         print(f"invnext pretrain: error: {exc}", file=sys.stderr)

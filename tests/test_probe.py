@@ -113,6 +113,37 @@ def test_heads_shapes_and_validation():
         lin(torch.randn(2, 5))
 
 
+def _mha_pool(probe: AttentiveProbe, tokens: torch.Tensor) -> torch.Tensor:
+    """The textbook formulation: project every token to k and v, one learned query, softmax per head."""
+    B, N, C = tokens.shape
+    H, D = probe.heads, C // probe.heads
+    x = probe.norm_kv(tokens)
+    k = probe.k(x).view(B, N, H, D)
+    v = probe.v(x).view(B, N, H, D)
+    q = probe.q(probe.query).view(H, D)
+    a = torch.softmax(torch.einsum("hd,bnhd->bnh", q, k) / math.sqrt(D), dim=1)
+    out = torch.einsum("bnh,bnhd->bhd", a, v).reshape(B, C)
+    z = probe.query[:, 0] + probe.proj(out)
+    return z + probe.mlp(probe.norm_mlp(z))
+
+
+def test_attentive_pool_equals_multihead_attention_float64():
+    torch.manual_seed(1)
+    probe = AttentiveProbe(30, 4, heads=5).double()
+    for p in probe.parameters():  # move off the init (zero biases, small weights) so every term matters
+        p.data.normal_(0.0, 0.5)
+    x = torch.randn(3, 13, 30, dtype=torch.float64, requires_grad=True)
+    got, want = probe.pool(x), _mha_pool(probe, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, *probe.parameters()], g, allow_unused=True)
+    refs = torch.autograd.grad(want, [x, *probe.parameters()], g, allow_unused=True)
+    for a, b in zip(grads, refs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_metrics():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     y = torch.tensor([1, 2, 2, 1])

@@ -288,10 +288,18 @@ def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys):
 
     enc = load_encoder(out / "stage2" / "model.safetensors")
     assert enc.cfg == get_preset("tiny").stage2.encoder
+    # The run ends with the evaluation table (four feature sources x two labels) and a reconstruction.
+    table = json.loads((out / "eval" / "table.json").read_text())
+    assert [r["name"] for r in table["rows"]] == [
+        "random encoder", "image teacher, frames averaged", "Stage 1 encoder", "Stage 2 encoder"
+    ]
+    assert all(0.0 <= r[k] <= 1.0 for r in table["rows"] for k in ("appearance", "dynamics"))
+    assert "| Stage 2 encoder |" in printed and (out / "eval" / "table.md").is_file()
+    assert (out / "eval" / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["data", "check", str(tmp_path / "data" / "val.csv")]) == 0  # the bundled clips all decode
     # Without --resume the same folder is refused; with it, finished stages are skipped.
     assert main(args) == 1
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", "--eval", "off"]) == 0
     assert "already finished" in capsys.readouterr().out
 
 

@@ -131,6 +131,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--seed", type=int, default=0, help="mask and sampler noise seed (default 0)")
     r.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    r.add_argument(
+        "--no-clip", dest="clip_x0", action="store_false",
+        help="do not clip each step's predicted clean patch to the pixel range (sample exactly as trained)",
+    )
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -178,8 +182,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
         teacher=args.teacher,
         seed=args.seed,
         device=args.device,
+        clip_x0=args.clip_x0,
     )
-    summary = {k: res[k] for k in ("png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "image_shape")}
+    summary = {k: res[k] for k in ("png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "clip_x0", "image_shape")}
     print(json.dumps(summary, indent=1))
     return 0
 

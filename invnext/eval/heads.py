@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _check_int(owner: str, name: str, value: object, low: int = 1) -> int:
@@ -80,12 +79,18 @@ class AttentiveProbe(nn.Module):
             raise ValueError(f"AttentiveProbe: tokens must be [B, N >= 1, {self.dim}], got {list(tokens.shape)}")
         B, N, C = tokens.shape
         H, D = self.heads, C // self.heads
-        x = self.norm_kv(tokens.to(self.query.dtype))
-        k = self.k(x).view(B, N, H, D).transpose(1, 2)  # [B, H, N, D]
-        v = self.v(x).view(B, N, H, D).transpose(1, 2)
-        q = self.q(self.query).view(1, 1, H, D).transpose(1, 2).expand(B, H, 1, D)
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, D]
-        z = self.query[:, 0] + self.proj(a.transpose(1, 2).reshape(B, C))
+        x = self.norm_kv(tokens.to(self.query.dtype))  # [B, N, C]
+        # One query, so attention reassociates (the same function as MHA(q, Wk x, Wv x)):
+        #   score[b, n, h] = q_h . (Wk_h x_n + bk_h) / sqrt(D) = x_n . u_h + c_h,  u_h = Wk_h^T q_h / sqrt(D)
+        #   out[b, h]      = sum_n a[b, n, h] (Wv_h x_n + bv_h) = Wv_h (sum_n a[b, n, h] x_n) + bv_h
+        # which costs O(N C H) per clip instead of projecting every token, O(N C^2).
+        q = self.q(self.query).view(H, D) * D**-0.5
+        u = torch.einsum("hd,hdc->hc", q, self.k.weight.view(H, D, C))  # [H, C]
+        c = (q * self.k.bias.view(H, D)).sum(-1)  # [H]: shifts every score of a head alike
+        a = torch.softmax(x @ u.t() + c, dim=1)  # [B, N, H], over tokens
+        pooled = torch.einsum("bnh,bnc->bhc", a, x)  # [B, H, C]
+        out = torch.einsum("bhc,hdc->bhd", pooled, self.v.weight.view(H, D, C)) + self.v.bias.view(H, D)
+        z = self.query[:, 0] + self.proj(out.reshape(B, C))
         return z + self.mlp(self.norm_mlp(z))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

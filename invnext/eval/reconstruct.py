@@ -195,6 +195,55 @@ def load_stage1(checkpoint: str | os.PathLike, *, teacher: str = "auto") -> Stag
 # --------------------------------------------------------------------------- reconstruction
 
 
+@torch.no_grad()
+def sample_pixels(
+    decoder: nn.Module,
+    cond: torch.Tensor,
+    steps: int,
+    temperature: float,
+    *,
+    generator: torch.Generator | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """Ancestral sampling of pixel patches ``[M, target_dim]`` in [-1, 1] from ``decoder`` given ``cond[M, W]``.
+
+    ``clip_x0``: at every step the clean patch implied by the predicted noise,
+    ``x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps``, is clipped to [-1, 1] and the noise is
+    re-derived from it, ``eps' = (sqrt(1/abar_t) x_t - clip(x0)) / sqrt(1/abar_t - 1)``, so the
+    unchanged reverse step draws from the posterior around the clipped ``x0`` (DDPM's
+    ``clip_denoised`` for images). Why: the noisiest steps divide the prediction error by
+    ``sqrt(abar_t)`` ~ 0, so a decoder trained for minutes (the default run) leaves unclipped
+    samples saturated with noise; pixels have a known range, and clipping uses only that.
+    Without it this is exactly ``decoder.sample``.
+    """
+    if not clip_x0:
+        return decoder.sample(cond, steps, temperature, generator=generator)
+    sched = decoder.schedule(cond.device, respace=steps)
+    # t_model = timestep_map[t] reaches the model: map it back to the respaced row of the tables.
+    row_of = torch.full((int(sched.timestep_map.max()) + 1,), -1, dtype=torch.int64, device=cond.device)
+    row_of[sched.timestep_map] = torch.arange(sched.timestep_map.numel(), device=cond.device)
+    recip = sched.sqrt_recip_alphas_cumprod.float()
+    recipm1 = sched.sqrt_recipm1_alphas_cumprod.float()
+    C = decoder.target_dim
+
+    def denoise(x_t: torch.Tensor, t_model: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        out = decoder(x_t, t_model, c).float()
+        eps, v = out[:, :C], out[:, C:]
+        t = row_of[t_model]
+        a, b = recip[t][:, None], recipm1[t][:, None]
+        x0 = (a * x_t.float() - b * eps).clamp(-1.0, 1.0)
+        return torch.cat([(a * x_t.float() - x0) / b, v], dim=1)
+
+    noise = None
+    if generator is not None:
+        noise = torch.randn((cond.shape[0], C), generator=generator, device=generator.device).to(cond.device)
+    return ops.p_sample_loop(
+        denoise, cond, sched, channels=C, noise=noise,
+        generator=generator if generator is not None and generator.device == cond.device else None,
+        temperature=temperature,
+    )
+
+
 def _teacher_input(rgb: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
     """``rgb [B, 3, T, H, W]`` in [0, 1] -> the teacher's input (resized to its img_size, its normalisation)."""
     B, C, T, H, W = rgb.shape
@@ -227,6 +276,7 @@ def reconstruct(
     teacher: str = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
+    clip_x0: bool = True,
 ) -> dict[str, Any]:
     """Mask a clip of ``video``, reconstruct the hidden patches with the Stage-1 decoder, write a PNG grid.
 
@@ -241,6 +291,8 @@ def reconstruct(
         teacher: ``"auto"``, ``"default"``, ``"none"`` or a teacher weights file (:func:`load_stage1`).
         seed: the mask (tube / sampled semantic) and the sampler's noise.
         device: where the models run (default CUDA when available, else CPU).
+        clip_x0: clip the predicted clean patch to the pixel range at every step
+            (:func:`sample_pixels`); False samples exactly as the training objective's model does.
     Returns:
         ``{"png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "steps", "temperature", "frames",
         "image_shape", "hidden" (bool [N]), "rows": {"original", "masked", "reconstructed"} (uint8 [F, s, s, 3])}``;
@@ -293,7 +345,7 @@ def reconstruct(
     enc = parts.encoder.forward_masked(x, hidden, num_visible=[num_visible], pool=False)
     latents = parts.predictor(enc.tokens, enc.index, 1, grid)  # [1, N, Wp]
     cond = latents[0][hidden[0]]
-    sample = parts.decoder.sample(cond, steps, temperature, generator=gen).clamp(-1, 1)
+    sample = sample_pixels(parts.decoder, cond, steps, temperature, generator=gen, clip_x0=clip_x0).clamp(-1, 1)
 
     target = patchify(rgb * 2.0 - 1.0, enc_cfg.patch_size, enc_cfg.tubelet_size)  # [1, N, patch_dim]
     recon, grey = target.clone(), target.clone()
@@ -321,6 +373,7 @@ def reconstruct(
         "psnr_hidden": psnr,
         "steps": steps,
         "temperature": temperature,
+        "clip_x0": clip_x0,
         "frames": frames,
         "image_shape": list(image.shape),
         "hidden": hidden[0].cpu(),

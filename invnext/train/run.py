@@ -68,8 +68,16 @@ def pretrain(
     resume: bool = False,
     init: str | None = None,
     hooks: FaultHooks | None = None,
+    evaluate: str = "auto",
 ) -> list[StageResult]:
-    """Run the stages (see the module docstring); returns one :class:`StageResult` per stage run."""
+    """Run the stages (see the module docstring); returns one :class:`StageResult` per stage run.
+
+    ``evaluate``: "on" ends a ``--stage both`` run with :func:`invnext.eval.table.evaluate_run`
+    (probe table and a reconstruction picture in ``OUT/eval/``); "auto" does so when both stages
+    trained on the bundled default dataset (whose labels the table needs); "off" never.
+    """
+    if evaluate not in ("auto", "on", "off"):
+        raise ValueError(f"evaluate must be 'auto', 'on' or 'off', got {evaluate!r}")
     cfgs = resolve_configs(stage, configs, preset, sets)
     stages = list(cfgs)
     if init is not None and stages != [2]:
@@ -96,6 +104,8 @@ def pretrain(
             if st == 2:
                 st_init = init or cfg.init or (str(out_dir / "stage1") if len(stages) == 2 else None)
             results.append(train_stage(cfg, sdir, info, resume=resume, init=st_init, hooks=hooks))
+        if info.is_main and _wants_eval(evaluate, cfgs):
+            _evaluate(out_dir, cfgs, info)
         if info.is_main:
             where = "; ".join(f"stage {r.stage}: {r.weights}" for r in results)
             print(f"results in {out_dir}: {where}")
@@ -107,3 +117,35 @@ def pretrain(
 def _planned_steps(cfg: TrainConfig, done: dict) -> int:
     """The step count a finished stage was run for, if ``cfg`` still asks for it (epochs: trust the summary)."""
     return cfg.schedule.steps if cfg.schedule.steps is not None else done.get("steps")
+
+
+def _wants_eval(evaluate: str, cfgs: dict[int, TrainConfig]) -> bool:
+    if evaluate == "off":
+        return False
+    if sorted(cfgs) != [1, 2]:
+        if evaluate == "on":
+            raise UsageError("--eval on needs --stage both (the table compares the Stage-1 and Stage-2 encoders)")
+        return False
+    return evaluate == "on" or all(c.data.source is None for c in cfgs.values())
+
+
+def _evaluate(out_dir: Path, cfgs: dict[int, TrainConfig], info) -> None:
+    """Probe table and a reconstruction picture of the run in ``OUT/eval/`` (see :mod:`invnext.eval.table`)."""
+    import time
+
+    from invnext.data.dataset import read_index
+    from invnext.eval.reconstruct import reconstruct
+    from invnext.eval.table import evaluate_run, format_table
+    from invnext.train.sources import default_data
+
+    t0 = time.perf_counter()
+    data = default_data(cfgs[1], info)  # the same variant Stage 1 trained on
+    print("eval: attentive probes on frozen features (appearance: which digit; dynamics: how it moves)", flush=True)
+    device = "cpu" if cfgs[1].device == "cpu" else None
+    result = evaluate_run(out_dir, train=data.train_index, val=data.val_index, seed=cfgs[2].seed, device=device)
+    first_val = read_index(data.val_index).entries[0].path
+    rec = reconstruct(out_dir / "stage1", first_val, steps=20, out=out_dir / "eval" / "reconstruction.png",
+                      seed=cfgs[1].seed, device=device)
+    print(f"eval: {time.perf_counter() - t0:.0f} s; probe table {result['files']['markdown']}, "
+          f"reconstruction {rec['png']} (hidden-patch PSNR {rec['psnr_hidden']:.1f} dB)")
+    print(format_table(result), flush=True)
