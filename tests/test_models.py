@@ -468,6 +468,23 @@ def test_decoder_zero_init_loss_and_sampling():
         dec.loss(cond, x[:, :5])
 
 
+@pytest.mark.requires_cuda
+def test_decoder_loss_draws_on_the_gpu_from_a_cpu_generator():
+    torch.manual_seed(0)
+    dec = DiffusionDecoder(TINY.stage1.decoder, target_dim=12, cond_dim=8).cuda()
+    _unzero_decoder(dec)
+    cond, x = torch.randn(64, 8, device="cuda"), torch.rand(64, 12, device="cuda") * 2 - 1
+    gen = torch.Generator().manual_seed(3)
+    loss = dec.loss(cond, x, generator=gen)
+    after_one = gen.get_state()
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    # Deterministic given the CPU generator, which advances by exactly one draw (the seed).
+    assert torch.equal(loss, dec.loss(cond, x, generator=torch.Generator().manual_seed(3)))
+    probe = torch.Generator().manual_seed(3)
+    torch.randint(0, 2**62, (1,), generator=probe)
+    assert torch.equal(after_one, probe.get_state())
+
+
 # --------------------------------------------------------------------------- teacher and io
 
 

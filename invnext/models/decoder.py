@@ -102,8 +102,9 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
     def loss(self, cond: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean hybrid diffusion loss of ``target[M, target_dim]`` given ``cond[M, cond_dim]``.
 
-        Draws ``t`` uniformly over the training steps and Gaussian noise (from ``generator``
-        if given; a CPU generator works for tensors on any device), repeats every row
+        Draws ``t`` uniformly over the training steps and Gaussian noise on the tensors' device
+        (from ``generator`` if given; a generator on another device, e.g. the trainer's CPU
+        one, seeds one on this device), repeats every row
         ``cfg.batch_mul`` times, and returns ``ops.diffusion_loss`` (fp32 scalar).
         """
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
@@ -118,10 +119,15 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
         device = cond.device
         sched = self.schedule(device)
         M = target.shape[0]
-        gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, sched.num_steps, (M,), generator=generator, device=gen_device).to(device)
+        if generator is not None and generator.device != device:
+            # Drawing M x target_dim normals on the host and copying them costs more than the
+            # decoder step on a GPU: seed a generator on the tensors' device from the given one
+            # instead (still deterministic given it; reading a CPU tensor does not sync the GPU).
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            generator = torch.Generator(device).manual_seed(seed)
+        t = torch.randint(0, sched.num_steps, (M,), generator=generator, device=device)
         x0 = target.float()
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         x_t = ops.q_sample(x0, noise, t, sched, backend=self.backend_for("q_sample"))
         out = self.forward(x_t, t, cond).float()
         return ops.diffusion_loss(
