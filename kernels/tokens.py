@@ -54,6 +54,7 @@ import triton.language as tl
 
 from invnext.ops import _validate as V
 from invnext.ops._dispatch import triton_interpreter
+from invnext.ops._token_custom_ops import define_token_ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements per program tile at 4 warps. Place programs loop over the batch, so a larger tile
@@ -568,134 +569,22 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
 # one opaque node whose fake gives the output's shape; ``total`` is ``index.shape[0]``, so no
 # output size depends on tensor values.
 # ----------------------------------------------------------------------------------------
-def _define_ops():
-    ns = torch.ops.invnext
-    names = ("gather_visible_triton_fwd", "gather_visible_triton_bwd", "scatter_tokens_triton_fwd",
-             "scatter_tokens_triton_bwd")  # fmt: skip
-    if all(hasattr(ns, n) for n in names):
-        return tuple(getattr(ns, n) for n in names)  # a second import of this module
-
-    @torch.library.custom_op("invnext::gather_visible_triton_fwd", mutates_args=())
-    def gather_fwd(
-        x: torch.Tensor,
-        index: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        pos: torch.Tensor | None,
-        prefix: torch.Tensor | None,
-    ) -> torch.Tensor:
-        return _gather_rows(x, index, cu_seqlens, pos, prefix)
-
-    @gather_fwd.register_fake
-    def _(x, index, cu_seqlens, pos, prefix):
-        return x.new_empty((index.shape[0], x.shape[2]))
-
-    @torch.library.custom_op("invnext::gather_visible_triton_bwd", mutates_args=())
-    def gather_bwd(
-        grad: torch.Tensor,
-        index: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        batch_size: int,
-        N: int,
-        pos_batch: int,
-        prefix_batch: int,
-        P: int,
-        need_x: bool,
-        need_pos: bool,
-        need_prefix: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _gather_backward(
-            grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix
-        )
-
-    @gather_bwd.register_fake
-    def _(grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
-        C = grad.shape[1]
-        return (
-            grad.new_empty((batch_size if need_x else 0, N, C)),
-            grad.new_empty((pos_batch if need_pos else 0, N, C)),
-            grad.new_empty((prefix_batch if need_prefix else 0, P, C)),
-        )
-
-    def gather_setup(ctx, inputs, output):
-        x, index, cu_seqlens, pos, prefix = inputs
-        ctx.save_for_backward(index, cu_seqlens)
-        B, N, _ = x.shape
-        Bp = 0 if pos is None else pos.shape[0]
-        Bq, P = (0, 0) if prefix is None else (prefix.shape[0], prefix.shape[1])
-        ctx.dims = (B, N, Bp, Bq, P)
-
-    def gather_grad(ctx, grad):
-        index, cu_seqlens = ctx.saved_tensors
-        need_x, _, _, need_pos, need_prefix = ctx.needs_input_grad
-        dx, dpos, dprefix = gather_bwd(grad, index, cu_seqlens, *ctx.dims, need_x, need_pos, need_prefix)
-        return (dx if need_x else None), None, None, (dpos if need_pos else None), (dprefix if need_prefix else None)
-
-    gather_fwd.register_autograd(gather_grad, setup_context=gather_setup)
-
-    @torch.library.custom_op("invnext::scatter_tokens_triton_fwd", mutates_args=())
-    def scatter_fwd(
-        packed: torch.Tensor,
-        index: torch.Tensor,
-        mask_token: torch.Tensor,
-        pos: torch.Tensor | None,
-        batch_size: int,
-        N: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _scatter_forward(packed, index, mask_token, pos, batch_size, N)
-
-    @scatter_fwd.register_fake
-    def _(packed, index, mask_token, pos, batch_size, N):
-        out = packed.new_empty((batch_size, N, packed.shape[1]))
-        return out, packed.new_empty((batch_size * N,), dtype=torch.int32)
-
-    @torch.library.custom_op("invnext::scatter_tokens_triton_bwd", mutates_args=())
-    def scatter_bwd(
-        grad: torch.Tensor,
-        index: torch.Tensor,
-        inv: torch.Tensor,
-        need_packed: bool,
-        need_mask: bool,
-        need_pos_sum: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum)
-
-    @scatter_bwd.register_fake
-    def _(grad, index, inv, need_packed, need_mask, need_pos_sum):
-        _, N, C = grad.shape
-        return (
-            grad.new_empty((index.shape[0] if need_packed else 0, C)),
-            grad.new_empty((C if need_mask else 0,)),
-            grad.new_empty((1 if need_pos_sum else 0, N, C)),
-        )
-
-    def scatter_setup(ctx, inputs, output):
-        _, index, _, pos, _, _ = inputs
-        ctx.save_for_backward(index, output[1])
-        ctx.pos_batch = 0 if pos is None else pos.shape[0]
-        ctx.mark_non_differentiable(output[1])
-
-    def scatter_grad(ctx, grad, _dinv):
-        index, inv = ctx.saved_tensors
-        need_packed, _, need_mask, need_pos = ctx.needs_input_grad[:4]
-        pos_sum = need_pos and ctx.pos_batch == 1
-        dpacked = dmask = dpos = None
-        if need_packed or need_mask or pos_sum:
-            dpacked, dmask, dpos = scatter_bwd(grad, index, inv, need_packed, need_mask, pos_sum)
-        if need_pos and not pos_sum:
-            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
-        keep = lambda g, need: g if need else None
-        return keep(dpacked, need_packed), None, keep(dmask, need_mask), keep(dpos, need_pos), None, None
-
-    scatter_fwd.register_autograd(scatter_grad, setup_context=scatter_setup)
-    return gather_fwd, gather_bwd, scatter_fwd, scatter_bwd
-
-
 (
     gather_visible_triton_fwd,
     gather_visible_triton_bwd,
     scatter_tokens_triton_fwd,
     scatter_tokens_triton_bwd,
-) = _define_ops()
+) = define_token_ops(
+    "triton",
+    gather_forward=_gather_rows,
+    gather_backward=_gather_backward,
+    scatter_forward=_scatter_forward,
+    scatter_backward=_scatter_backward,
+    # Registered for every device (the interpreter runs the kernels on the CPU); an absent
+    # table has batch 0, and a shared pos (batch 1) gets its gradient summed over the batch.
+    absent_batch=0,
+    sum_pos_grad=lambda pos_batch, batch_size: pos_batch == 1,
+)
 
 
 # ----------------------------------------------------------------------------------------

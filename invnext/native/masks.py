@@ -27,7 +27,7 @@ import math
 import torch
 
 from invnext import native
-from invnext.ops.masks import hidden_count
+from invnext.ops.masks import _check_num_prefix, hidden_count
 
 # csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
 MASK_KEY_BYTES = 45056
@@ -78,12 +78,16 @@ def _common_reason(op: str, device: torch.device, B: int, N: int) -> str | None:
     return None
 
 
-def _cu_seqlens(op: str, B: int, P: int, N: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(P, int) or isinstance(P, bool) or P < 0:
-        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {P!r}")
+def _outputs(op: str, B: int, N: int, P: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampler's outputs: hidden bool[B, N] and, for the ``*_with_cu_seqlens`` variants
+    (``P`` not None), cu_seqlens int32[B+1]."""
+    hidden = torch.empty(B, N, dtype=torch.bool, device=device)
+    if P is None:
+        return hidden, None
+    P = _check_num_prefix(op, P)
     if B * (N + P) > _MAX_INT32:
         raise ValueError(f"{op}: cu_seqlens would overflow int32: B * (N + P) = {B * (N + P)}")
-    return torch.empty(B + 1, dtype=torch.int32, device=device)
+    return hidden, torch.empty(B + 1, dtype=torch.int32, device=device)
 
 
 # --------------------------------------------------------------------------- tube
@@ -94,8 +98,7 @@ def _tube(batch_size, grid, ratio, seed, device, num_prefix):
     device = torch.device(device)
     T, H, W = grid
     S = H * W
-    hidden = torch.empty(batch_size, T * S, dtype=torch.bool, device=device)
-    cu = None if num_prefix is None else _cu_seqlens("tube_mask", batch_size, num_prefix, T * S, device)
+    hidden, cu = _outputs("tube_mask", batch_size, T * S, num_prefix, device)
     with _on(device):
         code = lib.tube_mask(
             _ptr(hidden), _ptr(cu), batch_size, T, H, W, hidden_count(ratio, S), seed, num_prefix or 0,
@@ -140,9 +143,7 @@ def _multiblock(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, tempo
     lib = _lib("multiblock_mask")
     device = torch.device(device)
     T, H, W = grid
-    N = T * H * W
-    hidden = torch.empty(batch_size, N, dtype=torch.bool, device=device)
-    cu = None if num_prefix is None else _cu_seqlens("multiblock_mask", batch_size, num_prefix, N, device)
+    hidden, cu = _outputs("multiblock_mask", batch_size, T * H * W, num_prefix, device)
     with _on(device):
         code = lib.multiblock_mask(
             _ptr(hidden), _ptr(cu), batch_size, T, H, W, num_blocks,
@@ -208,8 +209,7 @@ def _semantic(attn, keep, mode, seed, num_prefix):
     lib = _lib("semantic_mask")
     B, T, S = attn.shape
     attn = attn.contiguous()
-    hidden = torch.empty(B, T * S, dtype=torch.bool, device=attn.device)
-    cu = None if num_prefix is None else _cu_seqlens("semantic_mask", B, num_prefix, T * S, attn.device)
+    hidden, cu = _outputs("semantic_mask", B, T * S, num_prefix, attn.device)
     with _on(attn.device):
         code = lib.semantic_mask(
             _ptr(hidden), _ptr(cu), _ptr(attn), B, T, S, keep, MODES[mode], _DTYPE_CODE[attn.dtype], seed,

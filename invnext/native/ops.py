@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
 
 from invnext import native
+from invnext.ops._token_custom_ops import define_token_ops
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # Places per partial row of the d mask_token reduction (one fp32 row of C per chunk).
@@ -176,110 +176,23 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
 # ----------------------------------------------------------------------------------------
 _OP_NAMES = ("gather_visible_cuda_fwd", "gather_visible_cuda_bwd", "scatter_tokens_cuda_fwd", "scatter_tokens_cuda_bwd")
 
-
-def _define_ops():
-    ns = torch.ops.invnext
-    if all(hasattr(ns, n) for n in _OP_NAMES):
-        return tuple(getattr(ns, n) for n in _OP_NAMES)  # a second import of this module
-    op = lambda name: torch.library.custom_op(f"invnext::{name}", mutates_args=(), device_types="cuda")
-
-    @op("gather_visible_cuda_fwd")
-    def gather_fwd(x: Tensor, index: Tensor, cu_seqlens: Tensor, pos: Tensor | None, prefix: Tensor | None) -> Tensor:
-        return _gather_forward(x, index, cu_seqlens, pos, prefix)
-
-    gather_fwd.register_fake(lambda x, index, cu, pos, prefix: x.new_empty((index.shape[0], x.shape[2])))
-
-    @op("gather_visible_cuda_bwd")
-    def gather_bwd(
-        grad: Tensor, index: Tensor, cu_seqlens: Tensor, batch_size: int, N: int, pos_batch: int,
-        prefix_batch: int, P: int, need_x: bool, need_pos: bool, need_prefix: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        return _gather_backward(
-            grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix
-        )
-
-    @gather_bwd.register_fake
-    def _(grad, index, cu_seqlens, batch_size, N, pos_batch, prefix_batch, P, need_x, need_pos, need_prefix):
-        C = grad.shape[1]
-        return (
-            grad.new_empty((batch_size if need_x else 0, N, C)),
-            grad.new_empty((pos_batch if need_pos else 0, N, C)),
-            grad.new_empty((prefix_batch if need_prefix else 0, P, C)),
-        )
-
-    def gather_setup(ctx, inputs, output):
-        x, index, cu_seqlens, pos, prefix = inputs
-        ctx.save_for_backward(index, cu_seqlens)
-        B, N, _ = x.shape
-        Bp = 1 if pos is None else pos.shape[0]
-        Bq, P = (1, 0) if prefix is None else (prefix.shape[0], prefix.shape[1])
-        ctx.dims = (B, N, Bp, Bq, P)
-
-    def gather_grad(ctx, grad):
-        index, cu_seqlens = ctx.saved_tensors
-        need_x, _, _, need_pos, need_prefix = ctx.needs_input_grad
-        if not (need_x or need_pos or need_prefix):
-            return None, None, None, None, None
-        dx, dpos, dprefix = gather_bwd(grad, index, cu_seqlens, *ctx.dims, need_x, need_pos, need_prefix)
-        keep = lambda g, need: g if need else None
-        return keep(dx, need_x), None, None, keep(dpos, need_pos), keep(dprefix, need_prefix)
-
-    gather_fwd.register_autograd(gather_grad, setup_context=gather_setup)
-
-    @op("scatter_tokens_cuda_fwd")
-    def scatter_fwd(
-        packed: Tensor, index: Tensor, mask_token: Tensor, pos: Tensor | None, batch_size: int, N: int
-    ) -> tuple[Tensor, Tensor]:
-        return _scatter_forward(packed, index, mask_token, pos, batch_size, N)
-
-    @scatter_fwd.register_fake
-    def _(packed, index, mask_token, pos, batch_size, N):
-        out = packed.new_empty((batch_size, N, packed.shape[1]))
-        return out, packed.new_empty((batch_size * N,), dtype=torch.int32)
-
-    @op("scatter_tokens_cuda_bwd")
-    def scatter_bwd(
-        grad: Tensor, index: Tensor, inv: Tensor, need_packed: bool, need_mask: bool, need_pos_sum: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum)
-
-    @scatter_bwd.register_fake
-    def _(grad, index, inv, need_packed, need_mask, need_pos_sum):
-        _, N, C = grad.shape
-        return (
-            grad.new_empty((index.shape[0] if need_packed else 0, C)),
-            grad.new_empty((C if need_mask else 0,)),
-            grad.new_empty((1 if need_pos_sum else 0, N, C)),
-        )
-
-    def scatter_setup(ctx, inputs, output):
-        _, index, _, pos, batch_size, _ = inputs
-        ctx.save_for_backward(index, output[1])
-        ctx.pos_sum = pos is not None and pos.shape[0] != batch_size
-        ctx.mark_non_differentiable(output[1])
-
-    def scatter_grad(ctx, grad, _dinv):
-        index, inv = ctx.saved_tensors
-        need_packed, _, need_mask, need_pos = ctx.needs_input_grad[:4]
-        pos_sum = need_pos and ctx.pos_sum
-        dpacked = dmask = dpos = None
-        if need_packed or need_mask or pos_sum:
-            dpacked, dmask, dpos = scatter_bwd(grad, index, inv, need_packed, need_mask, pos_sum)
-        if need_pos and not pos_sum:
-            dpos = grad  # d(out)/d(pos) is the identity when every sample has its own table
-        keep = lambda g, need: g if need else None
-        return keep(dpacked, need_packed), None, keep(dmask, need_mask), keep(dpos, need_pos), None, None
-
-    scatter_fwd.register_autograd(scatter_grad, setup_context=scatter_setup)
-    return gather_fwd, gather_bwd, scatter_fwd, scatter_bwd
-
-
 (
     gather_visible_cuda_fwd,
     gather_visible_cuda_bwd,
     scatter_tokens_cuda_fwd,
     scatter_tokens_cuda_bwd,
-) = _define_ops()
+) = define_token_ops(
+    "cuda",
+    gather_forward=_gather_forward,
+    gather_backward=_gather_backward,
+    scatter_forward=_scatter_forward,
+    scatter_backward=_scatter_backward,
+    device_types="cuda",
+    # An absent table has batch 1, as the forward launcher passes it to the kernels; d pos is
+    # grad itself whenever pos has the grid's batch (also for batch_size = 1).
+    absent_batch=1,
+    sum_pos_grad=lambda pos_batch, batch_size: pos_batch != batch_size,
+)
 
 
 # ----------------------------------------------------------------------------------------

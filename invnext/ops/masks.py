@@ -76,6 +76,12 @@ def _device(op: str, device: object) -> torch.device:
         raise ValueError(f"{op}: device must be a torch.device or device string, got {device!r}") from exc
 
 
+def _check_num_prefix(op: str, num_prefix: object) -> int:
+    if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
+        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {num_prefix!r}")
+    return num_prefix
+
+
 def hidden_count(ratio: float, frame_size: int) -> int:
     """Tokens hidden per frame: ``min(floor(ratio * S + 1/2), S - 1)`` (round half up)."""
     return min(math.floor(ratio * frame_size + 0.5), frame_size - 1)
@@ -411,8 +417,7 @@ def mask_counts(hidden: torch.Tensor, num_prefix: int = 0) -> tuple[torch.Tensor
     """
     op = "mask_counts"
     hidden = check_tensor(op, "hidden", hidden, ndim=2, dtypes=(torch.bool,))
-    if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
-        raise ValueError(f"{op}: num_prefix must be an int >= 0, got {num_prefix!r}")
+    num_prefix = _check_num_prefix(op, num_prefix)
     lengths = (~hidden).sum(dim=1) + num_prefix
     cu_seqlens = torch.zeros(hidden.shape[0] + 1, dtype=torch.int32, device=hidden.device)
     cu_seqlens[1:] = torch.cumsum(lengths, dim=0)
