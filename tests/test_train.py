@@ -254,8 +254,10 @@ def test_run_stops_after_too_many_nonfinite_steps(tmp_path):
 # --------------------------------------------------------------------------- the default pipeline
 
 
-def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys):
+def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys, monkeypatch):
     """`invnext pretrain --stage both --preset tiny` on a small variant of the bundled dataset."""
+    monkeypatch.setenv("INVNEXT_CACHE", str(tmp_path / "cache"))  # the evaluation's feature cache, and proof
+    # that nothing reads the user's default dataset or teacher: the run uses its own variant
     out = tmp_path / "runs"
     args = [
         "pretrain", "--stage", "both", "--preset", "tiny", "--out", str(out),
@@ -296,6 +298,7 @@ def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys):
     assert all(0.0 <= r[k] <= 1.0 for r in table["rows"] for k in ("appearance", "dynamics"))
     assert "| Stage 2 encoder |" in printed and (out / "eval" / "table.md").is_file()
     assert (out / "eval" / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "cache" / "default_data").exists()
     assert main(["data", "check", str(tmp_path / "data" / "val.csv")]) == 0  # the bundled clips all decode
     # Without --resume the same folder is refused; with it, finished stages are skipped.
     assert main(args) == 1

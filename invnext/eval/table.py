@@ -40,7 +40,7 @@ class EvalRow:
     role: str
 
 
-def _rows(out_dir: Path, seed: int) -> list[EvalRow]:
+def _rows(out_dir: Path, seed: int, teacher: Any) -> list[EvalRow]:
     from invnext.loading import load_encoder
     from invnext.models.encoder import Encoder
 
@@ -55,7 +55,7 @@ def _rows(out_dir: Path, seed: int) -> list[EvalRow]:
     del trained
     return [
         EvalRow("random encoder", random_encoder, "untrained, same architecture"),
-        EvalRow("image teacher, frames averaged", "teacher:default", "Stage 1's teacher, no frame order"),
+        EvalRow("image teacher, frames averaged", teacher, "Stage 1's teacher, no frame order"),
         EvalRow("Stage 1 encoder", stage1 / "model.safetensors", "after Stage 1"),
         EvalRow("Stage 2 encoder", stage2 / "model.safetensors", "after Stage 2"),
     ]
@@ -70,6 +70,7 @@ def evaluate_run(
     device: str | torch.device | None = None,
     cache: str | os.PathLike | bool | None = True,
     epochs: int | None = None,
+    teacher: Any = "teacher:default",
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Probe the four sources of the module docstring and write the table.
@@ -82,6 +83,8 @@ def evaluate_run(
         device: where encoders and probes run (default CUDA when available, else CPU).
         cache: feature cache (see :func:`invnext.eval.probe.run_probe`).
         epochs: probe epochs (default: ``run_probe``'s).
+        teacher: the image teacher's source for ``run_probe`` (default ``"teacher:default"``, the
+            bundled teacher in the default cache; the trainer passes the one its run used).
     Returns:
         ``{"rows": [{"name", "role", "appearance", "dynamics", "linear": {label: top1}, "seconds"}],
         "chance": {label: majority share}, "probe": {protocol: settings}, "files": {"json", "markdown"}}``;
@@ -94,7 +97,7 @@ def evaluate_run(
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     rows, full, chance, settings = [], {}, {}, None
-    sources = _rows(out_dir, seed)
+    sources = _rows(out_dir, seed, teacher)
     enc_cfg = sources[0].source.cfg
     # Every source sees the same frames at the same size: the encoders' clip (the teacher's own
     # default would be a longer clip, which would change its dynamics evidence, not only its model).

@@ -134,7 +134,9 @@ def _evaluate(out_dir: Path, cfgs: dict[int, TrainConfig], info) -> None:
     import time
 
     from invnext.data.dataset import read_index
+    from invnext.data.teacher_pretrain import load_default_teacher
     from invnext.eval.reconstruct import reconstruct
+    from invnext.eval.sources import TeacherSource
     from invnext.eval.table import evaluate_run, format_table
     from invnext.train.sources import default_data
 
@@ -142,10 +144,13 @@ def _evaluate(out_dir: Path, cfgs: dict[int, TrainConfig], info) -> None:
     data = default_data(cfgs[1], info)  # the same variant Stage 1 trained on
     print("eval: attentive probes on frozen features (appearance: which digit; dynamics: how it moves)", flush=True)
     device = "cpu" if cfgs[1].device == "cpu" else None
-    result = evaluate_run(out_dir, train=data.train_index, val=data.val_index, seed=cfgs[2].seed, device=device)
+    teacher = TeacherSource(load_default_teacher(data), name="teacher:default")  # the teacher Stage 1 used
+    result = evaluate_run(
+        out_dir, train=data.train_index, val=data.val_index, seed=cfgs[2].seed, device=device, teacher=teacher
+    )
     first_val = read_index(data.val_index).entries[0].path
     rec = reconstruct(out_dir / "stage1", first_val, steps=20, out=out_dir / "eval" / "reconstruction.png",
-                      seed=cfgs[1].seed, device=device)
+                      teacher=str(data.teacher_weights), seed=cfgs[1].seed, device=device)
     print(f"eval: {time.perf_counter() - t0:.0f} s; probe table {result['files']['markdown']}, "
           f"reconstruction {rec['png']} (hidden-patch PSNR {rec['psnr_hidden']:.1f} dB)")
     print(format_table(result), flush=True)
