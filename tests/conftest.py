@@ -47,3 +47,17 @@ def triton_device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """Put torch's CPU thread count back after a test that changes it (the trainer sets ``threads``)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread(restore_torch_threads):
+    """One compute thread: tiny tensors gain nothing from threads, and on a busy 2-core CPU hand-offs stall."""
+    torch.set_num_threads(1)

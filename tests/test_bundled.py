@@ -26,13 +26,7 @@ from invnext.models.layers import l2norm
 from invnext.models.teacher import ImageTeacher, TinyTeacher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: small tensors gain nothing from threads, and a shared CPU stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {"num_train": 24, "num_val": 10, "frames": 6, "size": 48, "teacher": False, "workers": 1}

@@ -51,13 +51,7 @@ STAGE1_REGIONS = {"teacher", "masks", "encoder", "predictor", "decoder", "loss"}
 STAGE2_REGIONS = {"teacher", "masks", "encoder", "predictor", "loss"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one compute thread is the fastest (and the trainer runs use threads=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(stage: int, *extra: str) -> torch.nn.Module:

@@ -35,13 +35,7 @@ HUES = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [2
 RANDOM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on a busy 2-core machine thread hand-offs cost 100x the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_split(root, split: str, n: int, rng: np.random.Generator) -> str:

@@ -42,11 +42,7 @@ SMALL_SETS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def _metrics(path: Path) -> list[dict]:

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from invnext.cli import main
 from invnext.data.video import write_video
@@ -29,11 +28,7 @@ SETS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def _clip(seed: int, frames: int = 6) -> np.ndarray:
