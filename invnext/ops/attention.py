@@ -369,15 +369,13 @@ def _padded_mask(lengths, longest: int, coords_p, window, num_prefix: int, ragge
     return allowed[:, None]
 
 
-def _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, bounds=None):
-    """All samples in one SDPA call: pad to ``[B, H, Lmax, D]``, mask, unpad (same math as the loop).
+def _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, *, longest: int):
+    """All samples in one SDPA call: pad to ``[B, H, longest, D]``, mask, unpad (same math as the loop).
 
-    ``bounds`` as in :func:`_reference`.
+    ``longest``: the padded length, at least every sample's length; needs no host read.
     """
     total, heads, dim = q.shape
-    if bounds is None:
-        bounds = _sample_bounds(cu_seqlens, num_prefix)
-    batch, longest = len(bounds) - 1, max(e - s for s, e in pairwise(bounds))
+    batch = cu_seqlens.numel() - 1
     if total == 0:
         return q.new_empty(q.shape)
     device = q.device
@@ -457,11 +455,19 @@ def masked_attention_reference(
 
     Returns ``[total, H, D]`` in q's dtype.
     """
-    del max_seqlen  # the reference reads the lengths themselves (exact Lmax, no loose bound)
-    bounds = _sample_bounds(cu_seqlens, num_prefix)
-    longest = max(e - s for s, e in pairwise(bounds))
-    if uses_padded_path(q.dtype, len(bounds) - 1, q.shape[1], longest, q.device.type, window is not None):
-        return _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, bounds=bounds)
+    if V.values_checked(cu_seqlens):
+        # Eager CPU: read the lengths (exact Lmax; the loop needs them anyway).
+        bounds = _sample_bounds(cu_seqlens, num_prefix)
+        longest = max(e - s for s, e in pairwise(bounds))
+    else:
+        # GPU or torch.compile: pad to the caller's max_seqlen (a bound, exact or not), so the
+        # padded path reads nothing back to the host (as a padded-SDPA model would run).
+        bounds, longest = None, int(max_seqlen)
+    batch = cu_seqlens.numel() - 1
+    if uses_padded_path(q.dtype, batch, q.shape[1], longest, q.device.type, window is not None):
+        return _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, longest=longest)
+    if bounds is None:
+        bounds = _sample_bounds(cu_seqlens, num_prefix)
     return _reference(
         q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix,
         explicit=q.dtype == torch.float64, bounds=bounds,

@@ -59,18 +59,22 @@ def packed_structure(
     B, N = hidden.shape
     visible = ~hidden
     if num_visible is None:
-        counts = visible.sum(1).cpu()
+        counts = [int(c) for c in visible.sum(1).cpu()]
     else:
-        counts = torch.as_tensor(num_visible, dtype=torch.int64).cpu()
-        if counts.shape != (B,):
-            raise ValueError(f"{op}: num_visible must have one entry per sample ({B}), got shape {tuple(counts.shape)}")
-        if V.values_checked(hidden) and not torch.equal(counts, visible.sum(1).cpu()):
-            raise ValueError(f"{op}: num_visible {counts.tolist()} does not match the visible counts of hidden")
-    seqlens = counts + num_prefix
-    cu_host = torch.zeros(B + 1, dtype=torch.int32)
-    cu_host[1:] = torch.cumsum(seqlens, 0).to(torch.int32)
-    total = int(cu_host[-1])
-    max_seqlen = int(seqlens.max()) if B > 0 else 0
+        if isinstance(num_visible, torch.Tensor):
+            num_visible = num_visible.tolist()
+        counts = [int(c) for c in num_visible]  # host ints: nothing below reads the device
+        if len(counts) != B:
+            raise ValueError(f"{op}: num_visible must have one entry per sample ({B}), got {len(counts)}")
+        if V.values_checked(hidden) and counts != visible.sum(1).tolist():
+            raise ValueError(f"{op}: num_visible {counts} does not match the visible counts of hidden")
+    seqlens = [c + num_prefix for c in counts]
+    cu_list = [0]
+    for n in seqlens:
+        cu_list.append(cu_list[-1] + n)
+    total = cu_list[-1]
+    max_seqlen = max(seqlens) if B > 0 else 0
+    cu_host = torch.tensor(cu_list, dtype=torch.int32)
     device = hidden.device
     cu_seqlens = cu_host.to(device, non_blocking=True)
 
