@@ -131,6 +131,26 @@ def make_invnext_without_rope(p: Problem):
     return fn
 
 
+def make_invnext_rope_inline(p: Problem):
+    """The same op with the RoPE rotation inside the tile loops (``INVNEXT_ATTN_ROPE=inline``)."""
+    import os
+
+    inner = make_invnext(p)
+
+    def fn(qkv):
+        before = os.environ.get("INVNEXT_ATTN_ROPE")
+        os.environ["INVNEXT_ATTN_ROPE"] = "inline"
+        try:
+            return inner(qkv)
+        finally:
+            if before is None:
+                del os.environ["INVNEXT_ATTN_ROPE"]
+            else:
+                os.environ["INVNEXT_ATTN_ROPE"] = before
+
+    return fn
+
+
 def make_sdpa_padded(p: Problem, backend: str):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -311,7 +331,7 @@ def problems(quick: bool):
 
     if quick:
         return [Problem("stage1-encoder", enc, 12, 64), Problem("stage2-target", [8196] * 2, 12, 64, grid=grid),
-                win((4, 8, 8))]
+                win((4, 8, 8)), Problem("stage1-encoder+rope", enc, 12, 64, rope=(10000.0, (16, 24, 24)))]
     return [
         Problem("stage1-encoder", enc, 12, 64),
         Problem("stage2-target", [8196] * 2, 12, 64, grid=grid),
@@ -325,8 +345,9 @@ def problems(quick: bool):
 
 
 def baselines_for(p: Problem, quick: bool):
-    if p.rope is not None:  # no baseline fuses RoPE: show what the rotation costs instead
-        return [("invnext-triton without rope (reference point)", lambda: make_invnext_without_rope(p))]
+    if p.rope is not None:  # no baseline fuses RoPE: show what the rotation costs, and the in-loop variant
+        return [("invnext-triton without rope (reference point)", lambda: make_invnext_without_rope(p)),
+                ("invnext-triton rope inline (in-loop rotation)", lambda: make_invnext_rope_inline(p))]
     if p.window is not None:
         return [("flex (same block mask)", lambda: make_flex(p))]
     out = [

@@ -22,12 +22,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import NO_SPECIALIZE, load_tile, load_tile_rope, mma, rope_transpose, window_ok
+from ._attention_common import (
+    NO_SPECIALIZE,
+    load_rope_tables,
+    load_tile,
+    load_tile_rope,
+    mma,
+    rope_transpose,
+    window_ok,
+)
 
 
 @triton.jit
 def attn_bwd_delta_kernel(
-    O, DO, DELTA, stride_ot, stride_oh, stride_dt, stride_dh, total,
+    O, DO, DELTA, stride_ot, stride_oh: tl.constexpr, stride_dt, stride_dh: tl.constexpr, total,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -86,13 +94,13 @@ def _dkdv_tiles(
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU, CRD_R, CRD_W, FTAB, PTAB, PMAT,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_qt, stride_qh: tl.constexpr, stride_kt, stride_kh: tl.constexpr, stride_vt, stride_vh: tl.constexpr,
+    stride_dot, stride_doh: tl.constexpr, stride_dkt, stride_dkh: tl.constexpr, stride_dvt, stride_dvh: tl.constexpr,
     total, num_heads, qk_scale, sm_scale, num_prefix, rad_t, rad_h, rad_w, list_nk, list_nq,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FAST_TRIG: tl.constexpr,
+    FAST_TRIG: tl.constexpr, ROPE_OUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -109,11 +117,7 @@ def attn_bwd_dkdv_kernel(
     crd_r = CRD_R + start64 * 3
     crd_w = CRD_W + start64 * 3
     if HAS_ROPE:
-        f_t = tl.load(FTAB + offs_d)
-        f_h = tl.load(FTAB + HEAD_DP + offs_d)
-        f_w = tl.load(FTAB + 2 * HEAD_DP + offs_d)
-        sgn = tl.load(FTAB + 3 * HEAD_DP + offs_d)
-        partner = tl.load(PTAB + offs_d)
+        f_t, f_h, f_w, sgn, partner = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
     else:
         f_t = tl.zeros([HEAD_DP], dtype=tl.float32)
         f_h = f_t
@@ -170,7 +174,8 @@ def attn_bwd_dkdv_kernel(
         )
 
     dk = dk * sm_scale
-    if HAS_ROPE:
+    if ROPE_OUT:  # R^T once per tile, after the loop (the tables are reloaded: nothing stays live through it)
+        f_t, f_h, f_w, sgn, _ = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
         pmat = tl.load(PMAT + offs_d[:, None] * HEAD_DP + offs_d[None, :])
         dk = rope_transpose(dk, pmat, crd_r, offs_n, n_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG)
     st_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -219,13 +224,13 @@ def _dq_tiles(
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, CU, CRD_R, CRD_W, FTAB, PTAB, PMAT,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
+    stride_qt, stride_qh: tl.constexpr, stride_kt, stride_kh: tl.constexpr, stride_vt, stride_vh: tl.constexpr,
+    stride_dot, stride_doh: tl.constexpr, stride_dqt, stride_dqh: tl.constexpr,
     total, num_heads, qk_scale, sm_scale, num_prefix, rad_t, rad_h, rad_w, list_nq, list_nk,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    FAST_TRIG: tl.constexpr,
+    FAST_TRIG: tl.constexpr, ROPE_OUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -242,11 +247,7 @@ def attn_bwd_dq_kernel(
     crd_r = CRD_R + start64 * 3
     crd_w = CRD_W + start64 * 3
     if HAS_ROPE:
-        f_t = tl.load(FTAB + offs_d)
-        f_h = tl.load(FTAB + HEAD_DP + offs_d)
-        f_w = tl.load(FTAB + 2 * HEAD_DP + offs_d)
-        sgn = tl.load(FTAB + 3 * HEAD_DP + offs_d)
-        partner = tl.load(PTAB + offs_d)
+        f_t, f_h, f_w, sgn, partner = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
     else:
         f_t = tl.zeros([HEAD_DP], dtype=tl.float32)
         f_h = f_t
@@ -302,7 +303,8 @@ def attn_bwd_dq_kernel(
         )
 
     dq = dq * sm_scale
-    if HAS_ROPE:
+    if ROPE_OUT:
+        f_t, f_h, f_w, sgn, _ = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
         pmat = tl.load(PMAT + offs_d[:, None] * HEAD_DP + offs_d[None, :])
         dq = rope_transpose(dq, pmat, crd_r, offs_m, m_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG)
     dq_ptrs = DQ + start64 * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]

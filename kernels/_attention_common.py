@@ -37,7 +37,11 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", 
 
 
 # Scalar arguments whose values vary from call to call: no per-value specialisation (Triton
-# would otherwise compile a variant for value 1 and for multiples of 16).
+# would otherwise compile a variant for value 1 and for multiples of 16). Head strides go the
+# other way: they are constexpr in every kernel. A model has one per head dim (the head dim
+# itself, for views of a packed qkv), and as a runtime int a stride like 88 - not a multiple of
+# 16, so Triton assumes nothing of it - left every q/k/v tile on 16-bit loads with no cp.async
+# pipelining at D = 88 on sm_90 (benchmarks/results/compile_*).
 NO_SPECIALIZE = ["num_heads", "num_prefix", "rad_t", "rad_h", "rad_w", "list_nq", "list_nk", "SEQ_BUCKET"]
 
 
@@ -86,6 +90,17 @@ def cos_sin(x, FAST_TRIG: tl.constexpr):
         c = tl.cos(x)
         s = tl.sin(x)
     return c, s
+
+
+@triton.jit
+def load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP: tl.constexpr):
+    """(f_t, f_h, f_w, sign, partner) vectors ``[HEAD_DP]`` of :func:`rope_tables`."""
+    f_t = tl.load(FTAB + offs_d)
+    f_h = tl.load(FTAB + HEAD_DP + offs_d)
+    f_w = tl.load(FTAB + 2 * HEAD_DP + offs_d)
+    sgn = tl.load(FTAB + 3 * HEAD_DP + offs_d)
+    partner = tl.load(PTAB + offs_d)
+    return f_t, f_h, f_w, sgn, partner
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import NO_SPECIALIZE, load_tile, load_tile_rope, mma, window_ok
+from ._attention_common import NO_SPECIALIZE, load_rope_tables, load_tile, load_tile_rope, mma, window_ok
 
 
 @triton.jit
@@ -65,7 +65,8 @@ def _fwd_tiles(
 def attn_fwd_kernel(
     Q, K, V, O, LSE, CU, CRD_R, CRD_W, FTAB, PTAB,
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_qt, stride_qh: tl.constexpr, stride_kt, stride_kh: tl.constexpr, stride_vt, stride_vh: tl.constexpr,
+    stride_ot, stride_oh: tl.constexpr,
     total, num_heads, qk_scale, num_prefix, rad_t, rad_h, rad_w, list_nq, list_nk,
     SEQ_BUCKET,  # autotuning key only (max_seqlen rounded up to a power of two)
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -91,11 +92,7 @@ def attn_fwd_kernel(
     crd_w = CRD_W + start64 * 3
 
     if HAS_ROPE:
-        f_t = tl.load(FTAB + offs_d)
-        f_h = tl.load(FTAB + HEAD_DP + offs_d)
-        f_w = tl.load(FTAB + 2 * HEAD_DP + offs_d)
-        sgn = tl.load(FTAB + 3 * HEAD_DP + offs_d)
-        partner = tl.load(PTAB + offs_d)
+        f_t, f_h, f_w, sgn, partner = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
     else:
         f_t = tl.zeros([HEAD_DP], dtype=tl.float32)
         f_h = f_t

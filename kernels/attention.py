@@ -27,6 +27,13 @@ of a frame, raster inside) would make blocks square in (h, w) and skip more when
 small against the frame width; the kernel accepts any order (it reads coords, never assumes a
 layout), so such a reordering can be added by the caller without touching it.
 
+RoPE. By default (``INVNEXT_ATTN_ROPE=prepass``) one small kernel rotates q and k per token
+before the tile loops (``_attention_rope``), and the loops run the RoPE-free code; with
+``inline`` every tile is rotated as it is loaded. Both round the same fp32 rotation to the
+input dtype, so their results are identical bit for bit; the pre-pass is the default because the
+in-loop rotation spills registers on sm_90 (``python -m benchmarks.compile_report``). Either way
+dq and dk leave through ``R^T``, applied once per output tile after the loop.
+
 Backward: a delta pre-pass, a dk/dv kernel (programs own key blocks) and a dq kernel
 (programs own query blocks); no atomics, so it is deterministic (bitwise reproducible) and
 needs no separate ``deterministic`` mode. Tuning: ``triton.autotune`` over 2-3 warp/stage
@@ -47,6 +54,7 @@ import triton
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
 from ._attention_fwd import attn_fwd_kernel
+from ._attention_rope import attn_rope_kernel
 
 __all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention"]
 
@@ -110,6 +118,18 @@ def _configs(kind: str, head_dp: int, window: bool, fp32: bool):
     return [C({}, num_warps=8, num_stages=2), C({}, num_warps=8, num_stages=3), C({}, num_warps=4, num_stages=3)]
 
 
+ROPE_MODES = ("prepass", "inline")
+
+
+def rope_mode() -> str:
+    """``INVNEXT_ATTN_ROPE``: ``prepass`` (default: rotate q, k once before the tile loops) or
+    ``inline`` (rotate every tile as it is loaded). Same results bit for bit; see ``_attention_rope``."""
+    mode = os.environ.get("INVNEXT_ATTN_ROPE", "prepass")
+    if mode not in ROPE_MODES:
+        raise ValueError(f"INVNEXT_ATTN_ROPE must be one of {ROPE_MODES}, got {mode!r}")
+    return mode
+
+
 def _autotune_enabled() -> bool:
     # INVNEXT_ATTN_AUTOTUNE=0: launch each kernel with its first config (tests: fewer compiles).
     return os.environ.get("INVNEXT_ATTN_AUTOTUNE", "1") not in ("", "0")
@@ -129,7 +149,7 @@ def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
     if tuner is None:
         tuner = triton.autotune(
             configs=_configs(kind, head_dp, window, fp32),
-            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"],
+            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "ROPE_OUT", "HAS_WINDOW", "SEQ_BUCKET"],
         )(kernel)
         _TUNERS[key] = tuner
     return tuner
@@ -182,6 +202,7 @@ class _Prep:
         dev = q.device
         self.cu = cu_seqlens
         self.has_rope = len(rope_sections) == 3 and sum(rope_sections) > 0
+        self.rope_prepass = self.has_rope and rope_mode() == "prepass"
         if self.has_rope:
             self.ftab, self.ptab, self.pmat = rope_tables(rope_theta, tuple(rope_sections), self.head_dp, dev)
             self.crd_r = coords
@@ -217,8 +238,23 @@ class _Prep:
     def flags(self):
         return {
             "SEQ_BUCKET": self.bucket, "HEAD_DIM": self.head_dim, "HEAD_DP": self.head_dp,
-            "HAS_ROPE": self.has_rope, "HAS_WINDOW": self.has_window, "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig,
+            "HAS_ROPE": self.has_rope and not self.rope_prepass, "HAS_WINDOW": self.has_window,
+            "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig,
         }
+
+    def rotated(self, q, k):
+        """``(q, k)`` as the tile loops read them: rotated by the pre-pass, or as given (inline / no RoPE)."""
+        if not self.rope_prepass:
+            return q, k
+        qr = torch.empty((self.total, self.heads, self.head_dim), dtype=q.dtype, device=q.device)
+        kr = torch.empty_like(qr)
+        block = 32 if _interpret() else max(16, 4096 // self.head_dp)  # 64 x 64 or 32 x 128 elements a program
+        attn_rope_kernel[(triton.cdiv(self.max_seqlen, block), self.heads, self.batch)](
+            q, k, qr, kr, self.cu, self.crd_r, self.ftab, self.ptab,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), qr.stride(0), qr.stride(1), self.num_prefix,
+            HEAD_DIM=self.head_dim, HEAD_DP=self.head_dp, BLOCK=block, FAST_TRIG=self.fast_trig, num_warps=4,
+        )
+        return qr, kr
 
 
 def _grid(prep: _Prep, rows_key: str):
@@ -235,6 +271,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
     if prep.total == 0 or prep.max_seqlen == 0 or prep.heads == 0:
         return out, lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k = prep.rotated(q, k)
     (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
     fn = _launcher("fwd", attn_fwd_kernel, *prep.variant)
     fn[_grid(prep, "BLOCK_M")](
@@ -256,6 +293,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
     if prep.max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    q, k = prep.rotated(q, k)
 
     delta = torch.empty_like(lse)
     block = 64 if not _interpret() else 32
@@ -265,6 +303,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
     )
     common = prep.common()
     common["sm_scale"] = prep.sm_scale
+    common["ROPE_OUT"] = prep.has_rope  # dq, dk leave through R^T in either RoPE mode
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
 

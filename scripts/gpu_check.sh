@@ -12,6 +12,7 @@
 #      the end-to-end step, gather, diffusion, masks; it renders REPORT_<gpu>_<date>.md from every
 #      result of the day, bench_attention's included
 # Results land in benchmarks/results/ and, with the logs, in $OUT/results.tar.gz.
+# Optional baselines (xformers): run scripts/fetch_gpu_wheels.sh here first and carry .whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/invnext_gpu_check}
@@ -25,6 +26,11 @@ t0=$(date +%s)
 # cap WANT: WANT seconds, or what is left of the budget minus RESERVE (the suite's minimum), if less.
 RESERVE=60
 cap() { local left=$(( BUDGET - ($(date +%s) - t0) - RESERVE )); (( left < 10 )) && left=10; echo $(( $1 < left ? $1 : left )); }
+
+if ls .whl/*.whl >/dev/null 2>&1; then  # optional baselines carried as wheels (scripts/fetch_gpu_wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} && echo "installed: $(ls .whl)"
+fi
 
 log "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/device.txt"

@@ -213,6 +213,36 @@ def test_rope_tables_pair_channels():
     assert torch.equal((g.bfloat16().float() @ pmat.float()), g.bfloat16().float()[:, partner.long()])
 
 
+@pytest.mark.parametrize("dtype,dim,window", [(torch.bfloat16, 64, (2, 3, 3)), (torch.float32, 40, None)])
+def test_rope_prepass_and_inline_agree_bit_for_bit(triton_device, monkeypatch, dtype, dim, window):
+    """The RoPE pre-pass (default) and the in-loop rotation round the same fp32 rotation to the
+    dtype and run the same tile math: forward and every gradient are identical."""
+    lengths, prefix = [9, 70, 1 + 2], 2
+    cu = make_cu(lengths, triton_device)
+    coords = make_coords(lengths, prefix, (3, 5, 5), triton_device)
+    base = torch.randn(sum(lengths), 3, 2, dim, device=triton_device).to(dtype)
+    dout = torch.randn(sum(lengths), 2, dim, device=triton_device).to(dtype)
+
+    def run(mode):
+        monkeypatch.setenv("INVNEXT_ATTN_ROPE", mode)
+        leaf = base.clone().requires_grad_(True)
+        q, k, v = leaf.unbind(1)
+        out = masked_attention(q, k, v, cu, max(lengths), coords=coords, rope=(100.0, (dim // 4 // 2 * 2,) * 2 + (8,)),
+                               window=window, num_prefix=prefix, backend="triton")
+        (grad,) = torch.autograd.grad(out, leaf, dout)
+        return out.detach(), grad
+
+    pre, inline = run("prepass"), run("inline")
+    assert torch.equal(pre[0], inline[0])
+    assert torch.equal(pre[1], inline[1])
+
+
+def test_rope_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("INVNEXT_ATTN_ROPE", "fused")
+    with pytest.raises(ValueError, match="INVNEXT_ATTN_ROPE must be one of"):
+        kattn.rope_mode()
+
+
 # --------------------------------------------------------------------------- torch.library / compile
 
 

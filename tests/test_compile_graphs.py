@@ -38,7 +38,7 @@ def test_reference_attention_padded_to_a_loose_bound_is_the_same_function(monkey
     exceed the longest sample; forward and every gradient stay those of the exact computation."""
     q, k, v, cu, coords = _attention_inputs(torch.float64)
     rope = (100.0, (4, 2, 2))
-    args = dict(softmax_scale=0.3, coords=coords, rope=rope, window=window, num_prefix=1)
+    args = {"softmax_scale": 0.3, "coords": coords, "rope": rope, "window": window, "num_prefix": 1}
 
     def run(bound, checked):
         monkeypatch.setattr(V, "values_checked", lambda t: checked)
