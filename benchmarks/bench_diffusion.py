@@ -22,6 +22,9 @@ Decoder train step: a SimpleMLPAdaLN decoder D6 W1536 (method.md; written inline
 adaln_modulate, q_sample and diffusion_loss; "eager" plain torch (layer_norm * (1 + scale) +
 shift in bf16, the reference q_sample and loss).
 
+Where a row is 8 bytes off 16-byte alignment (bf16 at C = 588) q_sample and p_sample_step are
+also timed with the paired-row tiling off (``PAIR_ROWS``), so the run shows what it buys.
+
 ``--sweep`` adds bf16 timings of alternative (rows, warps) tiles per kernel family
 (``invnext_kernels.diffusion.TUNE``), to re-derive the defaults on a new card.
 
@@ -68,6 +71,22 @@ def _bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
     return do_bench(fn, warmup_ms=10 if quick else 25, rep_ms=50 if quick else 150)
 
 
+ROW_TILES = "invnext-triton, row tiles (PAIR_ROWS off)"
+
+
+def _row_tiles(kd, fn):
+    """``fn`` with the paired-row tiling switched off (``invnext_kernels.diffusion.PAIR_ROWS``)."""
+
+    def run():
+        kd.PAIR_ROWS = False
+        try:
+            return fn()
+        finally:
+            kd.PAIR_ROWS = True
+
+    return run
+
+
 def _bw_rows(bench, mode, shape, dtype, nbytes, timings, copy_gbps) -> list[Row]:
     """One row per impl; the Triton row names the eager reference as its baseline."""
     rows = []
@@ -110,6 +129,8 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         "torch-eager (reference)": _bench(lambda: R._q_sample_ref(x0, noise, t, sched), quick),
         "invnext-triton": _bench(lambda: kd.q_sample(x0, noise, t, sched), quick),
     }
+    if kd._pairable(C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
+        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample(x0, noise, t, sched)), quick)
     rows += _bw_rows("q_sample", "fwd", shape, dtype, 3 * M * C * es, timings, copy_gbps)
 
     # loss forward + backward w.r.t. model_out
@@ -133,6 +154,8 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         "torch-eager (reference)": _bench(lambda: R._p_sample_step_ref(mo, x_t, t, sched, noise, 1.0), quick),
         "invnext-triton": _bench(lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0), quick),
     }
+    if kd._pairable(C, (x_t, noise, x_t), mo):
+        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0)), quick)
     rows += _bw_rows("p_sample_step", "step", shape, dtype, 5 * M * C * es, timings, copy_gbps)
 
     # AdaLN at W = 1536, per-token modulation

@@ -11,7 +11,8 @@ rather than Triton's default approximate ``div.full``/``sqrt.approx``.
 Strides and widths are ``tl.constexpr`` in every kernel here: the decoder's C = 588 is not a
 multiple of 16, so as runtime integers Triton would know nothing about the alignment of a
 row start and would emit scalar loads; as constants it proves ``row * 588 + col`` aligned to
-4 elements and vectorises (8-byte bf16 / 16-byte fp32 accesses, checked in the PTX). A model
+4 elements and vectorises (8-byte bf16 / 16-byte fp32 accesses, checked in the PTX); the
+streaming kernels tile row pairs to reach 16-byte bf16 accesses (``_diffusion_steps``). A model
 uses one or two row shapes, so few variants compile.
 """
 

@@ -103,6 +103,37 @@ def _grid2(kind: str, M: int, C: int) -> tuple[tuple[int, int], int, int, int]:
     return (triton.cdiv(M, bm), triton.cdiv(C, bc)), bm, bc, warps
 
 
+# Paired-row tiling of the streaming kernels (``_diffusion_steps``): on where it aligns rows to
+# 16 bytes. Tests switch it off to compare both tilings bit for bit; bench_diffusion --sweep
+# times both.
+PAIR_ROWS = True
+
+
+def _pairable(C: int, rows: tuple[Tensor, ...], model_out: Tensor | None = None) -> bool:
+    """Every ``[M, C]`` operand row-contiguous (``model_out`` ``[M, 2C]`` too), two rows or more,
+    and some operand's rows 8 bytes off 16-byte alignment (otherwise row tiles are aligned already)."""
+    if not PAIR_ROWS or rows[0].shape[0] < 2:
+        return False
+    if any(x.stride() != (C, 1) for x in rows) or (model_out is not None and model_out.stride() != (2 * C, 1)):
+        return False
+    return any((C * x.element_size()) % 16 == 8 for x in rows)
+
+
+def _segments(M: int, paired: bool) -> list[tuple[slice, int, bool]]:
+    """Launches covering M rows: ``(rows, count, paired)``, count = rows or row pairs; an odd
+    M's last row goes through the row kernel."""
+    if not paired:
+        return [(slice(0, M), M, False)]
+    segs = [(slice(0, M - M % 2), M // 2, True)]
+    if M % 2:
+        segs.append((slice(M - 1, M), 1, False))
+    return segs
+
+
+def _o_s0(out: Tensor) -> int:
+    return out.stride(0) if out.shape[0] > 1 else 0
+
+
 # ----------------------------------------------------------------------------------------
 # launchers (the real implementations of the custom ops below)
 # ----------------------------------------------------------------------------------------
@@ -111,13 +142,14 @@ def _q_sample_forward(x0, noise, t, sqrt_ac, sqrt_1m_ac):
     out = torch.empty((M, C), dtype=x0.dtype, device=x0.device)
     if M == 0 or C == 0:
         return out
-    grid, bm, bc, warps = _grid2("stream", M, C)
     with _on(x0.device):
-        _ks.q_sample_fwd_kernel[grid](
-            out, x0, noise, t, sqrt_ac, sqrt_1m_ac,
-            M, sqrt_ac.shape[0], C, *strides2(x0), *strides2(noise), stride1(t),
-            TORCH_TO_TL[x0.dtype], bm, bc, num_warps=warps,
-        )  # fmt: skip
+        for r, n, paired in _segments(M, _pairable(C, (x0, noise, out))):
+            grid, bm, bc, warps = _grid2("stream", n, 2 * C if paired else C)
+            _ks.q_sample_fwd_kernel[grid](
+                out[r], x0[r], noise[r], t[r], sqrt_ac, sqrt_1m_ac,
+                n, sqrt_ac.shape[0], C, *strides2(x0[r]), *strides2(noise[r]), stride1(t[r]),
+                TORCH_TO_TL[x0.dtype], bm, bc, paired, num_warps=warps,
+            )  # fmt: skip
     return out
 
 
@@ -127,13 +159,15 @@ def _q_sample_backward(g, t, sqrt_ac, sqrt_1m_ac, x0_dtype, noise_dtype, need_x0
     dx0 = torch.empty((M if need_x0 else 0, C), dtype=x0_dtype, device=g.device)
     dnoise = torch.empty((M if need_noise else 0, C), dtype=noise_dtype, device=g.device)
     if M and C and (need_x0 or need_noise):
-        grid, bm, bc, warps = _grid2("stream", M, C)
+        dx0_, dnoise_ = (dx0 if need_x0 else g), (dnoise if need_noise else g)
         with _on(g.device):
-            _ks.q_sample_bwd_kernel[grid](
-                dx0 if need_x0 else g, dnoise if need_noise else g, g, t, sqrt_ac, sqrt_1m_ac,
-                M, sqrt_ac.shape[0], C, *strides2(g), stride1(t), need_x0, need_noise,
-                TORCH_TO_TL[x0_dtype], TORCH_TO_TL[noise_dtype], bm, bc, num_warps=warps,
-            )  # fmt: skip
+            for r, n, paired in _segments(M, _pairable(C, (g, dx0_, dnoise_))):
+                grid, bm, bc, warps = _grid2("stream", n, 2 * C if paired else C)
+                _ks.q_sample_bwd_kernel[grid](
+                    dx0_[r], dnoise_[r], g[r], t[r], sqrt_ac, sqrt_1m_ac,
+                    n, sqrt_ac.shape[0], C, *strides2(g[r]), stride1(t[r]), need_x0, need_noise,
+                    TORCH_TO_TL[x0_dtype], TORCH_TO_TL[noise_dtype], bm, bc, paired, num_warps=warps,
+                )  # fmt: skip
     return dx0, dnoise
 
 
@@ -176,14 +210,15 @@ def _loss_backward(g, model_out, x0, x_t, noise, t, posterior):
 def _p_sample_launch(out, model_out, x_t, t, posterior, noise, temperature):
     M, C = x_t.shape
     if M and C:
-        grid, bm, bc, warps = _grid2("step", M, C)
         with _on(x_t.device):
-            _ks.p_sample_kernel[grid](
-                out, model_out, x_t, noise, t, *posterior,
-                M, posterior[0].shape[0], float(temperature), C,
-                *strides2(model_out), *strides2(x_t), *strides2(noise), stride1(t), out.stride(0) if M > 1 else 0,
-                TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
-            )  # fmt: skip
+            for r, n, paired in _segments(M, _pairable(C, (x_t, noise, out), model_out)):
+                grid, bm, bc, warps = _grid2("step", n, 2 * C if paired else C)
+                _ks.p_sample_kernel[grid](
+                    out[r], model_out[r], x_t[r], noise[r], t[r], *posterior,
+                    n, posterior[0].shape[0], float(temperature), C,
+                    *strides2(model_out[r]), *strides2(x_t[r]), *strides2(noise[r]), stride1(t[r]), _o_s0(out[r]),
+                    TORCH_TO_TL[out.dtype], accurate(), bm, bc, paired, num_warps=warps,
+                )  # fmt: skip
     return out
 
 
@@ -192,15 +227,16 @@ def _ddim_launch(out, model_out, x_t, t, tables, noise, eta):
     # The reference adds noise only when it is given and eta != 0.
     has_noise = noise is not None and eta != 0.0
     if M and C:
-        grid, bm, bc, warps = _grid2("stream", M, C)
         nz = noise if has_noise else x_t
         with _on(x_t.device):
-            _ks.ddim_kernel[grid](
-                out, model_out, x_t, nz, t, *tables,
-                M, tables[0].shape[0], float(eta), C,
-                *strides2(model_out), *strides2(x_t), *strides2(nz), stride1(t), out.stride(0) if M > 1 else 0,
-                has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, num_warps=warps,
-            )  # fmt: skip
+            for r, n, paired in _segments(M, _pairable(C, (x_t, nz, out), model_out)):
+                grid, bm, bc, warps = _grid2("stream", n, 2 * C if paired else C)
+                _ks.ddim_kernel[grid](
+                    out[r], model_out[r], x_t[r], nz[r], t[r], *tables,
+                    n, tables[0].shape[0], float(eta), C,
+                    *strides2(model_out[r]), *strides2(x_t[r]), *strides2(nz[r]), stride1(t[r]), _o_s0(out[r]),
+                    has_noise, TORCH_TO_TL[out.dtype], accurate(), bm, bc, paired, num_warps=warps,
+                )  # fmt: skip
     return out
 
 

@@ -276,6 +276,38 @@ def test_steps_read_strided_views_and_update_in_place(triton_device):
     torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,M,C", [(BF16, 37, 588), (F16, 6, 12), (F32, 9, 6)])
+def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypatch, dtype, M, C):
+    """Where a row is 8 bytes off 16-byte alignment (C * itemsize = 8 mod 16) the streaming kernels
+    tile row pairs; every output equals the row-tiled kernels' bit for bit (odd M: the last row
+    goes through the row kernel), in place (the sampler's x <- step(x)) too."""
+    s, mo, x0, x_t, noise, t = _loss_case(M, C, 100, dtype, triton_device)
+    g = torch.randn(M, C, device=triton_device).to(dtype)
+    launches = []
+    real = kd._segments
+    monkeypatch.setattr(kd, "_segments", lambda m, paired: launches.append(paired) or real(m, paired))
+
+    def run(pair_rows):
+        monkeypatch.setattr(kd, "PAIR_ROWS", pair_rows)
+        x0_ = x0.clone().requires_grad_(True)
+        noise_ = noise.clone().requires_grad_(True)
+        xq = kd.q_sample(x0_, noise_, t, s)
+        dx0, dnoise = torch.autograd.grad(xq, (x0_, noise_), g)
+        in_place = x_t.clone()
+        kd.p_sample_step_into(in_place, mo, in_place, t, s, noise, 0.7)
+        return (xq.detach(), dx0, dnoise, kd.p_sample_step(mo, x_t, t, s, noise, 0.7), in_place,
+                kd.ddim_step(mo, x_t, t, s, noise, 0.6), kd.ddim_step(mo, x_t, t, s, None, 0.0))
+
+    rows = run(False)
+    assert launches and not any(launches)
+    launches.clear()
+    pairs = run(True)
+    assert launches and all(launches)
+    for name, a, b in zip(["q_sample", "dx0", "dnoise", "p_sample", "p_sample in place", "ddim", "ddim eta 0"], rows,
+                          pairs):
+        assert torch.equal(a, b), name
+
+
 def test_steps_under_autograd_fall_back_to_reference(triton_device):
     s, mo, _, x_t, noise, t = _loss_case(5, 7, 100, torch.float32, triton_device)
     m = mo.clone().requires_grad_()
