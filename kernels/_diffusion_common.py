@@ -104,3 +104,109 @@ def load_rows_t(t_ptr, rows, row_ok, T_STRIDE: tl.constexpr, S):
 def table(ptr, t, ok):
     """``ptr[t]`` in fp32, NaN for rows whose t is invalid (bad input poisons its row, never memory)."""
     return tl.load(ptr + t, mask=ok, other=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------
+# tiles of rows, or of row pairs (``PAIRED``: see ``_diffusion_steps``)
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def row_tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, M, C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    return rows, cols, row_ok, mask
+
+
+@triton.jit
+def row_off(rows, cols, S0: tl.constexpr, S1: tl.constexpr):
+    return rows.to(tl.int64)[:, None] * S0 + cols[None, :] * S1
+
+
+@triton.jit
+def rows_t(t_ptr, rows, row_ok, T_S: tl.constexpr, S, PAIRED: tl.constexpr):
+    """(t, valid) of the tile's first rows and, paired, of their second rows (else the same)."""
+    if PAIRED:
+        ta, oka = load_rows_t(t_ptr, 2 * rows, row_ok, T_S, S)
+        tb, okb = load_rows_t(t_ptr, 2 * rows + 1, row_ok, T_S, S)
+    else:
+        ta, oka = load_rows_t(t_ptr, rows, row_ok, T_S, S)
+        tb, okb = ta, oka
+    return ta, oka, tb, okb
+
+
+@triton.jit
+def pick(second, a, b, PAIRED: tl.constexpr):
+    """Per-row values ``a`` (first rows) / ``b`` (second rows) broadcast over the tile."""
+    if PAIRED:
+        return tl.where(second[None, :], b[:, None], a[:, None])
+    else:
+        return a[:, None]
+
+
+@triton.jit
+def coef(ptr, ta, oka, tb, okb, second, PAIRED: tl.constexpr):
+    if PAIRED:
+        return pick(second, table(ptr, ta, oka), table(ptr, tb, okb), PAIRED)
+    else:
+        return table(ptr, ta, oka)[:, None]
+
+
+@triton.jit
+def data_off(rows, cols, S0: tl.constexpr, S1: tl.constexpr, C: tl.constexpr, PAIRED: tl.constexpr):
+    """Element offsets of an ``[M, C]`` operand: strided rows, or (paired) contiguous row pairs."""
+    if PAIRED:
+        return rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
+    else:
+        return row_off(rows, cols, S0, S1)
+
+
+@triton.jit
+def model_out_halves(mo_ptr, rows, cols, mask, second, MO_S0: tl.constexpr, MO_S1: tl.constexpr, C: tl.constexpr,
+                     NEED_V: tl.constexpr, PAIRED: tl.constexpr):
+    """(eps, v) halves of ``model_out [M, 2C]`` in fp32 (v = eps when not NEED_V)."""
+    if PAIRED:
+        # pair p holds [eps_a | v_a | eps_b | v_b] from p * 4C: first rows read eps at col, v at
+        # C + col; second rows (col = C + j) eps at C + col, v at 2C + col.
+        base = mo_ptr + rows.to(tl.int64)[:, None] * (4 * C) + cols[None, :]
+        first = mask & (cols < C)[None, :]
+        latter = mask & second[None, :]
+        mid = tl.load(base + C, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.where(second[None, :], mid, tl.load(base, mask=first, other=0.0).to(tl.float32))
+        if NEED_V:
+            v = tl.where(second[None, :], tl.load(base + 2 * C, mask=latter, other=0.0).to(tl.float32), mid)
+        else:
+            v = eps
+    else:
+        off = row_off(rows, cols, MO_S0, MO_S1)
+        eps = tl.load(mo_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if NEED_V:
+            v = tl.load(mo_ptr + off + C * MO_S1, mask=mask, other=0.0).to(tl.float32)
+        else:
+            v = eps
+    return eps, v
+
+
+@triton.jit
+def stream_tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, M, C: tl.constexpr, PAIRED: tl.constexpr):
+    """(rows, cols, row_ok, mask, second): ``M`` rows of C, or (paired) ``M`` row pairs of 2C."""
+    if PAIRED:
+        rows, cols, row_ok, mask = row_tile(BLOCK_M, BLOCK_C, M, 2 * C)
+    else:
+        rows, cols, row_ok, mask = row_tile(BLOCK_M, BLOCK_C, M, C)
+    return rows, cols, row_ok, mask, cols >= C
+
+
+@triton.jit
+def store_model_out_halves(dmo_ptr, rows, cols, mask, second, d_eps, d_v, C: tl.constexpr, DTYPE: tl.constexpr,
+                           PAIRED: tl.constexpr):
+    """Write ``[d_eps, d_v]`` into a row-contiguous ``[M, 2C]`` (the layout ``model_out_halves`` reads)."""
+    if PAIRED:
+        base = dmo_ptr + rows.to(tl.int64)[:, None] * (4 * C) + cols[None, :]
+        tl.store(base, round_to(d_eps, DTYPE), mask=mask & (cols < C)[None, :])
+        tl.store(base + C, round_to(tl.where(second[None, :], d_eps, d_v), DTYPE), mask=mask)
+        tl.store(base + 2 * C, round_to(d_v, DTYPE), mask=mask & second[None, :])
+    else:
+        out = rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
+        tl.store(dmo_ptr + out, round_to(d_eps, DTYPE), mask=mask)
+        tl.store(dmo_ptr + out + C, round_to(d_v, DTYPE), mask=mask)

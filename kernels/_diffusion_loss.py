@@ -42,7 +42,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._diffusion_common import exp_, load_rows_t, log_, round_to, sigmoid_, table
+from ._diffusion_common import (
+    data_off,
+    exp_,
+    log_,
+    model_out_halves,
+    pick,
+    rows_t,
+    sigmoid_,
+    store_model_out_halves,
+    stream_tile,
+    table,
+)
 
 # Constants are written out inside the jit functions (Triton reads no Python globals):
 # 0.7978845608028654 = sqrt(2/pi), 1.4426950408889634 = 1/ln 2, 1/255 = half a pixel bin.
@@ -91,25 +102,46 @@ def _nll_bin(x0, cx, inv_std, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def _row_terms(
-    mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0,
-    sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
+def _row_consts(sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t, ok, ACCURATE: tl.constexpr):
+    """Per-row tables at t: (sra, srm1, c1, c2, lvc, half_gap = d logvar / d v, exp(-lvc) as hi + lo)."""
+    sra = table(sra_ptr, t, ok)
+    srm1 = table(srm1_ptr, t, ok)
+    c1 = table(c1_ptr, t, ok)
+    c2 = table(c2_ptr, t, ok)
+    lvc = table(lvc_ptr, t, ok)
+    half_gap = 0.5 * (table(lb_ptr, t, ok) - lvc)
+    e64 = exp_(-lvc.to(tl.float64), ACCURATE)
+    e_hi = e64.to(tl.float32)
+    e_lo = (e64 - e_hi.to(tl.float64)).to(tl.float32)
+    return sra, srm1, c1, c2, lvc, half_gap, e_hi, e_lo
+
+
+@triton.jit
+def _tile_terms(
+    mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, second, t_a, t_b, row_ok, any0,
+    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a, sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b,
     C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
     XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr,
-    ACCURATE: tl.constexpr,
+    ACCURATE: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    """Element terms of one [BLOCK_M, BLOCK_C] tile: (eps - noise, vb term, d term / d logvar).
+    """Element terms of one tile: (eps - noise, vb term, d term / d logvar, half_gap).
 
     The forward kernel ignores the derivative and the backward the term; the compiler drops
     the dead half of each.
     """
-    r64 = rows.to(tl.int64)[:, None]
-    mo_off = r64 * MO_S0 + cols[None, :] * MO_S1
-    eps = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(mo_ptr + mo_off + C * MO_S1, mask=mask, other=0.0).to(tl.float32)
-    x0 = tl.load(x0_ptr + r64 * X0_S0 + cols[None, :] * X0_S1, mask=mask, other=0.0).to(tl.float32)
-    xt = tl.load(xt_ptr + r64 * XT_S0 + cols[None, :] * XT_S1, mask=mask, other=0.0).to(tl.float32)
-    nz = tl.load(nz_ptr + r64 * N_S0 + cols[None, :] * N_S1, mask=mask, other=0.0).to(tl.float32)
+    eps, v = model_out_halves(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, True, PAIRED)
+    x0 = tl.load(x0_ptr + data_off(rows, cols, X0_S0, X0_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(xt_ptr + data_off(rows, cols, XT_S0, XT_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(nz_ptr + data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    sra = pick(second, sra_a, sra_b, PAIRED)
+    srm1 = pick(second, srm1_a, srm1_b, PAIRED)
+    c1 = pick(second, c1_a, c1_b, PAIRED)
+    c2 = pick(second, c2_a, c2_b, PAIRED)
+    lvc = pick(second, lvc_a, lvc_b, PAIRED)
+    half_gap = pick(second, hg_a, hg_b, PAIRED)
+    e_lvc_hi = pick(second, eh_a, eh_b, PAIRED)
+    e_lvc_lo = pick(second, el_a, el_b, PAIRED)
+    is0 = pick(second, (t_a == 0) & row_ok, (t_b == 0) & row_ok, PAIRED)
 
     diff = eps - nz
     x0p = sra * xt - srm1 * eps
@@ -131,7 +163,19 @@ def _row_terms(
         term = tl.where(is0, nll, term)
         dterm = tl.where(is0, dnll, dterm)
     term = tl.where(mask, term, 0.0)
-    return diff, term, dterm
+    return diff, term, dterm, half_gap
+
+
+@triton.jit
+def _split_sum(x, second, PAIRED: tl.constexpr):
+    """Row sums of a tile in fp64: (first rows, second rows); unpaired, the second is 0."""
+    if PAIRED:
+        a = tl.sum(tl.where(second[None, :], 0.0, x), axis=1).to(tl.float64)
+        b = tl.sum(tl.where(second[None, :], x, 0.0), axis=1).to(tl.float64)
+    else:
+        a = tl.sum(x, axis=1).to(tl.float64)
+        b = tl.zeros_like(a)
+    return a, b
 
 
 @triton.jit
@@ -141,41 +185,49 @@ def loss_fwd_kernel(
     M, S,
     C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
     XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr, T_S: tl.constexpr,
-    ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PAIRED: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
+    """``M`` rows of ``WIDTH = C`` (``PAIRED``: row pairs, ``WIDTH = 2C``), all columns per program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    t, ok = load_rows_t(t_ptr, rows, row_ok, T_S, S)
-    sra = table(sra_ptr, t, ok)[:, None]
-    srm1 = table(srm1_ptr, t, ok)[:, None]
-    c1 = table(c1_ptr, t, ok)[:, None]
-    c2 = table(c2_ptr, t, ok)[:, None]
-    lvc = table(lvc_ptr, t, ok)[:, None]
-    half_gap = 0.5 * (table(lb_ptr, t, ok)[:, None] - lvc)  # d logvar / d v
-    e64 = exp_(-lvc.to(tl.float64), ACCURATE)
-    e_lvc_hi = e64.to(tl.float32)
-    e_lvc_lo = (e64 - e_lvc_hi.to(tl.float64)).to(tl.float32)
-    is0 = ((t == 0) & row_ok)[:, None]
-    any0 = tl.max(is0.to(tl.int32)) > 0
+    t_a, ok_a, t_b, ok_b = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
+    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
+        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
+    sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
+        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)  # unpaired: unused, dropped
 
     # Row sums: fp32 within a chunk, fp64 across chunks and for the final scaling, so no
     # rounding of 1/C or 1/ln 2 (coherent over a row) reaches the loss.
-    mse = tl.zeros([BLOCK_M], dtype=tl.float64)
-    vb = tl.zeros([BLOCK_M], dtype=tl.float64)
-    for c0 in tl.static_range(0, C, BLOCK_C):
+    mse_a = tl.zeros([BLOCK_M], dtype=tl.float64)
+    vb_a = tl.zeros([BLOCK_M], dtype=tl.float64)
+    mse_b = tl.zeros([BLOCK_M], dtype=tl.float64)
+    vb_b = tl.zeros([BLOCK_M], dtype=tl.float64)
+    for c0 in tl.static_range(0, WIDTH, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        if c0 + BLOCK_C <= C:  # an interior chunk: only the row mask
+        if c0 + BLOCK_C <= WIDTH:  # an interior chunk: only the row mask
             mask = row_ok[:, None] & (cols >= 0)[None, :]
         else:
-            mask = row_ok[:, None] & (cols < C)[None, :]
-        diff, term, _ = _row_terms(
-            mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
-            C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
+            mask = row_ok[:, None] & (cols < WIDTH)[None, :]
+        second = cols >= C
+        diff, term, _, _ = _tile_terms(
+            mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, second, t_a, t_b, row_ok, any0,
+            sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a, sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b,
+            C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE, PAIRED,
         )  # fmt: skip
-        mse += tl.sum(diff * diff, axis=1).to(tl.float64)
-        vb += tl.sum(term, axis=1).to(tl.float64)
-    loss = ((mse + vb * 1.4426950408889634) / C).to(tl.float32)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
+        sq_a, sq_b = _split_sum(diff * diff, second, PAIRED)
+        tm_a, tm_b = _split_sum(term, second, PAIRED)
+        mse_a += sq_a
+        mse_b += sq_b
+        vb_a += tm_a
+        vb_b += tm_b
+    loss_a = ((mse_a + vb_a * 1.4426950408889634) / C).to(tl.float32)
+    if PAIRED:
+        loss_b = ((mse_b + vb_b * 1.4426950408889634) / C).to(tl.float32)
+        tl.store(loss_ptr + 2 * rows, loss_a, mask=row_ok)
+        tl.store(loss_ptr + 2 * rows + 1, loss_b, mask=row_ok)
+    else:
+        tl.store(loss_ptr + rows, loss_a, mask=row_ok)
 
 
 @triton.jit
@@ -186,31 +238,28 @@ def loss_bwd_kernel(
     C: tl.constexpr, MO_S0: tl.constexpr, MO_S1: tl.constexpr, X0_S0: tl.constexpr, X0_S1: tl.constexpr,
     XT_S0: tl.constexpr, XT_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr, T_S: tl.constexpr,
     G_S: tl.constexpr, DMO_DTYPE: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PAIRED: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    mask = row_ok[:, None] & (cols < C)[None, :]
-    t, ok = load_rows_t(t_ptr, rows, row_ok, T_S, S)
-    sra = table(sra_ptr, t, ok)[:, None]
-    srm1 = table(srm1_ptr, t, ok)[:, None]
-    c1 = table(c1_ptr, t, ok)[:, None]
-    c2 = table(c2_ptr, t, ok)[:, None]
-    lvc = table(lvc_ptr, t, ok)[:, None]
-    half_gap = 0.5 * (table(lb_ptr, t, ok)[:, None] - lvc)  # d logvar / d v
-    e64 = exp_(-lvc.to(tl.float64), ACCURATE)
-    e_lvc_hi = e64.to(tl.float32)
-    e_lvc_lo = (e64 - e_lvc_hi.to(tl.float64)).to(tl.float32)
-    is0 = ((t == 0) & row_ok)[:, None]
-    any0 = tl.max(is0.to(tl.int32)) > 0
-    g = tl.load(g_ptr + rows.to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
+    t_a, ok_a, t_b, ok_b = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
+    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
+        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
+    sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
+        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
+    if PAIRED:
+        g_a = tl.load(g_ptr + (2 * rows).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
+        g_b = tl.load(g_ptr + (2 * rows + 1).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        g_a = tl.load(g_ptr + rows.to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
+        g_b = g_a
+    g = pick(second, g_a, g_b, PAIRED)
 
-    diff, _, dterm = _row_terms(
-        mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, is0, any0, sra, srm1, c1, c2, lvc, half_gap, e_lvc_hi, e_lvc_lo,
-        C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE,
+    diff, _, dterm, half_gap = _tile_terms(
+        mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, second, t_a, t_b, row_ok, any0,
+        sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a, sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b,
+        C, MO_S0, MO_S1, X0_S0, X0_S1, XT_S0, XT_S1, N_S0, N_S1, ACCURATE, PAIRED,
     )  # fmt: skip
     d_eps = g * (2.0 / C) * diff
     d_v = g * (1.4426950408889634 / C) * dterm * half_gap
-    out = rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
-    tl.store(dmo_ptr + out, round_to(d_eps, DMO_DTYPE), mask=mask)
-    tl.store(dmo_ptr + out + C, round_to(d_v, DMO_DTYPE), mask=mask)
+    store_model_out_halves(dmo_ptr, rows, cols, mask, second, d_eps, d_v, C, DMO_DTYPE, PAIRED)

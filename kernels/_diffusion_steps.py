@@ -5,7 +5,7 @@ once and the few schedule values it needs (tables of S floats, L1 resident), and
 the row data once: these kernels are pure bandwidth, every byte read or written once.
 Math in fp32 whatever the storage dtype; one rounding on store.
 
-Paired rows (``PAIRED``). A bf16/fp16 row of C = 588 channels is 1176 bytes: every other row
+Paired rows (``PAIRED``; the loss kernels use the same tiles). A bf16/fp16 row of C = 588 channels is 1176 bytes: every other row
 starts 8 bytes off a 16-byte boundary, so row tiles load and store 8 bytes at a time (the SASS
 of ``benchmarks.compile_report``). When every ``[M, C]`` operand is row-contiguous, rows 2p and
 2p+1 are one contiguous run of 2C elements that starts on a 16-byte boundary; the paired
@@ -27,95 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._diffusion_common import exp_, load_rows_t, round_to, table
-
-
-@triton.jit
-def _tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, M, C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < M
-    mask = row_ok[:, None] & (cols < C)[None, :]
-    return rows, cols, row_ok, mask
-
-
-@triton.jit
-def _off(rows, cols, S0: tl.constexpr, S1: tl.constexpr):
-    return rows.to(tl.int64)[:, None] * S0 + cols[None, :] * S1
-
-
-@triton.jit
-def _rows_t(t_ptr, rows, row_ok, T_S: tl.constexpr, S, PAIRED: tl.constexpr):
-    """(t, valid) of the tile's first rows and, paired, of their second rows (else the same)."""
-    if PAIRED:
-        ta, oka = load_rows_t(t_ptr, 2 * rows, row_ok, T_S, S)
-        tb, okb = load_rows_t(t_ptr, 2 * rows + 1, row_ok, T_S, S)
-    else:
-        ta, oka = load_rows_t(t_ptr, rows, row_ok, T_S, S)
-        tb, okb = ta, oka
-    return ta, oka, tb, okb
-
-
-@triton.jit
-def _pick(second, a, b, PAIRED: tl.constexpr):
-    """Per-row values ``a`` (first rows) / ``b`` (second rows) broadcast over the tile."""
-    if PAIRED:
-        return tl.where(second[None, :], b[:, None], a[:, None])
-    else:
-        return a[:, None]
-
-
-@triton.jit
-def _coef(ptr, ta, oka, tb, okb, second, PAIRED: tl.constexpr):
-    if PAIRED:
-        return _pick(second, table(ptr, ta, oka), table(ptr, tb, okb), PAIRED)
-    else:
-        return table(ptr, ta, oka)[:, None]
-
-
-@triton.jit
-def _data_off(rows, cols, S0: tl.constexpr, S1: tl.constexpr, C: tl.constexpr, PAIRED: tl.constexpr):
-    """Element offsets of an ``[M, C]`` operand: strided rows, or (paired) contiguous row pairs."""
-    if PAIRED:
-        return rows.to(tl.int64)[:, None] * (2 * C) + cols[None, :]
-    else:
-        return _off(rows, cols, S0, S1)
-
-
-@triton.jit
-def _model_out(mo_ptr, rows, cols, mask, second, MO_S0: tl.constexpr, MO_S1: tl.constexpr, C: tl.constexpr,
-               NEED_V: tl.constexpr, PAIRED: tl.constexpr):
-    """(eps, v) halves of ``model_out [M, 2C]`` in fp32 (v = eps when not NEED_V)."""
-    if PAIRED:
-        # pair p holds [eps_a | v_a | eps_b | v_b] from p * 4C: first rows read eps at col, v at
-        # C + col; second rows (col = C + j) eps at C + col, v at 2C + col.
-        base = mo_ptr + rows.to(tl.int64)[:, None] * (4 * C) + cols[None, :]
-        first = mask & (cols < C)[None, :]
-        latter = mask & second[None, :]
-        mid = tl.load(base + C, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.where(second[None, :], mid, tl.load(base, mask=first, other=0.0).to(tl.float32))
-        if NEED_V:
-            v = tl.where(second[None, :], tl.load(base + 2 * C, mask=latter, other=0.0).to(tl.float32), mid)
-        else:
-            v = eps
-    else:
-        off = _off(rows, cols, MO_S0, MO_S1)
-        eps = tl.load(mo_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if NEED_V:
-            v = tl.load(mo_ptr + off + C * MO_S1, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = eps
-    return eps, v
-
-
-@triton.jit
-def _stream_tile(BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, M, C: tl.constexpr, PAIRED: tl.constexpr):
-    """(rows, cols, row_ok, mask, second): ``M`` rows of C, or (paired) ``M`` row pairs of 2C."""
-    if PAIRED:
-        rows, cols, row_ok, mask = _tile(BLOCK_M, BLOCK_C, M, 2 * C)
-    else:
-        rows, cols, row_ok, mask = _tile(BLOCK_M, BLOCK_C, M, C)
-    return rows, cols, row_ok, mask, cols >= C
+from ._diffusion_common import coef, data_off, exp_, model_out_halves, pick, round_to, rows_t, stream_tile, table
 
 
 @triton.jit
@@ -126,14 +38,14 @@ def q_sample_fwd_kernel(
     X_S0: tl.constexpr, X_S1: tl.constexpr, N_S0: tl.constexpr, N_S1: tl.constexpr, T_S: tl.constexpr,
     OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    rows, cols, row_ok, mask, second = _stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
-    ta, oka, tb, okb = _rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
-    a = _coef(sa_ptr, ta, oka, tb, okb, second, PAIRED)
-    s = _coef(s1ma_ptr, ta, oka, tb, okb, second, PAIRED)
-    x0 = tl.load(x0_ptr + _data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
-    nz = tl.load(noise_ptr + _data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
+    ta, oka, tb, okb = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    a = coef(sa_ptr, ta, oka, tb, okb, second, PAIRED)
+    s = coef(s1ma_ptr, ta, oka, tb, okb, second, PAIRED)
+    x0 = tl.load(x0_ptr + data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(noise_ptr + data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
     out = a * x0 + s * nz
-    tl.store(out_ptr + _data_off(rows, cols, C, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)
+    tl.store(out_ptr + data_off(rows, cols, C, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -146,15 +58,15 @@ def q_sample_bwd_kernel(
     X0_DTYPE: tl.constexpr, NOISE_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     PAIRED: tl.constexpr,
 ):  # fmt: skip
-    rows, cols, row_ok, mask, second = _stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
-    ta, oka, tb, okb = _rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
-    g = tl.load(g_ptr + _data_off(rows, cols, G_S0, G_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
-    out_off = _data_off(rows, cols, C, 1, C, PAIRED)
+    rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
+    ta, oka, tb, okb = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    g = tl.load(g_ptr + data_off(rows, cols, G_S0, G_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    out_off = data_off(rows, cols, C, 1, C, PAIRED)
     if NEED_X0:
-        a = _coef(sa_ptr, ta, oka, tb, okb, second, PAIRED)
+        a = coef(sa_ptr, ta, oka, tb, okb, second, PAIRED)
         tl.store(dx0_ptr + out_off, round_to(a * g, X0_DTYPE), mask=mask)
     if NEED_NOISE:
-        s = _coef(s1ma_ptr, ta, oka, tb, okb, second, PAIRED)
+        s = coef(s1ma_ptr, ta, oka, tb, okb, second, PAIRED)
         tl.store(dnoise_ptr + out_off, round_to(s * g, NOISE_DTYPE), mask=mask)
 
 
@@ -169,19 +81,19 @@ def p_sample_kernel(
     OUT_DTYPE: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     PAIRED: tl.constexpr,
 ):  # fmt: skip
-    rows, cols, row_ok, mask, second = _stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
-    ta, oka, tb, okb = _rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
-    sra = _coef(sra_ptr, ta, oka, tb, okb, second, PAIRED)
-    srm1 = _coef(srm1_ptr, ta, oka, tb, okb, second, PAIRED)
-    c1 = _coef(c1_ptr, ta, oka, tb, okb, second, PAIRED)
-    c2 = _coef(c2_ptr, ta, oka, tb, okb, second, PAIRED)
-    lvc = _coef(lvc_ptr, ta, oka, tb, okb, second, PAIRED)
-    lb = _coef(lb_ptr, ta, oka, tb, okb, second, PAIRED)
-    live = _pick(second, (ta != 0).to(tl.float32), (tb != 0).to(tl.float32), PAIRED)
+    rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
+    ta, oka, tb, okb = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    sra = coef(sra_ptr, ta, oka, tb, okb, second, PAIRED)
+    srm1 = coef(srm1_ptr, ta, oka, tb, okb, second, PAIRED)
+    c1 = coef(c1_ptr, ta, oka, tb, okb, second, PAIRED)
+    c2 = coef(c2_ptr, ta, oka, tb, okb, second, PAIRED)
+    lvc = coef(lvc_ptr, ta, oka, tb, okb, second, PAIRED)
+    lb = coef(lb_ptr, ta, oka, tb, okb, second, PAIRED)
+    live = pick(second, (ta != 0).to(tl.float32), (tb != 0).to(tl.float32), PAIRED)
 
-    eps, v = _model_out(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, True, PAIRED)
-    xt = tl.load(xt_ptr + _data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
-    nz = tl.load(noise_ptr + _data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    eps, v = model_out_halves(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, True, PAIRED)
+    xt = tl.load(xt_ptr + data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(noise_ptr + data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
 
     x0p = sra * xt - srm1 * eps
     mean = c1 * x0p + c2 * xt
@@ -190,7 +102,7 @@ def p_sample_kernel(
     out = mean + live * exp_(0.5 * logvar, ACCURATE) * (nz * temperature)
     # O_S0 may equal X_S0 with out_ptr == xt_ptr: the CUDA-graph sampler updates x in place
     # (every element is read by the program that later overwrites it).
-    tl.store(out_ptr + _data_off(rows, cols, O_S0, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)
+    tl.store(out_ptr + data_off(rows, cols, O_S0, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -218,18 +130,18 @@ def ddim_kernel(
     OUT_DTYPE: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     PAIRED: tl.constexpr,
 ):  # fmt: skip
-    rows, cols, row_ok, mask, second = _stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
-    ta, oka, tb, okb = _rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
+    ta, oka, tb, okb = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
     sra_a, srm1_a, cx0_a, ceps_a, sig_a = _ddim_coefs(sra_ptr, srm1_ptr, abar_ptr, abar_prev_ptr, ta, oka, eta)
     sra_b, srm1_b, cx0_b, ceps_b, sig_b = _ddim_coefs(sra_ptr, srm1_ptr, abar_ptr, abar_prev_ptr, tb, okb, eta)
 
-    eps, _ = _model_out(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, False, PAIRED)
-    xt = tl.load(xt_ptr + _data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
-    x0p = _pick(second, sra_a, sra_b, PAIRED) * xt - _pick(second, srm1_a, srm1_b, PAIRED) * eps
-    out = _pick(second, cx0_a, cx0_b, PAIRED) * x0p + _pick(second, ceps_a, ceps_b, PAIRED) * eps
+    eps, _ = model_out_halves(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, False, PAIRED)
+    xt = tl.load(xt_ptr + data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+    x0p = pick(second, sra_a, sra_b, PAIRED) * xt - pick(second, srm1_a, srm1_b, PAIRED) * eps
+    out = pick(second, cx0_a, cx0_b, PAIRED) * x0p + pick(second, ceps_a, ceps_b, PAIRED) * eps
     if HAS_NOISE:
-        nz = tl.load(noise_ptr + _data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
+        nz = tl.load(noise_ptr + data_off(rows, cols, N_S0, N_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
         live_a = (ta != 0).to(tl.float32)
         live_b = (tb != 0).to(tl.float32)
-        out = out + _pick(second, live_a * sig_a, live_b * sig_b, PAIRED) * nz
-    tl.store(out_ptr + _data_off(rows, cols, O_S0, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)
+        out = out + pick(second, live_a * sig_a, live_b * sig_b, PAIRED) * nz
+    tl.store(out_ptr + data_off(rows, cols, O_S0, 1, C, PAIRED), round_to(out, OUT_DTYPE), mask=mask)

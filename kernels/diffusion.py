@@ -171,10 +171,10 @@ def _q_sample_backward(g, t, sqrt_ac, sqrt_1m_ac, x0_dtype, noise_dtype, need_x0
     return dx0, dnoise
 
 
-def _loss_args(model_out, x0, x_t, noise, t, posterior):
+def _loss_args(model_out, x0, x_t, noise, t, posterior, count):
     return (
         model_out, x0, x_t, noise, t, *posterior,
-        x0.shape[0], posterior[0].shape[0], x_t.shape[1],
+        count, posterior[0].shape[0], x_t.shape[1],
         *strides2(model_out), *strides2(x0), *strides2(x_t), *strides2(noise), stride1(t),
     )  # fmt: skip
 
@@ -188,9 +188,11 @@ def _loss_forward(model_out, x0, x_t, noise, t, posterior):
         return loss.fill_(float("nan"))  # the reference's mean over no channels
     bm, bc, warps = _tile("loss_fwd", C)
     with _on(x_t.device):
-        _kl.loss_fwd_kernel[(triton.cdiv(M, bm),)](
-            loss, *_loss_args(model_out, x0, x_t, noise, t, posterior), accurate(), bm, bc, num_warps=warps
-        )
+        for r, n, paired in _segments(M, _pairable(C, (x0, x_t, noise), model_out)):
+            _kl.loss_fwd_kernel[(triton.cdiv(n, bm),)](
+                loss[r], *_loss_args(model_out[r], x0[r], x_t[r], noise[r], t[r], posterior, n), accurate(), bm, bc,
+                paired, 2 * C if paired else C, num_warps=warps,
+            )  # fmt: skip
     return loss
 
 
@@ -198,12 +200,13 @@ def _loss_backward(g, model_out, x0, x_t, noise, t, posterior):
     M, C = x_t.shape
     dmo = torch.empty((M, 2 * C), dtype=model_out.dtype, device=model_out.device)
     if M and C:
-        grid, bm, bc, warps = _grid2("loss_bwd", M, C)
         with _on(x_t.device):
-            _kl.loss_bwd_kernel[grid](
-                dmo, g, *_loss_args(model_out, x0, x_t, noise, t, posterior), stride1(g),
-                TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, num_warps=warps,
-            )  # fmt: skip
+            for r, n, paired in _segments(M, _pairable(C, (x0, x_t, noise), model_out)):
+                grid, bm, bc, warps = _grid2("loss_bwd", n, 2 * C if paired else C)
+                _kl.loss_bwd_kernel[grid](
+                    dmo[r], g[r], *_loss_args(model_out[r], x0[r], x_t[r], noise[r], t[r], posterior, n), stride1(g[r]),
+                    TORCH_TO_TL[model_out.dtype], accurate(), bm, bc, paired, num_warps=warps,
+                )  # fmt: skip
     return dmo
 
 

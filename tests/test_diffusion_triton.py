@@ -278,9 +278,9 @@ def test_steps_read_strided_views_and_update_in_place(triton_device):
 
 @pytest.mark.parametrize("dtype,M,C", [(BF16, 37, 588), (F16, 6, 12), (F32, 9, 6)])
 def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypatch, dtype, M, C):
-    """Where a row is 8 bytes off 16-byte alignment (C * itemsize = 8 mod 16) the streaming kernels
-    tile row pairs; every output equals the row-tiled kernels' bit for bit (odd M: the last row
-    goes through the row kernel), in place (the sampler's x <- step(x)) too."""
+    """Where a row is 8 bytes off 16-byte alignment (C * itemsize = 8 mod 16) the kernels tile row
+    pairs; every element-wise output equals the row-tiled kernels' bit for bit (odd M: the last
+    row goes through the row kernel), in place (the sampler's x <- step(x)) too."""
     s, mo, x0, x_t, noise, t = _loss_case(M, C, 100, dtype, triton_device)
     g = torch.randn(M, C, device=triton_device).to(dtype)
     launches = []
@@ -295,17 +295,23 @@ def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypa
         dx0, dnoise = torch.autograd.grad(xq, (x0_, noise_), g)
         in_place = x_t.clone()
         kd.p_sample_step_into(in_place, mo, in_place, t, s, noise, 0.7)
-        return (xq.detach(), dx0, dnoise, kd.p_sample_step(mo, x_t, t, s, noise, 0.7), in_place,
-                kd.ddim_step(mo, x_t, t, s, noise, 0.6), kd.ddim_step(mo, x_t, t, s, None, 0.0))
+        mo_ = mo.clone().requires_grad_(True)
+        loss = kd.diffusion_loss(mo_, x0, x_t, noise, t, s)
+        (dmo,) = torch.autograd.grad(loss, mo_, torch.linspace(0.5, 1.5, M, device=loss.device))
+        return loss.detach(), (xq.detach(), dx0, dnoise, kd.p_sample_step(mo, x_t, t, s, noise, 0.7), in_place,
+                               kd.ddim_step(mo, x_t, t, s, noise, 0.6), kd.ddim_step(mo, x_t, t, s, None, 0.0), dmo)
 
-    rows = run(False)
+    loss_rows, rows = run(False)
     assert launches and not any(launches)
     launches.clear()
-    pairs = run(True)
+    loss_pairs, pairs = run(True)
     assert launches and all(launches)
-    for name, a, b in zip(["q_sample", "dx0", "dnoise", "p_sample", "p_sample in place", "ddim", "ddim eta 0"], rows,
-                          pairs):
+    names = ["q_sample", "dx0", "dnoise", "p_sample", "p_sample in place", "ddim", "ddim eta 0", "loss d model_out"]
+    for name, a, b in zip(names, rows, pairs):
         assert torch.equal(a, b), name
+    # The loss sums each row in fp32 chunks, then in fp64: pairs cut a row's second half into
+    # other chunks, so the two tilings round differently, within a few fp32 ulps of the sum.
+    torch.testing.assert_close(loss_pairs, loss_rows, rtol=4e-7, atol=0)
 
 
 def test_steps_under_autograd_fall_back_to_reference(triton_device):
