@@ -1,6 +1,8 @@
 """``invnext doctor``: what this machine can run, and why a backend is missing."""
 from __future__ import annotations
 
+import os
+
 import platform
 import shutil
 import subprocess
@@ -56,6 +58,26 @@ def report(device: str | None = None) -> tuple[list[str], list[tuple[str, dict[s
     return lines, table
 
 
+# Environment settings that change what runs (name, default, meaning).
+SETTINGS = (
+    ("INVNEXT_ATTN_ROPE", "prepass", "attention RoPE: prepass (rotate q, k once) or inline (in the tile loops)"),
+    ("INVNEXT_ATTN_AUTOTUNE", "1", "autotune the attention kernels (0: first config)"),
+    ("INVNEXT_CHECK_VALUES", "0", "check index / cu_seqlens values on the GPU too (host reads; CPU: always)"),
+    ("INVNEXT_SKIP_CUDA_BUILD", "0", "pip install without building csrc/"),
+    ("INVNEXT_CACHE", "$XDG_CACHE_HOME/invnext or ~/.cache/invnext", "bundled data, teacher and feature caches"),
+    ("TRITON_INTERPRET", "0", "run Triton kernels on the CPU interpreter"),
+)
+
+
+def settings_lines() -> list[str]:
+    out = []
+    for name, default, meaning in SETTINGS:
+        value = os.environ.get(name)
+        shown = f"{value} (set)" if value is not None else f"{default} (default)"
+        out.append(f"  {name}={shown}: {meaning}")
+    return out
+
+
 def run_doctor(device: str | None = None) -> int:
     lines, table = report(device)
     print("\n".join(lines))
@@ -75,4 +97,6 @@ def run_doctor(device: str | None = None) -> int:
         print("\nwhy a backend is missing:")
         for why, where in reasons.items():
             print(f"- {why}: {', '.join(where)}")
+    print("\nsettings:")
+    print("\n".join(settings_lines()))
     return 0

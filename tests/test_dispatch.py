@@ -79,7 +79,8 @@ def test_unknown_op_and_backend():
 
 
 def test_doctor_lists_every_op_with_torch_available():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "INVNEXT_ATTN_ROPE": "inline"}
+    env.pop("INVNEXT_CHECK_VALUES", None)
     out = subprocess.run([sys.executable, "-m", "invnext", "doctor"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -87,6 +88,8 @@ def test_doctor_lists_every_op_with_torch_available():
         row = next(line for line in lines if line.startswith(op + " "))
         assert row.split()[1] == "yes", row
     assert "why a backend is missing" in out.stdout
+    assert "  INVNEXT_ATTN_ROPE=inline (set): attention RoPE" in out.stdout
+    assert "  INVNEXT_CHECK_VALUES=0 (default)" in out.stdout
     if not torch.cuda.is_available():
         assert "need CUDA tensors" in out.stdout
 
