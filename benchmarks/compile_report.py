@@ -248,7 +248,7 @@ def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> No
         out.backward(torch.ones_like(out))
 
 
-def compile_tokens(rec: _Recorder) -> None:
+def compile_tokens(rec: _Recorder, dtypes=None) -> None:
     import torch
     from invnext_kernels.tokens import gather_visible, scatter_tokens
 
@@ -256,7 +256,7 @@ def compile_tokens(rec: _Recorder) -> None:
     keep = torch.rand(B, N).argsort(1)[:, : N // 5].sort(1).values
     index = torch.cat([torch.cat([torch.tensor([-1] * P), b * N + keep[b]]) for b in range(B)])
     cu = torch.arange(0, (B + 1) * (P + N // 5), P + N // 5, dtype=torch.int32)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes or (torch.bfloat16, torch.float32):
         name = str(dtype).replace("torch.", "")
         rec.variant = f"{name} C={C} pos prefix"
         x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
@@ -271,16 +271,16 @@ def compile_tokens(rec: _Recorder) -> None:
         grid.backward(torch.ones_like(grid))
 
 
-def compile_diffusion(rec: _Recorder) -> None:
+def compile_diffusion(rec: _Recorder, dtypes=None, rows: int = 1000) -> None:
     import torch
     from invnext_kernels import diffusion as kd
 
     from invnext.ops.diffusion_schedule import make_schedule
 
-    M, C, W = 1000, 588, 1536
+    M, C, W = rows, 588, 1536
     sched = make_schedule(1000)
     t = torch.randint(0, 1000, (M,))
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes or (torch.bfloat16, torch.float32):
         name = str(dtype).replace("torch.", "")
         rec.variant = f"{name} M={M} C={C}"
         x0 = torch.randn(M, C, dtype=dtype, requires_grad=True)
@@ -299,15 +299,28 @@ def compile_diffusion(rec: _Recorder) -> None:
         kd.adaln_modulate(x, shift, scale, 1e-6).backward(torch.ones(M, W, dtype=dtype))
 
 
-def compile_triton(groups, arch: str, all_configs: bool, all_variants: bool, match: str = "") -> list[KernelReport]:
+# ``--quick``: one variant per kernel family, the one that exercises the most code (CI's check
+# that every kernel still builds for the GPU, a minute or two on a 2-core CPU).
+QUICK_ATTENTION = "bfloat16 D=64 rope window"
+
+
+def compile_triton(groups, arch: str, all_configs: bool, all_variants: bool, match: str = "",
+                   quick: bool = False) -> list[KernelReport]:
     os.environ["TRITON_INTERPRET"] = "0"
     from invnext._kernels_path import ensure_kernels_importable
 
     ensure_kernels_importable()
     os.environ["INVNEXT_ATTN_AUTOTUNE"] = "1"  # through the autotuner, so --all-configs sees every candidate
     rec = _Recorder(all_configs)
-    steps = {"attention": lambda: compile_attention(rec, all_variants, match), "tokens": lambda: compile_tokens(rec),
-             "diffusion": lambda: compile_diffusion(rec)}
+    import torch
+
+    bf16 = (torch.bfloat16,) if quick else None
+    steps = {
+        "attention": lambda: compile_attention(rec, all_variants, QUICK_ATTENTION if quick else match),
+        "tokens": lambda: compile_tokens(rec, bf16),
+        # an odd row count in --quick: the paired-row kernels and the row kernel for the last row
+        "diffusion": lambda: compile_diffusion(rec, bf16, 999 if quick else 1000),
+    }
     errors = []
     with rec.installed(arch):
         for group in groups:
@@ -391,6 +404,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-configs", action="store_true", help="every autotune candidate, not only the first")
     ap.add_argument("--all-variants", action="store_true", help="every attention dtype and head dim")
     ap.add_argument("--match", default="", help="only attention variants whose label contains this, e.g. 'D=88 rope'")
+    ap.add_argument("--quick", action="store_true", help=f"one variant per family ({QUICK_ATTENTION!r}, bf16 tokens "
+                    "and diffusion); exits 1 if any kernel fails to build")
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -399,11 +414,11 @@ def main(argv=None) -> int:
     import triton
 
     reports = compile_triton([g for g in args.only if g != "csrc"], args.arch, args.all_configs, args.all_variants,
-                             args.match)
+                             args.match, args.quick)
     if "csrc" in args.only:
         reports += compile_csrc(args.arch)
     date = _dt.date.today().isoformat()
-    stem = f"compile_sm{args.arch}_triton-{triton.__version__}_{date}"
+    stem = f"compile_sm{args.arch}_triton-{triton.__version__}_{date}{'_quick' if args.quick else ''}"
     header = (f"# Kernels compiled for sm_{args.arch}, Triton {triton.__version__}, {date}\n\n"
               f"Static: no GPU ran these (`python -m benchmarks.compile_report`). Registers and spills from "
               f"ptxas -v; the SASS mix from cuobjdump (ldN/stN: global accesses N bits wide; wgmma: HGMMA; "

@@ -150,7 +150,7 @@ def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
     if tuner is None:
         tuner = triton.autotune(
             configs=_configs(kind, head_dp, window, fp32),
-            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "ROPE_OUT", "HAS_WINDOW", "SEQ_BUCKET"],
+            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"] + (["ROPE_OUT"] if kind != "fwd" else []),
         )(kernel)
         _TUNERS[key] = tuner
     return tuner
