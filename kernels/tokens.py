@@ -180,6 +180,24 @@ def _zero_unnamed_rows_kernel(out_ptr, index_ptr, total, C, BN, BLOCK_R: tl.cons
 
 
 @triton.jit
+def _place_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A place program's tile: places ``n`` (within a sample) x channels ``cols``, and their masks."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    col_ok = cols < C
+    return n, n.to(tl.int64), cols, n_ok, col_ok, n_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _packed_row(inv_ptr, place, n_ok, C, ALIGN: tl.constexpr):
+    """(visible, element offset of its packed row) for each place; hidden places point at row 0."""
+    row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
+    vis = row >= 0
+    return vis, tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+
+
+@triton.jit
 def _scatter_places_kernel(
     out_ptr,  # [B*N, C]
     packed_ptr,  # [total, C]
@@ -196,22 +214,15 @@ def _scatter_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    col_ok = cols < C
+    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
-    tile_ok = n_ok[:, None] & col_ok[None, :]
     fill = tl.load(mask_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     if HAS_POS and POS_SHARED:
-        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        pos_row = tl.multiple_of(n64 * C, ALIGN)
         pos_shared = tl.load(pos_ptr + pos_row[:, None] + col2, mask=tile_ok, other=0.0).to(ACC)
-    n64 = n.to(tl.int64)
     for b in range(B):
         place = n64 + b * N
-        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
-        vis = row >= 0
-        src = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+        vis, src = _packed_row(inv_ptr, place, n_ok, C, ALIGN)
         tok = tl.load(packed_ptr + src[:, None] + col2, mask=vis[:, None] & col_ok[None, :], other=0.0).to(ACC)
         val = tl.where(vis[:, None], tok, fill[None, :])
         dst = tl.multiple_of(place * C, ALIGN)
@@ -239,19 +250,12 @@ def _gather_bwd_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    col_ok = cols < C
+    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
-    tile_ok = n_ok[:, None] & col_ok[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
-    n64 = n.to(tl.int64)
     for b in range(B):
         place = n64 + b * N
-        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
-        vis = row >= 0
-        src = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
+        vis, src = _packed_row(inv_ptr, place, n_ok, C, ALIGN)
         g = tl.load(grad_ptr + src[:, None] + col2, mask=vis[:, None] & col_ok[None, :], other=0.0)
         dst = tl.multiple_of(place * C, ALIGN)
         if STORE_DX:
@@ -261,7 +265,7 @@ def _gather_bwd_places_kernel(
         if POS_MODE == 2:
             acc += g.to(ACC)
     if POS_MODE == 2:
-        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        pos_row = tl.multiple_of(n64 * C, ALIGN)
         tl.store(dpos_ptr + pos_row[:, None] + col2, _round_to(acc, dpos_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -283,33 +287,25 @@ def _scatter_bwd_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n_ok = n < N
-    col_ok = cols < C
+    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
-    tile_ok = n_ok[:, None] & col_ok[None, :]
     acc_pos = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
     acc_mask = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
-    n64 = n.to(tl.int64)
     for b in range(B):
         place = n64 + b * N
         g = tl.load(grad_ptr + tl.multiple_of(place * C, ALIGN)[:, None] + col2, mask=tile_ok, other=0.0)
-        row = tl.load(inv_ptr + place, mask=n_ok, other=-1)
-        vis = row >= 0
+        vis, dst = _packed_row(inv_ptr, place, n_ok, C, ALIGN)
         if STORE_PACKED:
-            dst = tl.multiple_of(tl.where(vis, row, 0).to(tl.int64) * C, ALIGN)
             tl.store(dpacked_ptr + dst[:, None] + col2, g, mask=vis[:, None] & col_ok[None, :])
         if POS_SUM:
             acc_pos += g.to(ACC)
         if MASK_GRAD:
             acc_mask += tl.where(vis[:, None], 0.0, g.to(ACC))
     if POS_SUM:
-        pos_row = tl.multiple_of(n.to(tl.int64) * C, ALIGN)
+        pos_row = tl.multiple_of(n64 * C, ALIGN)
         tl.store(dpos_ptr + pos_row[:, None] + col2, _round_to(acc_pos, dpos_ptr.dtype.element_ty), mask=tile_ok)
     if MASK_GRAD:
-        tl.store(mask_part_ptr + pid_n.to(tl.int64) * C + cols, tl.sum(acc_mask, axis=0), mask=col_ok)
+        tl.store(mask_part_ptr + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(acc_mask, axis=0), mask=col_ok)
 
 
 @triton.jit
