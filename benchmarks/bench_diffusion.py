@@ -129,7 +129,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         "torch-eager (reference)": _bench(lambda: R._q_sample_ref(x0, noise, t, sched), quick),
         "invnext-triton": _bench(lambda: kd.q_sample(x0, noise, t, sched), quick),
     }
-    if kd._pairable(C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
+    if kd._pairable("stream", C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
         timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample(x0, noise, t, sched)), quick)
     rows += _bw_rows("q_sample", "fwd", shape, dtype, 3 * M * C * es, timings, copy_gbps)
 
@@ -154,7 +154,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         "torch-eager (reference)": _bench(lambda: R._p_sample_step_ref(mo, x_t, t, sched, noise, 1.0), quick),
         "invnext-triton": _bench(lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0), quick),
     }
-    if kd._pairable(C, (x_t, noise, x_t), mo):
+    if kd._pairable("step", C, (x_t, noise, x_t), mo):
         timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0)), quick)
     rows += _bw_rows("p_sample_step", "step", shape, dtype, 5 * M * C * es, timings, copy_gbps)
 

@@ -22,6 +22,10 @@ What the columns mean for speed:
 - ``wgmma / mma``: Hopper warpgroup MMAs (``HGMMA``) against the older warp-level ``HMMA``; a
   bf16 attention kernel without ``HGMMA`` is capped well below the card's matmul peak.
 
+- ``warps/SM``: how many warps of the kernel one multiprocessor holds at once, from registers,
+  shared memory and warps per program against sm_90's limits (Triton kernels; csrc/ kernels set
+  their block size at launch). Bandwidth-bound kernels need enough of them to keep bytes in flight.
+
 Rows go to ``<out>/compile_<target>_triton-<version>_<date>.{json,md}``.
 """
 from __future__ import annotations
@@ -54,6 +58,24 @@ class KernelReport:
     shared_bytes: int | None = None
     sass: dict = field(default_factory=dict)
     error: str | None = None
+    warps: int | None = None  # per program (Triton); unknown for csrc/ (set at launch)
+    warps_per_sm: int | None = None  # resident on one sm_90 multiprocessor (resident_warps)
+
+
+# sm_90 multiprocessor limits: 64K 32-bit registers (allocated per warp in units of 256), 228 KB
+# of shared memory with 1 KB reserved per block, 64 warps, 32 blocks.
+_SM90 = {"regs": 65536, "reg_unit": 256, "smem": 233472, "smem_per_block": 1024, "warps": 64, "blocks": 32}
+
+
+def resident_warps(registers: int | None, warps: int | None, shared: int | None) -> int | None:
+    """Warps of this kernel one sm_90 multiprocessor holds at once (occupancy = that / 64): what
+    hides memory latency in a bandwidth-bound kernel."""
+    if not registers or not warps:
+        return None
+    per_warp = -(-registers * 32 // _SM90["reg_unit"]) * _SM90["reg_unit"]
+    blocks = min(_SM90["regs"] // (per_warp * warps), _SM90["smem"] // ((shared or 0) + _SM90["smem_per_block"]),
+                 _SM90["blocks"], _SM90["warps"] // warps)
+    return blocks * warps
 
 
 # --------------------------------------------------------------------------- binary inspection
@@ -207,6 +229,8 @@ class _Recorder:
                                shared_bytes=getattr(md, "shared", None))
             regs, st, ld, _ = ptxas_stats(kernel.asm["ptx"], arch)
             rep.registers, rep.spill_stores, rep.spill_loads = regs, st, ld
+            rep.warps = warps
+            rep.warps_per_sm = resident_warps(regs, warps, rep.shared_bytes)
             rep.sass = sass_mix(cubin_sass(kernel.asm["cubin"]))
             out.append(rep)
         return out
@@ -386,15 +410,16 @@ def _fmt_mix(mix: dict) -> str:
 
 def render(reports: list[KernelReport], header: str) -> str:
     lines = [header, "",
-             "| group | variant | kernel | config | regs | spill st/ld (B) | smem (B) | SASS mix |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| group | variant | kernel | config | regs | spill st/ld (B) | smem (B) | warps/SM | SASS mix |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         if r.error:
-            lines.append(f"| {r.group} | {r.variant} | {r.kernel} | | | | | **failed**: {r.error.splitlines()[0][:200]} |")
+            lines.append(f"| {r.group} | {r.variant} | {r.kernel} | | | | | | **failed**: {r.error.splitlines()[0][:200]} |")
             continue
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else ""
+        occ = f"{r.warps_per_sm} ({r.warps_per_sm / _SM90['warps']:.0%})" if r.warps_per_sm else ""
         lines.append(f"| {r.group} | {r.variant} | {r.kernel} | {r.config} | {r.registers} | {spill} | "
-                     f"{r.shared_bytes if r.shared_bytes is not None else ''} | {_fmt_mix(r.sass)} |")
+                     f"{r.shared_bytes if r.shared_bytes is not None else ''} | {occ} | {_fmt_mix(r.sass)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -421,8 +446,9 @@ def main(argv=None) -> int:
     stem = f"compile_sm{args.arch}_triton-{triton.__version__}_{date}{'_quick' if args.quick else ''}"
     header = (f"# Kernels compiled for sm_{args.arch}, Triton {triton.__version__}, {date}\n\n"
               f"Static: no GPU ran these (`python -m benchmarks.compile_report`). Registers and spills from "
-              f"ptxas -v; the SASS mix from cuobjdump (ldN/stN: global accesses N bits wide; wgmma: HGMMA; "
-              f"mma: HMMA; local: local-memory instructions).")
+              f"ptxas -v; warps/SM: resident warps per sm_90 multiprocessor (of 64) from registers, shared memory "
+              f"and warps per program; the SASS mix from cuobjdump (ldN/stN: global accesses N bits wide; "
+              f"wgmma: HGMMA; mma: HMMA; local: local-memory instructions).")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps([asdict(r) for r in reports], indent=1))
     table = render(reports, header)

@@ -12,7 +12,8 @@ of ``benchmarks.compile_report``). When every ``[M, C]`` operand is row-contiguo
 kernels tile ``[M // 2, 2C]`` instead (column ``c`` belongs to the second row when
 ``c >= C``), pick each element's per-row coefficients with ``second``, and move x0 / x_t /
 noise / out 16 bytes at a time. ``model_out [M, 2C]`` halves are read with the matching
-offsets (8-byte accesses). The host runs an odd M's last row through the row kernel.
+offsets (8-byte accesses). The host runs an odd M's last row through the row kernel, and pairs
+only where the tile gives each thread 16 contiguous bytes (``diffusion._pairable``).
 
     q_sample:   x_t = sqrt(abar) x0 + sqrt(1 - abar) noise           dx0 = sqrt(abar) g,  dnoise = sqrt(1 - abar) g
     p_sample:   x0p = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps,  mean = coef1 x0p + coef2 x_t

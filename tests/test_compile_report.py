@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from benchmarks.compile_report import KernelReport, _parse_ptxas, render, sass_mix
+from benchmarks.compile_report import KernelReport, _parse_ptxas, render, resident_warps, sass_mix
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,11 +47,20 @@ def test_sass_mix_counts_widths_and_kinds():
     assert mix == {"ld128": 1, "ld64": 1, "ld32": 1, "ld16": 1, "st128": 1, "wgmma": 1, "ldgsts": 1, "local": 2}
 
 
+def test_resident_warps_follow_sm90_limits():
+    assert resident_warps(255, 8, 65536) == 8  # registers: one 8-warp program
+    assert resident_warps(32, 4, 0) == 64  # the 64-warp ceiling
+    assert resident_warps(40, 4, 0) == 48  # 40 regs -> 1280 a warp (256-register units): 12 programs
+    assert resident_warps(32, 4, 100_000) == 8  # shared memory: two programs
+    assert resident_warps(16, 1, 0) == 32  # the 32-program ceiling
+    assert resident_warps(None, 4, 0) is None
+
+
 def test_render_marks_failures():
-    ok = KernelReport("g", "v", "k", "w4 s3", 40, 0, 0, 0, {"ld128": 2})
+    ok = KernelReport("g", "v", "k", "w4 s3", 40, 0, 0, 0, {"ld128": 2}, warps=4, warps_per_sm=48)
     bad = KernelReport("g", "v2", "?", "", error="CompilationError: boom\nmore")
     table = render([ok, bad], "# head")
-    assert "| g | v | k | w4 s3 | 40 | 0/0 | 0 | ld128:2 |" in table
+    assert "| g | v | k | w4 s3 | 40 | 0/0 | 0 | 48 (75%) | ld128:2 |" in table
     assert "**failed**: CompilationError: boom |" in table
 
 

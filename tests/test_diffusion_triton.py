@@ -276,6 +276,19 @@ def test_steps_read_strided_views_and_update_in_place(triton_device):
     torch.testing.assert_close(x, expect, rtol=1e-6, atol=1e-6)
 
 
+def test_pairing_rule(monkeypatch):
+    """Pairs only where rows are 8 bytes off alignment and the tile gives a thread 16 bytes."""
+    rows = lambda dtype, C, M=8: (torch.zeros(M, C, dtype=dtype),)  # noqa: E731
+    assert kd._pairable("stream", 588, rows(BF16, 588))  # 16 x 128 over 4 warps: 16 elements a thread
+    assert not kd._pairable("stream", 588, rows(F32, 588))  # 2352-byte rows: aligned already
+    assert not kd._pairable("stream", 588, rows(BF16, 588, M=1))
+    assert not kd._pairable("stream", 588, (torch.zeros(8, 600, dtype=BF16)[:, :588],))  # not row-contiguous
+    assert not kd._pairable("loss_fwd", 588, rows(BF16, 588))  # 4 x 128 over 4 warps: 8 bytes a thread
+    monkeypatch.setitem(kd.TUNE, "loss_fwd", (4, 2))
+    assert kd._pairable("loss_fwd", 588, rows(BF16, 588))
+    assert kd._pairable("step", 6, rows(F32, 6))  # 24-byte fp32 rows pair as well
+
+
 @pytest.mark.parametrize("dtype,M,C", [(BF16, 37, 588), (F16, 6, 12), (F32, 9, 6)])
 def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypatch, dtype, M, C):
     """Where a row is 8 bytes off 16-byte alignment (C * itemsize = 8 mod 16) the kernels tile row
@@ -283,6 +296,7 @@ def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypa
     row goes through the row kernel), in place (the sampler's x <- step(x)) too."""
     s, mo, x0, x_t, noise, t = _loss_case(M, C, 100, dtype, triton_device)
     g = torch.randn(M, C, device=triton_device).to(dtype)
+    monkeypatch.setitem(kd.TUNE, "loss_fwd", (16, 2))  # a tile that pairs (16 bytes a thread at these C)
     launches = []
     real = kd._segments
     monkeypatch.setattr(kd, "_segments", lambda m, paired: launches.append(paired) or real(m, paired))
