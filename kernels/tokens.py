@@ -186,7 +186,7 @@ def _place_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_ok = n < N
     col_ok = cols < C
-    return n, n.to(tl.int64), cols, n_ok, col_ok, n_ok[:, None] & col_ok[None, :]
+    return n.to(tl.int64), cols, n_ok, col_ok, n_ok[:, None] & col_ok[None, :]
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _scatter_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
+    n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
     fill = tl.load(mask_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     if HAS_POS and POS_SHARED:
@@ -250,7 +250,7 @@ def _gather_bwd_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
+    n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
     for b in range(B):
@@ -287,7 +287,7 @@ def _scatter_bwd_places_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    n, n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
+    n64, cols, n_ok, col_ok, tile_ok = _place_tile(N, C, BLOCK_N, BLOCK_C)
     col2 = cols[None, :]
     acc_pos = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
     acc_mask = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
