@@ -61,3 +61,19 @@ def restore_torch_threads():
 def one_torch_thread(restore_torch_threads):
     """One compute thread: tiny tensors gain nothing from threads, and on a busy 2-core CPU hand-offs stall."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["compiled", "cupy"])
+def kernels_from(request, monkeypatch):
+    """Run a native-kernel test once per kernel source (the compiled module, CuPy/NVRTC); skip a
+    source that is not usable here, saying why."""
+    from invnext import native
+
+    monkeypatch.setenv(native.SOURCE_ENV, request.param)
+    native._reset()
+    why = native.unavailable_reason()
+    if why is not None:
+        native._reset()
+        pytest.skip(f"{request.param} kernels unavailable: {why}")
+    yield request.param
+    native._reset()

@@ -210,19 +210,6 @@ def test_cuda_backend_on_cpu_says_why():
 # ----------------------------------------------------------------------------- GPU: helpers
 
 
-@pytest.fixture(params=["compiled", "cupy"])
-def kernels_from(request, monkeypatch):
-    """Run the test once per kernel source; skip a source that is not usable here (with why)."""
-    monkeypatch.setenv(native.SOURCE_ENV, request.param)
-    native._reset()
-    why = native.unavailable_reason()
-    if why is not None:
-        native._reset()
-        pytest.skip(f"{request.param} kernels unavailable: {why}")
-    yield request.param
-    native._reset()
-
-
 CUDA = torch.device("cuda")
 SEEDS = (0, 1, 2**64 - 1, 0x0123456789ABCDEF, 987654321)
 

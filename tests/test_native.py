@@ -268,19 +268,6 @@ def test_setup_packages(setup_py):
 # ----------------------------------------------------------------------------- GPU: helpers
 
 
-@pytest.fixture(params=["compiled", "cupy"])
-def kernels_from(request, monkeypatch):
-    """Run the test once per kernel source; skip a source that is not usable here (with why)."""
-    monkeypatch.setenv(native.SOURCE_ENV, request.param)
-    native._reset()
-    why = native.unavailable_reason()
-    if why is not None:
-        native._reset()
-        pytest.skip(f"{request.param} kernels unavailable: {why}")
-    yield request.param
-    native._reset()
-
-
 def _grid_values(shape, dtype, device, gen):
     """Values k/64 with |k| <= 128: exact in every dtype, and their sums are exact in fp32."""
     k = torch.randint(-128, 129, shape, generator=gen)
