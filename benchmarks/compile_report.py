@@ -365,6 +365,10 @@ _NVCC_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_\w+'")
 
 def compile_csrc(arch: str) -> list[KernelReport]:
     """Every ``csrc/*.cu`` through nvcc for ``sm_<arch>`` with ptxas's per-kernel report."""
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        return [KernelReport("csrc", "*.cu", "?", "", error="nvcc not found on PATH: csrc/ not compiled")]
     reports = []
     for cu in sorted((ROOT / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as d:
