@@ -11,9 +11,9 @@ with the visibility rules of ``invnext.ops.attention`` (samples never mix; the f
 The kernels never build the ``[L, L]`` score matrix: an online softmax runs over key tiles in
 fp32 and only the per-row logsumexp is kept for the backward (FlashAttention-2).
 
-Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` (views of one packed
-``qkv[total, 3, H, D]`` need no copy), ``cu_seqlens int32[B+1]``. Launch grid
-``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past their sample's length exit at once, so
+Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` and heads ``D`` apart (views of
+one packed ``qkv[total, 3, H, D]`` need no copy; other layouts are copied once),
+``cu_seqlens int32[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past their sample's length exit at once, so
 lengths are runtime values and nothing recompiles per length. Head dims 16..128 are padded to
 the next power of two with masks (64 and 128 exact; 80, 88, 96 run as 128).
 
@@ -182,8 +182,12 @@ def _meta(kind: str, head_dp: int, window: bool, fp32: bool) -> dict:
 # --------------------------------------------------------------------------- argument prep
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _tile_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its channels are contiguous and its heads ``D`` apart (any token stride:
+    views of a packed qkv qualify), else a contiguous copy. Head strides are compile-time constants
+    of the kernels, so a layout whose head stride varied with the batch (a transposed
+    ``[H, total, D]``, say) would otherwise recompile them for every sequence length."""
+    return t if t.stride(-1) == 1 and t.stride(1) == t.shape[-1] else t.contiguous()
 
 
 class _Prep:
@@ -272,7 +276,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
     lse = torch.empty((prep.heads, prep.total), dtype=torch.float32, device=q.device)
     if prep.total == 0 or prep.max_seqlen == 0 or prep.heads == 0:
         return out, lse
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = _tile_layout(q), _tile_layout(k), _tile_layout(v)
     q, k = prep.rotated(q, k)
     (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
     fn = _launcher("fwd", attn_fwd_kernel, *prep.variant)
@@ -294,7 +298,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
         return dq, dk, dv
     if prep.max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (_tile_layout(t) for t in (q, k, v, out, dout))
     q, k = prep.rotated(q, k)
 
     delta = torch.empty_like(lse)

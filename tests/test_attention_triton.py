@@ -237,6 +237,26 @@ def test_rope_prepass_and_inline_agree_bit_for_bit(triton_device, monkeypatch, d
     assert torch.equal(pre[1], inline[1])
 
 
+def test_head_major_layouts_give_the_packed_results(triton_device):
+    """q, k, v whose heads are not D apart (``[H, total, D]`` transposed) are copied to the tile
+    layout first (head strides are kernel constants): same output and gradients as packed inputs."""
+    lengths = [5, 33]
+    cu = make_cu(lengths, triton_device)
+    total, heads, dim = sum(lengths), 2, 32
+    base = torch.randn(3, heads, total, dim, device=triton_device)
+    dout = torch.randn(total, heads, dim, device=triton_device)
+
+    def run(head_major):
+        leaf = base.clone().requires_grad_(True)
+        q, k, v = (t.transpose(0, 1) if head_major else t.transpose(0, 1).contiguous() for t in leaf.unbind(0))
+        assert (q.stride(1) == total * dim) == head_major
+        out = masked_attention(q, k, v, cu, max(lengths), num_prefix=1, backend="triton")
+        return out.detach(), torch.autograd.grad(out, leaf, dout)[0]
+
+    (out_a, grad_a), (out_b, grad_b) = run(True), run(False)
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+
+
 def test_rope_mode_is_checked(monkeypatch):
     monkeypatch.setenv("INVNEXT_ATTN_ROPE", "fused")
     with pytest.raises(ValueError, match="INVNEXT_ATTN_ROPE must be one of"):
