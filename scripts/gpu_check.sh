@@ -13,6 +13,9 @@
 #      result of the day, bench_attention's included
 # Results land in benchmarks/results/ and, with the logs, in $OUT/results.tar.gz.
 # Optional baselines (xformers): run scripts/fetch_gpu_wheels.sh here first and carry .whl.
+# From a session with the device tool:  bash scripts/fetch_gpu_wheels.sh, then
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=520)
+# and copy every file it returns under files_at/ into benchmarks/results/, then commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/invnext_gpu_check}
