@@ -15,7 +15,7 @@
 # Optional baselines (xformers): run scripts/fetch_gpu_wheels.sh here first and carry .whl.
 # From a session with the device tool:  bash scripts/fetch_gpu_wheels.sh, then
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=520)
-# and copy every file it returns under files_at/ into benchmarks/results/, then commit them.
+# then unpack files_at/results.tar.gz here (it holds benchmarks/results/ and the logs) and commit the results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/invnext_gpu_check}
