@@ -75,7 +75,10 @@ def _interpret() -> bool:
 
 def _gpu_blocks(kind: str, head_dp: int, fp32: bool) -> tuple[int, int]:
     if fp32:  # fp32 matmuls run on CUDA cores (no TF32): small tiles keep them in registers
-        # (dk/dv at 32 x 64 spilled 0.7 KB per thread with a window on sm_90; 32 x 32 does not)
+        # (on sm_90, dk/dv at 32 x 64 spilled 0.7 KB per thread with a window; at head dims
+        # padded to 128 every fp32 tile spilled 0.4-2.6 KB at 4 or 8 warps and none at 16)
+        if head_dp > 64:
+            return {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32)}[kind]
         return {"fwd": (64, 32), "dkdv": (32, 32), "dq": (64, 32)}[kind]
     if kind == "fwd":
         return 128, 64
@@ -107,6 +110,8 @@ def _configs(kind: str, head_dp: int, window: bool, fp32: bool):
     builds of the variants (registers / spills): with 4 warps the dk/dv kernel at BLOCK_N=128,
     the dq kernel and RoPE forwards spill."""
     C = triton.Config
+    if fp32 and head_dp > 64:
+        return [C({}, num_warps=16, num_stages=2), C({}, num_warps=8, num_stages=2)]
     if fp32:
         return [C({}, num_warps=8, num_stages=2), C({}, num_warps=4, num_stages=2)]
     if _tunes_block_n(kind, head_dp, window, fp32):
