@@ -194,8 +194,11 @@ def loss_fwd_kernel(
     any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
     sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
         sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
-    sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
-        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)  # unpaired: unused, dropped
+    if PAIRED:  # the second rows' tables (unpaired, the first rows' stand in, unread)
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
+            sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
+    else:
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a
 
     # Row sums: fp32 within a chunk, fp64 across chunks and for the final scaling, so no
     # rounding of 1/C or 1/ln 2 (coherent over a row) reaches the loss.
@@ -245,8 +248,11 @@ def loss_bwd_kernel(
     any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
     sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
         sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
-    sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
-        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
+    if PAIRED:  # the second rows' tables (unpaired, the first rows' stand in, unread)
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
+            sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
+    else:
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a
     if PAIRED:
         g_a = tl.load(g_ptr + (2 * rows).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
         g_b = tl.load(g_ptr + (2 * rows + 1).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)

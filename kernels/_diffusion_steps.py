@@ -134,7 +134,10 @@ def ddim_kernel(
     rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
     ta, oka, tb, okb = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
     sra_a, srm1_a, cx0_a, ceps_a, sig_a = _ddim_coefs(sra_ptr, srm1_ptr, abar_ptr, abar_prev_ptr, ta, oka, eta)
-    sra_b, srm1_b, cx0_b, ceps_b, sig_b = _ddim_coefs(sra_ptr, srm1_ptr, abar_ptr, abar_prev_ptr, tb, okb, eta)
+    if PAIRED:
+        sra_b, srm1_b, cx0_b, ceps_b, sig_b = _ddim_coefs(sra_ptr, srm1_ptr, abar_ptr, abar_prev_ptr, tb, okb, eta)
+    else:
+        sra_b, srm1_b, cx0_b, ceps_b, sig_b = sra_a, srm1_a, cx0_a, ceps_a, sig_a
 
     eps, _ = model_out_halves(mo_ptr, rows, cols, mask, second, MO_S0, MO_S1, C, False, PAIRED)
     xt = tl.load(xt_ptr + data_off(rows, cols, X_S0, X_S1, C, PAIRED), mask=mask, other=0.0).to(tl.float32)
