@@ -22,7 +22,7 @@ under bf16 autocast (GPU; fp32 on the CPU), the backward, gradient clipping, Ada
   Stage 2's frozen target is invnext's own encoder and follows the path.
 * Stage 2's masks are sampled once per model (seeded) and reused by every step and path: each
   path does the same work, compiled graphs see constant token counts, and the FLOP count is
-  exact. Mask sampling itself is timed by ``bench_masks``; Stage 1 samples its semantic mask
+  exact. They come with the sampler's host counts, as in training, so no step reads the GPU. Mask sampling itself is timed by ``bench_masks``; Stage 1 samples its semantic mask
   inside every step (a fixed count per frame). The diffusion noise uses the device's RNG.
 * Rows: step time quantiles (ms), clips/s, tokens/s (grid tokens per clip), peak memory
   (``torch.cuda.max_memory_allocated`` after the warm-up), MFU (``invnext.train.flops`` count
@@ -117,7 +117,8 @@ class StepRunner:
         if stage == 2:
             gen = torch.Generator(device="cpu").manual_seed(1)
             grid = model.encoder.cfg.grid
-            self.masks = [m.to(device) for m in model.view_masks(batch, grid, "cpu", gen)]
+            # (mask on the device, host counts) pairs: the step sizes its packed batches without a sync.
+            self.masks = [(m.to(device), n) for m, n in model.view_masks(batch, grid, "cpu", gen)]
         self._flops = None
 
     def step(self) -> dict:
@@ -140,7 +141,7 @@ class StepRunner:
             if self.stage == 1:
                 self._flops = stage1_step_flops(self.cfg, self.batch)
             else:
-                self._flops = stage2_step_flops(self.cfg, [m.sum(1).tolist() for m in self.masks])
+                self._flops = stage2_step_flops(self.cfg, [m.sum(1).tolist() for m, _ in self.masks])
         return self._flops
 
     @property

@@ -102,15 +102,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "multiblock_mask",
-      [](std::uintptr_t hidden, std::uintptr_t cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
-         int64_t num_blocks, double s0, double s1, double a0, double a1, double t0, double t1, uint64_t seed, int64_t P,
-         std::uintptr_t stream) {
-        return invnext_multiblock_mask(ptr<uint8_t>(hidden), ptr<int32_t>(cu_seqlens), B, T, H, W, num_blocks, s0, s1,
-                                       a0, a1, t0, t1, seed, P, stream);
+      [](std::uintptr_t hidden, std::uintptr_t cu_seqlens, std::uintptr_t boxes, int64_t B, int64_t T, int64_t H,
+         int64_t W, int64_t num_blocks, int64_t P, std::uintptr_t stream) {
+        return invnext_multiblock_mask(ptr<uint8_t>(hidden), ptr<int32_t>(cu_seqlens), ptr<const int32_t>(boxes), B,
+                                       T, H, W, num_blocks, P, stream);
       },
-      py::arg("hidden"), py::arg("cu_seqlens"), py::arg("B"), py::arg("T"), py::arg("H"), py::arg("W"),
-      py::arg("num_blocks"), py::arg("s0"), py::arg("s1"), py::arg("a0"), py::arg("a1"), py::arg("t0"),
-      py::arg("t1"), py::arg("seed"), py::arg("P"), py::arg("stream"), nogil);
+      py::arg("hidden"), py::arg("cu_seqlens"), py::arg("boxes"), py::arg("B"), py::arg("T"), py::arg("H"),
+      py::arg("W"), py::arg("num_blocks"), py::arg("P"), py::arg("stream"), nogil);
 
   m.def(
       "semantic_mask",

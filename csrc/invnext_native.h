@@ -73,12 +73,11 @@ enum invnext_mask_mode { INVNEXT_MASK_TOPK = 0, INVNEXT_MASK_SAMPLE = 1 };
 int invnext_tube_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
                       int64_t num_hidden, uint64_t seed, int64_t P, uintptr_t stream);
 
-/* multiblock_mask: the union of num_blocks (1..INVNEXT_MASK_MAX_BLOCKS) boxes per sample, drawn
- * from spatial_scale [s0, s1] within [0, 1], aspect_ratio [a0, a1] with 0 < a0, a1 finite, and
- * temporal_scale [t0, t1] within [0, 1] (multiblock_boxes). */
-int invnext_multiblock_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
-                            int64_t num_blocks, double s0, double s1, double a0, double a1, double t0, double t1,
-                            uint64_t seed, int64_t P, uintptr_t stream);
+/* multiblock_mask: per sample the union of num_blocks (1..INVNEXT_MASK_MAX_BLOCKS) boxes.
+ * boxes: int32[B, num_blocks, 6] on the device, (start, length, top, height, left, width) as
+ * multiblock_boxes draws them on the host, each inside the (T, H, W) grid (not checked). */
+int invnext_multiblock_mask(uint8_t* hidden, int32_t* cu_seqlens, const int32_t* boxes, int64_t B, int64_t T,
+                            int64_t H, int64_t W, int64_t num_blocks, int64_t P, uintptr_t stream);
 
 /* semantic_mask: attn [B, T, S] of `dtype`, contiguous; per frame the keep (1..S) largest
  * scores stay visible, ties to the lower index. mode INVNEXT_MASK_TOPK ranks attn (seed unused),

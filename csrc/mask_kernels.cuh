@@ -8,14 +8,14 @@
 //     invnext_tube_mask_kernel, invnext_multiblock_mask_kernel, invnext_mask_cu_seqlens,
 //     invnext_semantic_mask_<topk|sample>_<f32|f16|bf16|f64>
 //
-// Exactness: every random number is the reference's philox draw at the reference's counter;
-// the multi-block box arithmetic uses the _rn intrinsics so nvcc cannot contract a multiply
-// and an add into one FMA (torch rounds each op); exp/log are the CUDA math library's, as in
-// torch's CUDA kernels. A stable sort's "first k" is reproduced by an exact radix select on
-// (key, index): ties go to the lower index.
+// Exactness: every random number is the reference's philox draw at the reference's counter.
+// Multi-block boxes are drawn on the host (a few numbers per sample, ops.masks.multiblock_boxes)
+// and passed in, so the device does no floating-point box arithmetic that could round
+// differently from the host's, and the host knows every sample's count. A stable sort's
+// "first k" is reproduced by an exact radix select on (key, index): ties go to the lower index.
 //
-// INVNEXT_MASK_MATH_ONLY leaves out the kernels: the CPU tests compile the box arithmetic and
-// Philox as host code and compare them with the torch reference.
+// INVNEXT_MASK_MATH_ONLY leaves out the kernels: the CPU tests compile Philox as host code and
+// compare it with the torch reference.
 #pragma once
 
 #include "philox.cuh"
@@ -31,69 +31,11 @@ constexpr u64 kStreamMultiblock = 2;
 constexpr u64 kStreamSemantic = 3;
 constexpr u64 kMultiblockSlots = 8;
 
-// Double ops rounded one at a time (no FMA contraction in device code).
-INVNEXT_HD double dmul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-INVNEXT_HD double dadd(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-INVNEXT_HD double ddiv(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-INVNEXT_HD double dsqrt(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return ::sqrt(a);
-#endif
-}
-INVNEXT_HD double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
+// A multi-block box, as multiblock_boxes draws it on the host: frames [start, start + length),
+// rows [top, top + height), columns [left, left + width). int32[6] in this order.
 struct Box {
   int start, length, top, height, left, width;
 };
-
-// Box j of sample b, slot = b*J + j (multiblock_boxes), with ds = s1 - s0, la0 = log a0,
-// dla = log a1 - log a0, dt = t1 - t0 computed by the caller in double as the reference does:
-//   s = s0 + ds u0,  a = exp(la0 + dla u1),  area = s (H W)
-//   h = clamp(floor(sqrt(area a) + 1/2), 1, H),  w = clamp(floor(sqrt(area / a) + 1/2), 1, W)
-//   l = clamp(floor(T (t0 + dt u2) + 1/2), 1, T)
-//   start = floor(u3 (T - l + 1)),  top = floor(u4 (H - h + 1)),  left = floor(u5 (W - w + 1))
-INVNEXT_HD Box multiblock_box(u64 seed, u64 slot, int T, int H, int W, double s0, double ds, double la0, double dla,
-                              double t0, double dt) {
-  double u[6];
-  for (int i = 0; i < 6; ++i)
-    u[i] = static_cast<double>(invnext_philox::uniform(seed, kStreamMultiblock, slot * kMultiblockSlots + i));
-  const double s = dadd(s0, dmul(ds, u[0]));
-  const double a = ::exp(dadd(la0, dmul(dla, u[1])));
-  const double area = dmul(s, static_cast<double>(static_cast<long long>(H) * W));
-  const int h = static_cast<int>(clampd(::floor(dadd(dsqrt(dmul(area, a)), 0.5)), 1.0, H));
-  const int w = static_cast<int>(clampd(::floor(dadd(dsqrt(ddiv(area, a)), 0.5)), 1.0, W));
-  const double frames = dmul(static_cast<double>(T), dadd(t0, dmul(dt, u[2])));
-  const int l = static_cast<int>(clampd(::floor(dadd(frames, 0.5)), 1.0, T));
-  Box box;
-  box.length = l;
-  box.height = h;
-  box.width = w;
-  // u < 1 and u * n is exact, so each offset lies in [0, n - size].
-  box.start = static_cast<int>(::floor(dmul(u[3], static_cast<double>(T - l + 1))));
-  box.top = static_cast<int>(::floor(dmul(u[4], static_cast<double>(H - h + 1))));
-  box.left = static_cast<int>(::floor(dmul(u[5], static_cast<double>(W - w + 1))));
-  return box;
-}
 
 }  // namespace invnext_masks
 
@@ -295,18 +237,19 @@ extern "C" __global__ void __launch_bounds__(invnext_masks::kThreads)
     for (int p = threadIdx.x; p < S; p += blockDim.x) out[t * S + p] = key[p] != 0u;
 }
 
-// multiblock_mask: one block per sample. The block's first J threads draw the boxes into
-// shared memory, then every token tests them. visible (NULL to skip): int32[B], the sample's
-// visible count (the mask sampler's contribution to cu_seqlens).
+// multiblock_mask: one block per sample. boxes: int32[B, J, 6] (Box), drawn by the host. The
+// block stages its sample's boxes in shared memory, then every token tests them. visible (NULL
+// to skip): int32[B], the sample's visible count (the mask sampler's contribution to cu_seqlens).
 extern "C" __global__ void __launch_bounds__(invnext_masks::kThreads) invnext_multiblock_mask_kernel(
-    unsigned char* hidden, int* visible, int T, int H, int W, int J, unsigned long long seed, double s0, double ds,
-    double la0, double dla, double t0, double dt) {
+    unsigned char* hidden, int* visible, const int* __restrict__ boxes_in, int T, int H, int W, int J) {
   extern __shared__ __align__(16) unsigned char smem[];
   invnext_masks::Box* boxes = reinterpret_cast<invnext_masks::Box*>(smem);
   const long long b = blockIdx.x;
-  for (int j = threadIdx.x; j < J; j += blockDim.x)
-    boxes[j] = invnext_masks::multiblock_box(seed, static_cast<unsigned long long>(b * J + j), T, H, W, s0, ds, la0,
-                                             dla, t0, dt);
+  const int* mine = boxes_in + b * J * 6;
+  for (int j = threadIdx.x; j < J; j += blockDim.x) {
+    const int* q = mine + j * 6;
+    boxes[j] = invnext_masks::Box{q[0], q[1], q[2], q[3], q[4], q[5]};
+  }
   __syncthreads();
   const unsigned S = static_cast<unsigned>(H) * W, N = S * T;
   unsigned char* out = hidden + b * N;

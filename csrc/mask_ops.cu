@@ -62,23 +62,17 @@ int invnext_tube_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T
   return fill_cu_seqlens(cu_seqlens, B, T * (S - num_hidden), P, s);
 }
 
-int invnext_multiblock_mask(uint8_t* hidden, int32_t* cu_seqlens, int64_t B, int64_t T, int64_t H, int64_t W,
-                            int64_t num_blocks, double s0, double s1, double a0, double a1, double t0, double t1,
-                            uint64_t seed, int64_t P, uintptr_t stream) {
-  // Written so that NaN fails every range check.
-  const bool ranges_ok = 0.0 <= s0 && s0 <= s1 && s1 <= 1.0 && 0.0 < a0 && a0 <= a1 && a1 < HUGE_VAL && 0.0 <= t0 &&
-                         t0 <= t1 && t1 <= 1.0;
-  if (hidden == nullptr || !grid_ok(B, T, H, W, cu_seqlens, P) || num_blocks < 1 ||
-      num_blocks > INVNEXT_MASK_MAX_BLOCKS || !ranges_ok)
+int invnext_multiblock_mask(uint8_t* hidden, int32_t* cu_seqlens, const int32_t* boxes, int64_t B, int64_t T,
+                            int64_t H, int64_t W, int64_t num_blocks, int64_t P, uintptr_t stream) {
+  if (hidden == nullptr || boxes == nullptr || !grid_ok(B, T, H, W, cu_seqlens, P) || num_blocks < 1 ||
+      num_blocks > INVNEXT_MASK_MAX_BLOCKS)
     return kBadArg;
-  // The reference forms these in Python floats (C doubles) from the same ranges.
-  const double la0 = std::log(a0), dla = std::log(a1) - std::log(a0);
   const i64 N = T * H * W;
   cudaStream_t s = as_stream(stream);
   const size_t smem = static_cast<size_t>(num_blocks) * sizeof(invnext_masks::Box);
   invnext_multiblock_mask_kernel<<<static_cast<unsigned>(B), block_threads(N), smem, s>>>(
-      hidden, cu_seqlens == nullptr ? nullptr : cu_seqlens + 1, static_cast<int>(T), static_cast<int>(H),
-      static_cast<int>(W), static_cast<int>(num_blocks), seed, s0, s1 - s0, la0, dla, t0, t1 - t0);
+      hidden, cu_seqlens == nullptr ? nullptr : cu_seqlens + 1, boxes, static_cast<int>(T), static_cast<int>(H),
+      static_cast<int>(W), static_cast<int>(num_blocks));
   const int err = last_error();
   if (err != kOk) return err;
   return fill_cu_seqlens(cu_seqlens, B, -1, P, s);

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -376,7 +377,8 @@ class MaskViewConfig(_Checked):
         for name, hi in (("spatial_scale", 1.0), ("temporal_scale", 1.0), ("aspect_ratio", float("inf"))):
             lo_v, hi_v = getattr(self, name)
             self._require(0.0 <= lo_v <= hi_v <= hi, name, f"must satisfy 0 <= min <= max <= {hi}")
-        self._require(self.aspect_ratio[0] > 0, "aspect_ratio", "must be > 0")
+        ratio_ok = self.aspect_ratio[0] > 0 and math.isfinite(self.aspect_ratio[1])
+        self._require(ratio_ok, "aspect_ratio", "must be > 0 and finite")
 
 
 @dataclass(frozen=True)

@@ -261,9 +261,10 @@ def test_stage2_runner_same_masks_every_path_and_exact_flops():
     a = StepRunner(model, cfg, 2, 2, dev)
     set_ops_backend(model, "auto")
     b = StepRunner(model, cfg, 2, 2, dev)
-    assert len(a.masks) == 2 and all(torch.equal(x, y) for x, y in zip(a.masks, b.masks))
-    assert not torch.equal(a.masks[0][0], a.masks[0][1])  # seeded, but not one mask for the whole batch
-    assert a.flops().total == stage2_step_flops(cfg, [m.sum(1).tolist() for m in a.masks]).total
+    assert len(a.masks) == 2 and all(torch.equal(x[0], y[0]) for x, y in zip(a.masks, b.masks))
+    assert all(torch.equal(m.sum(1), n) for m, n in a.masks)  # the host counts are the masks'
+    assert not torch.equal(a.masks[0][0][0], a.masks[0][0][1])  # seeded, but not one mask for the whole batch
+    assert a.flops().total == stage2_step_flops(cfg, [m.sum(1).tolist() for m, _ in a.masks]).total
 
 
 def test_failing_module_is_reported_and_suite_goes_on(tmp_path, monkeypatch):
@@ -310,3 +311,22 @@ def test_cpu_micro_benchmarks_not_collected_by_default():
 
     cfg = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert cfg["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]  # benchmarks/test_cpu_micro.py stays out
+
+
+def test_bench_masks_cases_run_on_the_reference():
+    """Every bench_masks case builds and its reference call runs (on the CPU here), so a GPU run
+    does not discover a wiring error; the Stage-2 batch returns the host counts training uses."""
+    from benchmarks.bench_masks import _cases, _same
+
+    cpu = torch.device("cpu")
+    cases = _cases([torch.float32], cpu)
+    assert {c.op for c in cases} == {"tube_mask", "semantic_mask", "multiblock_mask"}
+    for case in cases:
+        out = case.call("torch", cpu)
+        masks = out if isinstance(out, tuple) else (out,)
+        if case.name.startswith("stage2 batch"):
+            assert len(masks) == 2 and all(torch.equal(h.sum(1), n) for h, n in masks)
+            masks = tuple(h for h, _ in masks)
+        assert all(m.dtype == torch.bool and m.shape == (case.B, case.tokens // case.views // case.B) for m in masks)
+        assert _same(out, case.call("torch", cpu)), case.name  # seeded
+        assert (case.device_share is not None) == (case.op == "multiblock_mask"), case.name

@@ -19,6 +19,7 @@ from invnext.ops.masks import (
     mask_counts,
     motion_mask,
     multiblock_boxes,
+    multiblock_hidden_counts,
     multiblock_mask,
     semantic_mask,
     tube_mask,
@@ -175,7 +176,7 @@ def test_multiblock_sizes_and_aspect_within_range():
 def test_multiblock_boxes_follow_documented_formula():
     B, J, grid, seed = 4, 3, (6, 9, 11), 123
     s_r, a_r, t_r = (0.1, 0.6), (0.6, 1.8), (0.3, 0.9)
-    boxes = multiblock_boxes(B, grid, J, s_r, a_r, t_r, seed, torch.device("cpu"))
+    boxes = multiblock_boxes(B, grid, J, s_r, a_r, t_r, seed)
     assert boxes.shape == (B, J, 6) and boxes.dtype == torch.int64
     T, H, W = grid
     u = philox_uniform(seed, STREAM_MULTIBLOCK, torch.arange(B * J * 8)).tolist()
@@ -196,7 +197,7 @@ def test_multiblock_mask_is_union_of_boxes():
     B, J, grid, seed = 5, 4, (4, 6, 7), 9
     args = (B, grid, J, (0.05, 0.3), (0.5, 2.0), (0.25, 1.0))
     m = multiblock_mask(*args, seed=seed).view(B, *grid)
-    boxes = multiblock_boxes(*args, seed, torch.device("cpu")).tolist()
+    boxes = multiblock_boxes(*args, seed).tolist()
     want = torch.zeros(B, *grid, dtype=torch.bool)
     for b in range(B):
         for t0, lt, y0, h, x0, w in boxes[b]:
@@ -212,7 +213,7 @@ def test_multiblock_stage2_views():
     # view A: h in [round(5.37), round(7.59)] = [5, 8], w in [round(5.06), round(7.16)] = [5, 7];
     # view B: h in [round(11.59), round(16.39)] = [12, 16], w in [round(10.93), round(15.46)] = [11, 15].
     for J, s, h_range, w_range in ((8, 0.15, (5, 8), (5, 7)), (2, 0.7, (12, 16), (11, 15))):
-        boxes = multiblock_boxes(64, grid, J, (s, s), (0.75, 1.5), (1.0, 1.0), 31, torch.device("cpu"))
+        boxes = multiblock_boxes(64, grid, J, (s, s), (0.75, 1.5), (1.0, 1.0), 31)
         start, length, _, h, _, w = boxes.unbind(-1)
         assert (start == 0).all() and (length == 8).all()
         lo_h, hi_h = math.floor(math.sqrt(s * 256 * 0.75) + 0.5), min(math.floor(math.sqrt(s * 256 * 1.5) + 0.5), 16)
@@ -221,6 +222,25 @@ def test_multiblock_stage2_views():
         assert bool(((h >= lo_h) & (h <= hi_h) & (w >= lo_w) & (w <= hi_w)).all())
         m = multiblock_mask(64, grid, J, (s, s), (0.75, 1.5), seed=31).view(64, 8, 256)
         assert torch.equal(m, m[:, :1].expand_as(m))
+
+
+@pytest.mark.parametrize(
+    "grid, J, s, a, t",
+    [
+        ((32, 16, 16), 8, (0.15, 0.15), (0.75, 1.5), (1.0, 1.0)),  # Stage-2 view A
+        ((32, 16, 16), 2, (0.7, 0.7), (0.75, 1.5), (1.0, 1.0)),  # Stage-2 view B
+        ((5, 7, 3), 6, (0.0, 1.0), (0.01, 100.0), (0.0, 1.0)),  # empty to whole-frame boxes, any extent
+        ((1, 1, 1), 3, (0.5, 0.5), (1.0, 1.0), (1.0, 1.0)),
+    ],
+)
+def test_multiblock_host_counts_are_the_masks(grid, J, s, a, t):
+    for seed in range(12):
+        hidden, counts = multiblock_mask(13, grid, J, s, a, t, seed=seed, return_counts=True)
+        assert counts.dtype == torch.int64 and counts.device.type == "cpu"
+        assert torch.equal(counts, hidden.sum(1))
+        assert torch.equal(hidden, multiblock_mask(13, grid, J, s, a, t, seed=seed))
+    boxes = multiblock_boxes(13, grid, J, s, a, t, 0).numpy()
+    assert multiblock_hidden_counts(boxes[:0], grid).shape == (0,)
 
 
 def test_multiblock_seeds():
@@ -404,6 +424,7 @@ ATTN = torch.rand(2, 3, 8)
         (lambda: multiblock_mask(2, (2, 4, 4), 1, (0.1, 1.2), (1, 1)), ValueError, "spatial_scale"),
         (lambda: multiblock_mask(2, (2, 4, 4), 1, (0.1, 0.2), (0.0, 1)), ValueError, "aspect_ratio"),
         (lambda: multiblock_mask(2, (2, 4, 4), 1, (0.1, 0.2), 1.0), TypeError, "aspect_ratio"),
+        (lambda: multiblock_mask(2, (2, 4, 4), 1, (0.1, 0.2), (1, math.inf)), ValueError, "aspect_ratio.*finite"),
         (lambda: multiblock_mask(2, (2, 4, 4), 1, (0.1, 0.2), (1, 1), (0.5, 1.5)), ValueError, "temporal_scale"),
         (lambda: multiblock_mask(2, [2, 4], 1, (0.1, 0.2), (1, 1)), TypeError, "grid"),
         (lambda: semantic_mask(ATTN, 9), ValueError, r"keep.*S=8"),

@@ -164,6 +164,28 @@ def test_stage2_keeps_every_context_token(monkeypatch):
     assert torch.isfinite(out["loss"])
 
 
+def test_stage2_masks_with_host_counts():
+    """view_masks gives (mask, host counts) pairs; forward takes them as they are or as bare
+    masks with the same result, and a malformed pair is named."""
+    torch.manual_seed(0)
+    cfg = override(TINY.stage2, {"encoder": {"depth": 1}, "predictor": {"depth": 1}})
+    model = Stage2Model(cfg).eval()
+    video = _video(3, cfg.encoder)
+    views = model.view_masks(3, cfg.encoder.grid, "cpu", torch.Generator().manual_seed(4))
+    assert len(views) == len(cfg.views)
+    for hidden, counts in views:
+        assert counts.device.type == "cpu" and torch.equal(counts, hidden.sum(1))
+    with torch.no_grad():
+        paired = model(video, masks=views)
+        bare = model(video, masks=[h for h, _ in views])
+        sampled = model(video, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(paired["loss"], bare["loss"]) and torch.equal(paired["loss"], sampled["loss"])
+    with pytest.raises(ValueError, match=r"masks\[0\]: num_hidden must be a CPU tensor of shape \[3\]"):
+        model(video, masks=[(views[0][0], views[0][1][:2]), views[1]])
+    with pytest.raises(TypeError, match=r"masks\[1\] must be a bool\[B, N\] mask or a \(mask, num_hidden\)"):
+        model(video, masks=[views[0], (views[1][0],)])
+
+
 # --------------------------------------------------------------------------- alignment pairing
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from invnext.ops.philox import _mulhilo, philox4x32, philox_bits, philox_uniform, seed_from
+from invnext.ops.philox import _mulhilo, philox4x32, philox_bits, philox_uniform, philox_uniform_host, seed_from
 
 # Random123 tests/kat_vectors: rounds, counter[4], key[2] -> output[4].
 KAT = [
@@ -181,3 +182,21 @@ def test_philox_bad_input():
         philox_uniform(0, 0, torch.zeros(4))
     with pytest.raises(TypeError, match="seed"):
         philox_uniform(0.5, 0, torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32, 0xDEADBEEFCAFEBABE, 2**64 - 1, 2**70 + 5, -3])
+@pytest.mark.parametrize("stream", [0, 2, 2**33 + 1, 2**64 - 1])
+def test_host_uniform_equals_torch_bit_for_bit(seed, stream):
+    gen = np.random.default_rng(seed % 1000 + stream % 7)
+    counter = np.concatenate([np.arange(300), gen.integers(0, 2**63, 300), [2**32 - 1, 2**32, 2**63 - 1]])
+    host = philox_uniform_host(seed, stream, counter.reshape(-1, 3))
+    want = philox_uniform(seed, stream, torch.from_numpy(counter.reshape(-1, 3)))
+    assert host.dtype == np.float32 and host.shape == (201, 3)
+    assert np.array_equal(host, want.numpy())
+
+
+def test_host_uniform_bad_input():
+    with pytest.raises(TypeError, match="counter must be an integer array"):
+        philox_uniform_host(0, 0, np.zeros(3))
+    with pytest.raises(ValueError, match="counter values must be >= 0"):
+        philox_uniform_host(0, 0, np.array([1, -1]))

@@ -69,12 +69,18 @@ class Stage2Model(OpsUser, nn.Module):
         tokens, _ = self.target.encode(video, pool=False)
         return l2norm(tokens.float())
 
-    def view_masks(self, batch_size: int, grid, device, generator: torch.Generator | None) -> list[torch.Tensor]:
-        """One ``hidden bool[B, N]`` per configured view."""
+    def view_masks(
+        self, batch_size: int, grid, device, generator: torch.Generator | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One ``(hidden bool[B, N] on device, num_hidden int64[B] on the CPU)`` per view.
+
+        The sampler draws the boxes on the host, so the counts that size the packed batch
+        come without reading the GPU: the step never waits for the teacher to finish.
+        """
         return [
             ops.multiblock_mask(
                 batch_size, grid, v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale,
-                generator=generator, device=device, backend=self.backend_for("multiblock_mask"),
+                generator=generator, device=device, backend=self.backend_for("multiblock_mask"), return_counts=True,
             )
             for v in self.cfg.views
         ]
@@ -84,14 +90,16 @@ class Stage2Model(OpsUser, nn.Module):
         video: torch.Tensor,
         *,
         generator: torch.Generator | None = None,
-        masks: list[torch.Tensor] | None = None,
+        masks: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One Stage-2 objective evaluation.
 
         Args:
             video: ``[B, 3, T, H, W]`` normalised with ``encoder.mean/std``.
             generator: CPU ``torch.Generator`` for the view masks.
-            masks: optional list of ``hidden bool[B, N]`` (one per view) instead of sampling.
+            masks: optional list, one entry per view, instead of sampling: ``hidden bool[B, N]``
+                or the pair ``(hidden, num_hidden int64[B] on the CPU)`` that :meth:`view_masks`
+                returns. A bare mask on a GPU costs one host read per view for its counts.
         Returns:
             dict: ``loss`` (weight * sum over views), ``view{i}`` per view, ``hidden{i}`` masks.
         """
@@ -107,9 +115,8 @@ class Stage2Model(OpsUser, nn.Module):
             raise ValueError(f"Stage2Model: masks must hold one mask per view ({len(self.cfg.views)}), got {len(masks)}")
         out: dict[str, torch.Tensor] = {}
         total = video.new_zeros((), dtype=torch.float32)
-        for i, hidden in enumerate(masks):
-            with record_function("masks"):
-                counts = hidden.sum(1).cpu()  # one sync: sizes the packed batch and the hidden rows
+        for i, view in enumerate(masks):
+            hidden, counts = _with_counts(view, i)
             with record_function("encoder"):
                 enc = self.encoder.forward_masked(video, hidden, num_visible=(N - counts).tolist(), pool=False)
             with record_function("predictor"):
@@ -123,3 +130,18 @@ class Stage2Model(OpsUser, nn.Module):
             total = total + loss
         out["loss"] = self.cfg.loss_weight * total
         return out
+
+
+def _with_counts(view: torch.Tensor | tuple[torch.Tensor, torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden, num_hidden on the CPU)`` of one view given as a mask or a (mask, counts) pair."""
+    if isinstance(view, torch.Tensor):
+        return view, view.sum(1).cpu()  # a host read: on a GPU it waits for the mask
+    if not (isinstance(view, (tuple, list)) and len(view) == 2):
+        raise TypeError(f"Stage2Model: masks[{index}] must be a bool[B, N] mask or a (mask, num_hidden) pair")
+    hidden, counts = view
+    if not (isinstance(counts, torch.Tensor) and counts.device.type == "cpu" and counts.shape == hidden.shape[:1]):
+        raise ValueError(
+            f"Stage2Model: masks[{index}]: num_hidden must be a CPU tensor of shape [{hidden.shape[0]}], "
+            f"got {getattr(counts, 'shape', type(counts).__name__)}"
+        )
+    return hidden, counts

@@ -8,7 +8,6 @@ only the first process pays the compile.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -267,19 +266,13 @@ class CupyKernels:
         self._mask_cu_seqlens(cu_seqlens, B, T * (S - num_hidden), P, stream)
         return _OK
 
-    def multiblock_mask(self, hidden, cu_seqlens, B, T, H, W, num_blocks, s0, s1, a0, a1, t0, t1, seed, P, stream):
-        ranges_ok = 0.0 <= s0 <= s1 <= 1.0 and 0.0 < a0 <= a1 < math.inf and 0.0 <= t0 <= t1 <= 1.0
-        if not hidden or not _mask_grid_ok(B, T, H, W, cu_seqlens, P) or not 1 <= num_blocks <= MASK_MAX_BLOCKS:
+    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
+        if not hidden or not boxes or not _mask_grid_ok(B, T, H, W, cu_seqlens, P):
             return _BAD_ARG
-        if not ranges_ok:
+        if not 1 <= num_blocks <= MASK_MAX_BLOCKS:
             return _BAD_ARG
-        # The C API forms these with the C library's log; math.log is the same function.
-        la0, dla = math.log(a0), math.log(a1) - math.log(a0)
         visible = (cu_seqlens + 4) if cu_seqlens else 0
-        args = (
-            _p(hidden), _p(visible), np.int32(T), np.int32(H), np.int32(W), np.int32(num_blocks), np.uint64(seed),
-            np.float64(s0), np.float64(s1 - s0), np.float64(la0), np.float64(dla), np.float64(t0), np.float64(t1 - t0),
-        )  # fmt: skip
+        args = (_p(hidden), _p(visible), _p(boxes), np.int32(T), np.int32(H), np.int32(W), np.int32(num_blocks))
         fn = self._mask_fn("invnext_multiblock_mask_kernel")
         self._launch(fn, (B,), (_mask_threads(T * H * W),), args, stream, num_blocks * _BOX_BYTES)
         self._mask_cu_seqlens(cu_seqlens, B, -1, P, stream)

@@ -1,33 +1,33 @@
 """CUDA mask samplers (csrc/mask_kernels.cuh) with the canonical signatures of docs/ops_contract.md.
 
 Each returns exactly the boolean mask of its reference in ``invnext.ops.masks`` for the same
-seed: the kernels evaluate the same Philox counters, round the multi-block box arithmetic one
-op at a time as torch does, and pick "the first k of a stable sort" by an exact radix select on
-(key, index). The only values that can differ from the *CPU* reference are fp64 ``exp``/``log``
-results (multi-block aspect ratios, Gumbel scores) that the CUDA math library and the CPU
-library round differently; against torch's CUDA reference the masks are identical. One block
-per sample (tube, multi-block) or per frame (semantic); nothing reads device memory on the host,
-so every call is asynchronous and CUDA-graph capturable.
+seed: the kernels evaluate the same Philox counters and pick "the first k of a stable sort"
+by an exact radix select on (key, index). Multi-block masks paint the boxes the host drew
+(``multiblock_boxes``), so they are identical on every device by construction. The only
+values that can differ from the *CPU* reference are the fp64 ``log`` results of the Gumbel
+scores (semantic "sample"), which the CUDA math library and the CPU library may round
+differently; against torch's CUDA reference the masks are identical. One block per sample
+(tube, multi-block) or per frame (semantic); nothing reads device memory on the host, so
+every call is asynchronous. Tube and semantic sampling is CUDA-graph capturable; multi-block
+sampling copies its host boxes in and is not.
 
 ``*_with_cu_seqlens`` variants also return ``cu_seqlens`` (int32[B+1], prefix sums of
-``P + visible``) computed on the device by the sampler, and a host ``max_seqlen``: exact for
-tube and semantic masks (every sample keeps the same count), the bound ``P + N`` for
-multi-block masks (a valid ``max_seqlen`` for varlen attention; the exact value needs a host
-read, or :func:`invnext.ops.masks.mask_counts` on a CPU mask).
+``P + visible``) computed on the device by the sampler, and an exact host ``max_seqlen``
+(every sample keeps the same count in tube and semantic masks; the host counts the
+multi-block boxes).
 
 ``.unsupported(*args)`` declines (``auto`` then uses the reference) frames too large for the
 shared-memory sort and inputs the extension cannot take. Arguments are the canonical ones, as
-``invnext.ops.masks`` validates them; the ``*_with_cu_seqlens`` variants take the same.
+``invnext.ops.masks`` validates them.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from invnext import native
-from invnext.ops.masks import _check_num_prefix, hidden_count
+from invnext.ops.masks import _check_num_prefix, boxes_on, hidden_count, multiblock_boxes, multiblock_hidden_counts
 
 # csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
 MASK_KEY_BYTES = 45056
@@ -139,45 +139,32 @@ def tube_mask_with_cu_seqlens(
 # --------------------------------------------------------------------------- multi-block
 
 
-def _multiblock(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device, num_prefix):
+def _multiblock(boxes, grid, device, num_prefix):
     lib = _lib("multiblock_mask")
     device = torch.device(device)
     T, H, W = grid
-    hidden, cu = _outputs("multiblock_mask", batch_size, T * H * W, num_prefix, device)
+    B, J = boxes.shape[:2]
+    hidden, cu = _outputs("multiblock_mask", B, T * H * W, num_prefix, device)
     with _on(device):
+        boxes = boxes_on(boxes, device, torch.int32)  # dies only after the kernel is queued: the stream orders its free
         code = lib.multiblock_mask(
-            _ptr(hidden), _ptr(cu), batch_size, T, H, W, num_blocks,
-            float(spatial_scale[0]), float(spatial_scale[1]), float(aspect_ratio[0]), float(aspect_ratio[1]),
-            float(temporal_scale[0]), float(temporal_scale[1]), seed, num_prefix or 0, _stream(device),
+            _ptr(hidden), _ptr(cu), _ptr(boxes), B, T, H, W, J, num_prefix or 0, _stream(device)
         )  # fmt: skip
     _check(lib, code, "multiblock_mask")
     return hidden, cu
 
 
-def multiblock_mask(
-    batch_size: int,
-    grid: tuple[int, int, int],
-    num_blocks: int,
-    spatial_scale: tuple[float, float],
-    aspect_ratio: tuple[float, float],
-    temporal_scale: tuple[float, float],
-    seed: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """``multiblock_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
-    args = (batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device)
-    return _multiblock(*args, None)[0]
+def multiblock_mask(boxes: torch.Tensor, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """``multiblock_mask_reference`` on the GPU: paints the host's boxes (int64[B, J, 6], CPU)
+    into ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
+    return _multiblock(boxes, grid, device, None)[0]
 
 
-def _multiblock_unsupported(
-    batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device
-) -> str | None:
+def _multiblock_unsupported(boxes, grid, device) -> str | None:
     T, H, W = grid
-    why = _common_reason("multiblock_mask", torch.device(device), batch_size, T * H * W)
-    if why is None and num_blocks > MASK_MAX_BLOCKS:
-        why = f"num_blocks={num_blocks} exceeds the kernel's {MASK_MAX_BLOCKS} boxes per sample"
-    if why is None and not math.isfinite(aspect_ratio[1]):
-        why = "an infinite aspect ratio bound"
+    why = _common_reason("multiblock_mask", torch.device(device), boxes.shape[0], T * H * W)
+    if why is None and boxes.shape[1] > MASK_MAX_BLOCKS:
+        why = f"num_blocks={boxes.shape[1]} exceeds the kernel's {MASK_MAX_BLOCKS} boxes per sample"
     return why
 
 
@@ -195,11 +182,13 @@ def multiblock_mask_with_cu_seqlens(
     device: torch.device,
     num_prefix: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(hidden bool[B, N], cu_seqlens int32[B+1], max_seqlen bound P + N)``; the visible
-    counts are summed by the kernel that draws the mask, so nothing waits for the GPU."""
-    args = (batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed, device)
-    hidden, cu = _multiblock(*args, num_prefix)
-    return hidden, cu, num_prefix + grid[0] * grid[1] * grid[2]
+    """``(hidden bool[B, N], cu_seqlens int32[B+1], max_seqlen)`` for the arguments of
+    :func:`invnext.ops.masks.multiblock_mask` (already valid). The boxes are drawn on the
+    host, so ``max_seqlen`` is exact and nothing waits for the GPU."""
+    boxes = multiblock_boxes(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed)
+    hidden, cu = _multiblock(boxes, grid, device, num_prefix)
+    N = grid[0] * grid[1] * grid[2]
+    return hidden, cu, num_prefix + N - int(multiblock_hidden_counts(boxes.numpy(), grid).min())
 
 
 # --------------------------------------------------------------------------- semantic
