@@ -277,6 +277,7 @@ def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
     print(f"\n== {p.shape()}  ({p.pairs / 1e6:.1f} M allowed pairs)", flush=True)
     impls = [("invnext-triton", lambda: make_invnext(p))] + baselines
     timings = {}
+    diffs = {}  # max |ours - baseline| on the outputs, kept with our rows as the run's correctness evidence
     ours_fn = None
     for name, maker in impls:
         try:
@@ -286,6 +287,7 @@ def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
                 ours_fn = fn
             elif ours_fn is not None and "(no key mask" not in name and "without rope" not in name:
                 err = check_against(p, ours_fn, fn, name)
+                diffs[name] = err
                 print(f"   max |ours - {name}| on outputs: {err:.3e}", flush=True)
             timings[name] = (time_modes(fn, p, modes, rep_ms), getattr(fn, "extra", {}))
             print(f"   {name}: " + ", ".join(f"{m} {v[0]:.3f} ms" for m, v in timings[name][0].items())
@@ -312,7 +314,7 @@ def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
                 frac_of_peak=tflops / peak if peak else None,
                 baseline=best[0] if (is_ours and best) else None,
                 speedup_vs_baseline=(best[1] / med) if (is_ours and best) else None,
-                extra={"allowed_pairs": p.pairs, **extra},
+                extra={"allowed_pairs": p.pairs, **extra, **({"max_abs_diff_vs": diffs} if is_ours else {})},
             ))
 
 

@@ -14,6 +14,7 @@ inputs the kernels decline fall back to the reference. The statistics tests of
 tests/test_masks.py are re-run with the samplers on the GPU, for the reference on the GPU and
 for the cuda backend.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -171,6 +172,54 @@ def test_cuda_backend_on_cpu_says_why():
     assert "CUDA device" in nm.semantic_mask.unsupported(torch.rand(1, 2, 3), 1, "topk", 0)
     boxes = ops_masks.multiblock_boxes(2, (1, 4, 4), 2, (0.1, 0.2), (1.0, 1.0), (1.0, 1.0), 0)
     assert "CUDA device" in nm.multiblock_mask.unsupported(boxes, (1, 4, 4), torch.device("cpu"))
+
+
+class _EmulatedMultiblockLib:
+    """The C API's invnext_multiblock_mask in Python over raw pointers (ctypes), as its header
+    documents it: int32 boxes [B, J, 6], a uint8 mask [B, N] and, when given, int32 cu_seqlens
+    [B + 1] of P + visible per sample."""
+
+    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
+        import ctypes
+
+        N = T * H * W
+        raw = (ctypes.c_int32 * (B * num_blocks * 6)).from_address(boxes)
+        box = torch.tensor(list(raw), dtype=torch.int64).view(B, num_blocks, 6)
+        mask = ops_masks.multiblock_mask_reference(box, (T, H, W), torch.device("cpu"))
+        painted = mask.to(torch.uint8).contiguous()  # held: memmove reads it after data_ptr()
+        ctypes.memmove(hidden, painted.data_ptr(), B * N)
+        if cu_seqlens:
+            lengths = (P + N - mask.sum(1)).tolist()
+            cu = [0]
+            for n in lengths:
+                cu.append(cu[-1] + n)
+            prefix_sums = torch.tensor(cu, dtype=torch.int32)
+            ctypes.memmove(cu_seqlens, prefix_sums.data_ptr(), 4 * (B + 1))
+        return 0
+
+
+def test_multiblock_wrapper_passes_what_the_c_api_reads(monkeypatch):
+    """invnext.native.masks hands the kernel the host's boxes as the header documents them
+    (int32, [B, J, 6], contiguous) with B, T, H, W, J and P in the C API's order: an emulation
+    of the C API over the same pointers gives the reference mask and exact cu_seqlens."""
+    import contextlib
+
+    from invnext.native import masks as nm
+
+    monkeypatch.setattr(nm, "_lib", lambda op: _EmulatedMultiblockLib())
+    monkeypatch.setattr(nm, "_stream", lambda device: 0)
+    monkeypatch.setattr(nm, "_on", lambda device: contextlib.nullcontext())
+    cpu = torch.device("cpu")
+    for B, grid, J, s, a, t in [
+        (3, (4, 5, 7), 3, (0.1, 0.6), (0.5, 2.0), (0.3, 1.0)),
+        (2, (2, 16, 16), 8, (0.15, 0.15), (0.75, 1.5), (1.0, 1.0)),
+    ]:
+        boxes = ops_masks.multiblock_boxes(B, grid, J, s, a, t, 7)
+        want = ops_masks.multiblock_mask(B, grid, J, s, a, t, seed=7)
+        assert torch.equal(nm.multiblock_mask(boxes, grid, cpu), want)
+        hidden, cu, max_seqlen = nm.multiblock_mask_with_cu_seqlens(B, grid, J, s, a, t, 7, cpu, 4)
+        want_cu, want_max = ops_masks.mask_counts(want, 4)
+        assert torch.equal(hidden, want) and torch.equal(cu, want_cu) and max_seqlen == want_max
 
 
 # ----------------------------------------------------------------------------- GPU: helpers
