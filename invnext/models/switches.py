@@ -22,31 +22,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from invnext.ops import _dispatch
+from invnext.ops._dispatch import OPS_BACKENDS, OpsUser, op_backend
 
 __all__ = ["OPS_BACKENDS", "CheckpointedBlocks", "OpsUser", "op_backend", "set_grad_checkpointing", "set_ops_backend"]
-
-OPS_BACKENDS = ("auto", "torch", "triton", "cuda")
-
-
-def op_backend(backend: str, op: str) -> str:
-    """The backend argument for ``op`` under the model-wide choice ``backend`` (module docstring).
-
-    "auto" and "torch" pass through; "triton" / "cuda" pass through for an op that declares
-    such an implementation and become "auto" for one that does not.
-    """
-    if backend in ("auto", "torch") or backend in _dispatch._ACCELERATED.get(op, {}):
-        return backend
-    return "auto"
-
-
-class OpsUser:
-    """Mixin of a module that calls ``invnext.ops``: ``ops_backend`` is the model-wide choice."""
-
-    ops_backend: str = "auto"
-
-    def backend_for(self, op: str) -> str:
-        return op_backend(self.ops_backend, op)
 
 
 class CheckpointedBlocks:

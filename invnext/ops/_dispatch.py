@@ -196,3 +196,29 @@ def dispatch(op: str, backend: str, device: torch.device | str | None, *args):
     if why:
         raise BackendUnavailableError(f"invnext.ops.{op}: backend {name!r} cannot run these inputs: {why}")
     return impl(*args)
+
+
+# --------------------------------------------------------------------------- model-wide choice
+
+OPS_BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def op_backend(backend: str, op: str) -> str:
+    """The backend argument for ``op`` under the model-wide choice ``backend``
+    (:func:`invnext.models.switches.set_ops_backend`).
+
+    "auto" and "torch" pass through; "triton" / "cuda" pass through for an op that declares
+    such an implementation and become "auto" for one that does not.
+    """
+    if backend in ("auto", "torch") or backend in _ACCELERATED.get(op, {}):
+        return backend
+    return "auto"
+
+
+class OpsUser:
+    """Mixin of a module that calls ``invnext.ops``: ``ops_backend`` is the model-wide choice."""
+
+    ops_backend: str = "auto"
+
+    def backend_for(self, op: str) -> str:
+        return op_backend(self.ops_backend, op)

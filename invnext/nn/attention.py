@@ -1,0 +1,60 @@
+"""``MaskedAttention``: the module form of :func:`invnext.ops.masked_attention`."""
+from __future__ import annotations
+
+import torch
+
+from invnext import ops
+
+from ._base import FusedOp
+
+
+class MaskedAttention(FusedOp):
+    """Attention within each sample of a packed ragged batch, optionally with 3D RoPE and a
+    spatio-temporal window, fixed at construction. No parameters, like flash-attn's
+    ``FlashSelfAttention``: the q/k/v and output projections stay the caller's.
+
+    Args:
+        softmax_scale: default ``1 / sqrt(D)``.
+        rope: ``(theta, (st, sh, sw))``: 3D RoPE on q and k from the ``coords`` given to forward.
+        window: None, int ``w`` (1D, raster positions) or ``(wt, wh, ww)`` (needs ``coords``).
+        num_prefix: class tokens at the start of every sample: never rotated, never windowed.
+        backend: "auto" | "torch" | "triton" | "cuda".
+
+    Forward: ``q, k, v [total, H, D]`` (or ``q = qkv[total, 3, H, D]``), ``cu_seqlens int32[B+1]``,
+    ``max_seqlen`` (host int: no sync), ``coords [total, 3]`` -> ``[total, H, D]``.
+    """
+
+    op = "masked_attention"
+
+    def __init__(
+        self,
+        *,
+        softmax_scale: float | None = None,
+        rope: tuple[float, tuple[int, int, int]] | None = None,
+        window: None | int | tuple[int, int, int] = None,
+        num_prefix: int = 0,
+        backend: str = "auto",
+    ):
+        super().__init__(backend)
+        self.softmax_scale = softmax_scale
+        self.rope = rope
+        self.window = window
+        self.num_prefix = num_prefix
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        coords: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ops.masked_attention(
+            q, k, v, cu_seqlens, max_seqlen, softmax_scale=self.softmax_scale, coords=coords, rope=self.rope,
+            window=self.window, num_prefix=self.num_prefix, backend=self.backend,
+        )  # fmt: skip
+
+    def _settings(self) -> dict:
+        return {"softmax_scale": self.softmax_scale, "rope": self.rope, "window": self.window,
+                "num_prefix": self.num_prefix}  # fmt: skip
