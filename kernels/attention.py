@@ -13,9 +13,10 @@ fp32 and only the per-row logsumexp is kept for the backward (FlashAttention-2).
 
 Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` and heads ``D`` apart (views of
 one packed ``qkv[total, 3, H, D]`` need no copy; other layouts are copied once),
-``cu_seqlens int32[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past their sample's length exit at once, so
-lengths are runtime values and nothing recompiles per length. Head dims 16..128 are padded to
-the next power of two with masks (64 and 128 exact; 80, 88, 96 run as 128).
+``cu_seqlens int32[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past
+their sample's length exit at once, so lengths are runtime values and nothing recompiles per
+length. Head dims 16..128 are padded to the next power of two with masks (64 and 128 exact;
+80, 88, 96 run as 128).
 
 Windows and token order. Tile skipping works on the bounding boxes of each block of tokens
 (``BLOCK`` consecutive tokens of a sample), so it pays off when consecutive tokens are close in
@@ -25,7 +26,9 @@ of 64-128 tokens a few rows of one frame: compact in t and h, spanning w. With a
 keys; the rest of the sample is skipped. An order by (t, h-bands, w-bands) (e.g. 8x8 patches
 of a frame, raster inside) would make blocks square in (h, w) and skip more when ``ww`` is
 small against the frame width; the kernel accepts any order (it reads coords, never assumes a
-layout), so such a reordering can be added by the caller without touching it.
+layout), so such a reordering can be added by the caller without touching it. The tile lists
+are built on the host once per batch structure and kind (``_attention_plans``): every windowed
+layer of a forward and its backward reuses them.
 
 RoPE. By default (``INVNEXT_ATTN_ROPE=prepass``) one small kernel rotates q and k per token
 before the tile loops (``_attention_rope``), and the loops run the RoPE-free code; with
@@ -51,6 +54,7 @@ import os
 import torch
 import triton
 
+from . import _attention_plans as plans
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
 from ._attention_fwd import attn_fwd_kernel
@@ -155,7 +159,8 @@ def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
     if tuner is None:
         tuner = triton.autotune(
             configs=_configs(kind, head_dp, window, fp32),
-            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"] + (["ROPE_OUT"] if kind != "fwd" else []),
+            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"]
+            + (["ROPE_OUT"] if kind != "fwd" else []),
         )(kernel)
         _TUNERS[key] = tuner
     return tuner
@@ -221,7 +226,13 @@ class _Prep:
         self.has_window = len(window) > 0
         if self.has_window:
             win = window[0] if len(window) == 1 else tuple(window)
-            self.crd_w, self.radius = window_geometry(win, coords, cu_seqlens, self.total)
+            if isinstance(win, int):  # synthetic coordinates: built once per cu_seqlens
+                geometry = ("geometry", win, self.total)
+                self.crd_w, self.radius = plans.cached(
+                    cu_seqlens, None, geometry, lambda: window_geometry(win, coords, cu_seqlens, self.total)
+                )
+            else:
+                self.crd_w, self.radius = window_geometry(win, coords, cu_seqlens, self.total)
         else:
             self.crd_w, self.radius = cu_seqlens, (0, 0, 0)
         self.bucket = _seq_bucket(self.max_seqlen)
@@ -235,7 +246,11 @@ class _Prep:
             d = self.cu
             return (d, d, d, d), nq, nk
         by_key = kind == "dkdv"
-        lists = window_lists(self.cu, self.max_seqlen, self.crd_w, self.radius, self.num_prefix, bm, bn, by_key)
+        key = ("lists", self.max_seqlen, self.radius, self.num_prefix, bm, bn, by_key)
+        lists = plans.cached(
+            self.cu, self.crd_w, key,
+            lambda: window_lists(self.cu, self.max_seqlen, self.crd_w, self.radius, self.num_prefix, bm, bn, by_key),
+        )  # fmt: skip
         return lists, nq, nk
 
     def common(self):

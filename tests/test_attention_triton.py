@@ -203,6 +203,51 @@ def test_window_1d_geometry_is_position_box():
     assert wc.tolist() == [[0, 0, p] for p in [0, 1, 2, 0, 1, 2, 3, 4]]
 
 
+def test_window_plans_built_once_per_batch_structure(triton_device, monkeypatch):
+    """Layers that share cu_seqlens and coords share their window tile lists (built once per
+    kernel kind); a new cu_seqlens, an in-place write to it or other coordinates rebuild them,
+    and every call still matches the reference. The plan table empties when cu_seqlens dies."""
+    import gc
+
+    from invnext_kernels import _attention_plans as plans
+
+    built = []
+    real = kattn.window_lists
+    monkeypatch.setattr(kattn, "window_lists", lambda *a: built.append(a[-1]) or real(*a))
+    lengths = [7, 20]
+    cu = make_cu(lengths, triton_device)
+    coords = make_coords(lengths, 0, (3, 4, 4), triton_device)
+    q, k, v = (torch.randn(sum(lengths), 1, 16, device=triton_device, requires_grad=True) for _ in range(3))
+
+    def layer(cu, coords, window):
+        kw = {"coords": coords, "window": window}
+        out = masked_attention(q, k, v, cu, max(lengths), backend="triton", **kw)
+        want = masked_attention(q.double(), k.double(), v.double(), cu, max(lengths), backend="torch", **kw)
+        assert max_err(out, want) < 1e-5
+        out.sum().backward()
+
+    for window in (5, (1, 3, 3)):  # 1D (synthetic coordinates, cached too) and 3D
+        built.clear()
+        layer(cu, coords, window)
+        layer(cu, coords, window)  # a second layer over the same batch: nothing rebuilt
+        assert sorted(built) == [False, False, True], built  # fwd, dq (query-owned), dk/dv (key-owned)
+    built.clear()
+    layer(make_cu(lengths, triton_device), coords, (1, 3, 3))  # equal values, another tensor
+    assert len(built) == 3
+    built.clear()
+    layer(cu, coords.clone(), (1, 3, 3))  # other coordinates
+    assert len(built) == 3
+    built.clear()
+    cu.add_(0)  # an in-place write bumps the version
+    layer(cu, coords, (1, 3, 3))
+    assert len(built) == 3
+    key = id(cu)
+    assert key in plans._TABLES
+    del cu
+    gc.collect()
+    assert key not in plans._TABLES
+
+
 def test_rope_tables_pair_channels():
     ftab, partner, pmat = common.rope_tables(10.0, (4, 0, 2), 8, torch.device("cpu"))
     assert partner.tolist() == [2, 3, 0, 1, 5, 4, 6, 7]
