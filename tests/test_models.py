@@ -446,6 +446,12 @@ def test_predictor_matches_dense_modernbert_reference(window_3d):
     out = pred(packed.tokens, packed.index, 2, grid)
     dense = torch.where(hidden[..., None], pred.mask_token.expand(2, N, 40), grid_tokens)
     torch.testing.assert_close(out, _reference_predictor(pred, dense, grid), rtol=1e-10, atol=1e-10)
+    # The batch structure (cu_seqlens, coordinates) is made once and reused, so the attention's
+    # window plans are too; another batch size gets its own.
+    first = pred._structure(2, grid, torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, pred._structure(2, grid, torch.device("cpu"))))
+    assert pred._structure(3, grid, torch.device("cpu"))[0].tolist() == [0, N, 2 * N, 3 * N]
+    assert torch.equal(pred(packed.tokens, packed.index, 2, grid), out)
 
 
 def test_predictor_layer_pattern_of_modernbert_large_tail():

@@ -127,6 +127,7 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         self.pos_embed = PositionTable(cfg.width, grid, num_prefix=0)
         self.layers = nn.ModuleList(PredictorLayer(cfg, cfg.first_layer_id + i) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False) if cfg.final_norm else nn.Identity()
+        self._structures: dict[tuple, tuple] = {}  # see _structure
         self.reset_parameters()
         if cfg.init_from is not None:
             self.init_from_modernbert(cfg.init_from)
@@ -149,7 +150,9 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
         self.pos_embed.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, index: torch.Tensor, batch_size: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, index: torch.Tensor, batch_size: int, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
         """Predict a latent for every grid token.
 
         Args:
@@ -172,14 +175,32 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         )
         return self.forward_grid(x, grid)
 
+    def _structure(self, B: int, grid: tuple[int, int, int], device: torch.device) -> tuple:
+        """``(cu_seqlens, coords_1d, coords_3d or None)`` of ``B`` whole grids.
+
+        Made once per (B, grid, device) and reused by every step: the attention caches its
+        window tile lists per ``cu_seqlens`` tensor (``kernels/_attention_plans.py``), so with
+        the same tensors the local layers build them once per run instead of once per step.
+        Not while dynamo traces (it would store traced values).
+        """
+        key = (B, tuple(grid), str(device))
+        hit = self._structures.get(key)
+        if hit is None:
+            N = grid[0] * grid[1] * grid[2]
+            n = torch.arange(N, device=device, dtype=torch.int64).repeat(B)
+            coords_1d = F.pad(n[:, None], (2, 0)).to(torch.int32)  # (0, 0, n)
+            coords_3d = grid_coords(n, grid) if self.cfg.local_window_3d is not None else None
+            hit = (uniform_cu_seqlens(B, N, device), coords_1d, coords_3d)
+            if not torch.compiler.is_compiling():
+                if len(self._structures) >= 4:  # a few batch sizes (a last partial batch, eval)
+                    self._structures.clear()
+                self._structures[key] = hit
+        return hit
+
     def forward_grid(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The layers on an embedded grid ``x[B, N, width]`` (positions added) -> ``[B, N, width]``."""
         B, N, C = x.shape
-        device = x.device
-        n = torch.arange(N, device=device, dtype=torch.int64).repeat(B)
-        coords_1d = F.pad(n[:, None], (2, 0)).to(torch.int32)  # (0, 0, n)
-        coords_3d = grid_coords(n, grid) if self.cfg.local_window_3d is not None else None
-        cu = uniform_cu_seqlens(B, N, device)
+        cu, coords_1d, coords_3d = self._structure(B, grid, x.device)
         h = x.reshape(B * N, C)
         for layer in self.layers:
             h = self.run_block(layer, h, cu, N, coords_1d, coords_3d)
