@@ -174,39 +174,60 @@ def test_cuda_backend_on_cpu_says_why():
     assert "CUDA device" in nm.multiblock_mask.unsupported(boxes, (1, 4, 4), torch.device("cpu"))
 
 
-class _EmulatedMultiblockLib:
-    """The C API's invnext_multiblock_mask in Python over raw pointers (ctypes), as its header
-    documents it: int32 boxes [B, J, 6], a uint8 mask [B, N] and, when given, int32 cu_seqlens
-    [B + 1] of P + visible per sample."""
+class _EmulatedMaskLib:
+    """The C API's mask samplers in Python over raw pointers (ctypes), as csrc/invnext_native.h
+    documents them: a uint8 mask [B, N] written at ``hidden`` and, when ``cu_seqlens`` is not
+    NULL, int32 [B + 1] prefix sums of P + visible; inputs read from their pointers."""
 
-    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
+    @staticmethod
+    def _read(ptr: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         import ctypes
 
-        N = T * H * W
-        raw = (ctypes.c_int32 * (B * num_blocks * 6)).from_address(boxes)
-        box = torch.tensor(list(raw), dtype=torch.int64).view(B, num_blocks, 6)
-        mask = ops_masks.multiblock_mask_reference(box, (T, H, W), torch.device("cpu"))
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(bytearray((ctypes.c_uint8 * nbytes).from_address(ptr)), dtype=dtype).clone()
+
+    @staticmethod
+    def _write(mask: torch.Tensor, hidden: int, cu_seqlens: int, P: int) -> int:
+        import ctypes
+
         painted = mask.to(torch.uint8).contiguous()  # held: memmove reads it after data_ptr()
-        ctypes.memmove(hidden, painted.data_ptr(), B * N)
+        ctypes.memmove(hidden, painted.data_ptr(), painted.numel())
         if cu_seqlens:
-            lengths = (P + N - mask.sum(1)).tolist()
-            cu = [0]
-            for n in lengths:
-                cu.append(cu[-1] + n)
-            prefix_sums = torch.tensor(cu, dtype=torch.int32)
-            ctypes.memmove(cu_seqlens, prefix_sums.data_ptr(), 4 * (B + 1))
+            lengths = P + mask.shape[1] - mask.sum(1)
+            prefix_sums = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+            ctypes.memmove(cu_seqlens, prefix_sums.data_ptr(), 4 * prefix_sums.numel())
         return 0
 
+    def tube_mask(self, hidden, cu_seqlens, B, T, H, W, num_hidden, seed, P, stream):
+        # per sample the num_hidden positions with the smallest philox_bits(seed, 1, b*S + p), every frame
+        S = H * W
+        keys = philox_bits(seed, 1, torch.arange(B * S, dtype=torch.int64)).view(B, S)
+        order = torch.sort(keys, dim=1, stable=True).indices
+        frame = torch.zeros(B, S, dtype=torch.bool).scatter_(1, order[:, :num_hidden], True)
+        return self._write(frame.repeat(1, T), hidden, cu_seqlens, P)
 
-def test_multiblock_wrapper_passes_what_the_c_api_reads(monkeypatch):
-    """invnext.native.masks hands the kernel the host's boxes as the header documents them
-    (int32, [B, J, 6], contiguous) with B, T, H, W, J and P in the C API's order: an emulation
-    of the C API over the same pointers gives the reference mask and exact cu_seqlens."""
+    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
+        box = self._read(boxes, B * num_blocks * 6, torch.int32).view(B, num_blocks, 6)
+        mask = ops_masks.multiblock_mask_reference(box.long(), (T, H, W), torch.device("cpu"))
+        return self._write(mask, hidden, cu_seqlens, P)
+
+    def semantic_mask(self, hidden, cu_seqlens, attn, B, T, S, keep, mode, dtype, seed, P, stream):
+        dt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}[dtype]
+        scores = self._read(attn, B * T * S, dt).view(B, T, S)
+        mask = ops_masks.semantic_mask_reference(scores, keep, ("topk", "sample")[mode], seed)
+        return self._write(mask, hidden, cu_seqlens, P)
+
+
+def test_mask_wrappers_pass_what_the_c_api_reads(monkeypatch):
+    """invnext.native.masks hands the C API its arguments in the header's order and layout
+    (the host's int32 boxes [B, J, 6], attention of any float dtype, strided or not, the
+    dtype and mode codes, P): an emulation of the C API over the same pointers gives the
+    reference masks and exact cu_seqlens and max_seqlen."""
     import contextlib
 
     from invnext.native import masks as nm
 
-    monkeypatch.setattr(nm, "_lib", lambda op: _EmulatedMultiblockLib())
+    monkeypatch.setattr(nm, "_lib", lambda op: _EmulatedMaskLib())
     monkeypatch.setattr(nm, "_stream", lambda device: 0)
     monkeypatch.setattr(nm, "_on", lambda device: contextlib.nullcontext())
     cpu = torch.device("cpu")
@@ -220,6 +241,21 @@ def test_multiblock_wrapper_passes_what_the_c_api_reads(monkeypatch):
         hidden, cu, max_seqlen = nm.multiblock_mask_with_cu_seqlens(B, grid, J, s, a, t, 7, cpu, 4)
         want_cu, want_max = ops_masks.mask_counts(want, 4)
         assert torch.equal(hidden, want) and torch.equal(cu, want_cu) and max_seqlen == want_max
+    for B, grid, ratio in [(3, (2, 3, 5), 0.6), (1, (1, 1, 1), 0.0)]:
+        want = ops_masks.tube_mask(B, grid, ratio, seed=11)
+        assert torch.equal(nm.tube_mask(B, grid, ratio, 11, cpu), want)
+        hidden, cu, max_seqlen = nm.tube_mask_with_cu_seqlens(B, grid, ratio, 11, cpu, 2)
+        assert (torch.equal(hidden, want), max_seqlen) == (True, ops_masks.mask_counts(want, 2)[1])
+        assert torch.equal(cu, ops_masks.mask_counts(want, 2)[0])
+    base = torch.rand(2, 3, 20, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for mode in ("topk", "sample"):
+            attn = base.to(dtype)[:, :, ::2]  # strided: the wrapper hands the kernel a contiguous copy
+            want = ops_masks.semantic_mask(attn, 4, mode, seed=5)
+            assert torch.equal(nm.semantic_mask(attn, 4, mode, 5), want), (dtype, mode)
+            hidden, cu, max_seqlen = nm.semantic_mask_with_cu_seqlens(attn, 4, mode, 5, 1)
+            assert torch.equal(hidden, want) and torch.equal(cu, ops_masks.mask_counts(want, 1)[0])
+            assert max_seqlen == 1 + 3 * 4
 
 
 # ----------------------------------------------------------------------------- GPU: helpers
