@@ -3,8 +3,10 @@
 CPU (runs anywhere nvcc is installed): the exact text the NVRTC path compiles builds as device
 code and defines every kernel the launchers name; Philox of the header, compiled as host code,
 reproduces invnext.ops.philox bit for bit (the multi-block boxes are drawn on the host and
-passed in, so no box arithmetic runs on the device); the Python side agrees with the C API;
-dispatch knows the "cuda" entries.
+passed in, so no box arithmetic runs on the device); the Python side agrees with the C API,
+and an emulation of the C API over the wrappers' raw pointers (ctypes) gives the reference
+masks, so argument order and layouts are checked before a GPU sees them; dispatch knows the
+"cuda" entries.
 
 GPU (``requires_cuda``, once per kernel source: compiled extension and CuPy/NVRTC): every mask
 equals the reference's bit for bit on many seeds and awkward grids (ties, ratio 0, keep = S,
