@@ -13,7 +13,9 @@ is the final one, in kernel and reference alike.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
+import math
 import re
 import runpy
 import subprocess
@@ -151,6 +153,146 @@ def test_ops_refuse_cpu_tensors():
         ops.gather_visible(x, index, cu, None, None)
     with pytest.raises(ValueError, match="scatter_tokens: the CUDA kernels need CUDA tensors; packed is on cpu"):
         ops.scatter_tokens(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
+
+
+class _EmulatedTokenLib:
+    """The token half of the C API (csrc/invnext_native.h) in Python over raw pointers (ctypes):
+    each function reads its inputs at the pointers and with the shapes the header documents,
+    and writes what the header says it writes, in plain torch."""
+
+    _DT = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
+
+    @staticmethod
+    def _read(ptr, shape, dtype):
+        import ctypes
+
+        count = math.prod(shape)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        raw = bytearray((ctypes.c_uint8 * nbytes).from_address(ptr)) if count else bytearray()
+        return torch.frombuffer(raw, dtype=dtype).clone().view(shape) if count else torch.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def _write(ptr, t):
+        import ctypes
+
+        t = t.contiguous()  # held: memmove reads it after data_ptr()
+        ctypes.memmove(ptr, t.data_ptr(), t.numel() * t.element_size())
+
+    def gather_visible_forward(self, out, x, index, cu, pos, prefix, total, B, N, C, Bp, Bq, P, dtype, stream):
+        from invnext.ops.tokens import _gather_visible_torch
+
+        dt = self._DT[dtype]
+        args = (
+            self._read(x, (B, N, C), dt),
+            self._read(index, (total,), torch.int64),
+            self._read(cu, (B + 1,), torch.int32),
+            self._read(pos, (Bp, N, C), dt) if pos else None,
+            self._read(prefix, (Bq, P, C), dt) if prefix else None,
+        )  # fmt: skip
+        self._write(out, _gather_visible_torch(*args))
+        return 0
+
+    def gather_visible_backward(self, dx, inv, dprefix, grad, index, cu, total, B, N, C, Bq, P, dtype, stream):
+        dt = self._DT[dtype]
+        g = self._read(grad, (total, C), dt)
+        idx = self._read(index, (total,), torch.int64)
+        if dx:
+            d = torch.zeros(B * N, C, dtype=dt)
+            d[idx[idx >= 0]] = g[idx >= 0]
+            self._write(dx, d)
+        if dprefix:
+            starts = self._read(cu, (B + 1,), torch.int32)[:-1].long()
+            rows = g[(starts[:, None] + torch.arange(P)).reshape(-1)].view(B, P, C)
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            self._write(dprefix, rows if Bq == B else rows.to(acc).sum(0, keepdim=True).to(dt))
+        return 0
+
+    def scatter_tokens_forward(self, out, inv, packed, index, mask_token, pos, total, B, N, C, Bp, dtype, stream):
+        from invnext.ops.tokens import _scatter_tokens_torch
+
+        dt = self._DT[dtype]
+        idx = self._read(index, (total,), torch.int64)
+        args = (self._read(packed, (total, C), dt), idx, self._read(mask_token, (C,), dt),
+                self._read(pos, (Bp, N, C), dt) if pos else None, B, N)  # fmt: skip
+        self._write(out, _scatter_tokens_torch(*args))
+        where = torch.full((B * N,), -1, dtype=torch.int32)
+        where[idx[idx >= 0]] = torch.arange(total, dtype=torch.int32)[idx >= 0]
+        self._write(inv, where)
+        return 0
+
+    def scatter_tokens_backward(self, dpacked, partial, grad, index, inv, total, B, N, C, chunk_rows, dtype, stream):
+        dt = self._DT[dtype]
+        g = self._read(grad, (B * N, C), dt)
+        idx = self._read(index, (total,), torch.int64)
+        if dpacked:
+            d = torch.zeros(total, C, dtype=dt)
+            d[idx >= 0] = g[idx[idx >= 0]]
+            self._write(dpacked, d)
+        if partial:
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            unfilled = (self._read(inv, (B * N,), torch.int32) < 0)[:, None]
+            chunks = -(-(B * N) // chunk_rows)
+            padded = torch.zeros(chunks * chunk_rows, C, dtype=acc)
+            padded[: B * N] = torch.where(unfilled, g.to(acc), 0)
+            self._write(partial, padded.view(chunks, chunk_rows, C).sum(1))
+        return 0
+
+    def sum_batch(self, out, inp, B, M, C, dtype, stream):
+        dt = self._DT[dtype]
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        self._write(out, self._read(inp, (B, M, C), dt).to(acc).sum(0).to(dt))
+        return 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("pos_batch, prefix_batch", [(1, 3), (3, 1), (None, 3)])
+def test_token_launchers_pass_what_the_c_api_reads(monkeypatch, dtype, pos_batch, prefix_batch):
+    """invnext.native.ops' launchers hand the C API its arguments in the header's order, with
+    the buffers it documents: an emulation of the C API over the same pointers gives the
+    reference forward and gradients (through the launchers' own sum_batch and partial sums)."""
+    from invnext.native import ops as nops
+    from invnext.ops.tokens import _gather_visible_torch, _scatter_tokens_torch, packed_structure
+
+    monkeypatch.setattr(native, "kernels", lambda: _EmulatedTokenLib())
+    monkeypatch.setattr(nops, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(nops, "_stream", lambda device: 0)
+    monkeypatch.setattr(nops, "_CHUNK_ROWS", 7)  # several partial rows, the last one short
+    torch.manual_seed(0)
+    B, N, C, P = 3, 10, 8, 2
+    hidden = torch.rand(B, N) < 0.5
+    hidden[2] = True  # a sample with only its prefix
+    cu, _, index = packed_structure(hidden, P)
+    total = index.shape[0]
+    x = torch.randn(B, N, C).to(dtype)
+    pos = torch.randn(pos_batch, N, C).to(dtype) if pos_batch else None
+    prefix = torch.randn(prefix_batch, P, C).to(dtype)
+
+    out = nops._gather_forward(x, index, cu, pos, prefix)
+    assert torch.equal(out, _gather_visible_torch(x, index, cu, pos, prefix))
+    grad = torch.randn(total, C).to(dtype)
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, pos, prefix)]
+    inputs = [t for t in leaves if t is not None]
+    want = torch.autograd.grad(_gather_visible_torch(leaves[0], index, cu, *leaves[1:]), inputs, grad)
+    need_pos = pos is not None
+    batches = (pos_batch or 1, prefix.shape[0])
+    dx, dpos, dprefix = nops._gather_backward(grad, index, cu, B, N, *batches, P, True, need_pos, True)
+    got = [dx] + ([dpos] if pos is not None else []) + [dprefix]
+    for name, g, w in zip(("dx", "dpos", "dprefix") if pos is not None else ("dx", "dprefix"), got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+    mask_token = torch.randn(C).to(dtype)
+    grid, inv = nops._scatter_forward(out, index, mask_token, pos, B, N)
+    assert torch.equal(grid, _scatter_tokens_torch(out, index, mask_token, pos, B, N))
+    g2 = torch.randn(B, N, C).to(dtype)
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (out, mask_token, pos)]
+    inputs = [t for t in leaves if t is not None]
+    want = torch.autograd.grad(_scatter_tokens_torch(leaves[0], index, leaves[1], leaves[2], B, N), inputs, g2)
+    sum_pos = pos is not None and pos.shape[0] == 1
+    dpacked, dmask, dpos = nops._scatter_backward(g2, index, inv, True, True, sum_pos)
+    torch.testing.assert_close(dpacked, want[0])
+    torch.testing.assert_close(dmask, want[1])
+    if sum_pos:
+        torch.testing.assert_close(dpos, want[2])
 
 
 # ----------------------------------------------------------------------------- sources (CPU)
