@@ -1,8 +1,10 @@
 """The native CUDA chain: csrc/ kernels -> C API -> invnext.native loader -> invnext.native.ops.
 
 CPU tests check the loader's reasons (it never raises, and loads nothing at import), the
-install-time build decision of setup.py, and that the CUDA sources stay torch-free and
-consistent with the Python side. ``requires_cuda`` tests compare both ops, forward and every
+install-time build decision of setup.py, that the CUDA sources stay torch-free and
+consistent with the Python side, and (through a ctypes emulation of the C API over the raw
+pointers) that the launchers pass the arguments and buffers the header documents.
+``requires_cuda`` tests compare both ops, forward and every
 gradient, bit for bit against a float64 torch formulation rounded once, for the compiled
 extension and the CuPy/NVRTC path.
 
