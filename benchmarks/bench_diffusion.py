@@ -54,6 +54,10 @@ WIDTH = 1536
 DEPTH = 6
 COND = 1024
 SAMPLER_TOKENS = 4096
+SAMPLER_STEPS = (100, 1000)  # --quick: the first only
+# tests/test_bench_diffusion.py runs every function here on the CPU interpreter with tiny
+# shapes (a dry run of the wiring); a real run is on the GPU.
+DEVICE = "cuda"
 
 
 def _kernels():
@@ -110,7 +114,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     from invnext.ops import diffusion as R
 
     kd, _ = _kernels()
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     es = torch.finfo(dtype).bits // 8
     sched = R.make_schedule(1000, device=dev)
     M = ROWS
@@ -238,8 +242,9 @@ class Decoder(nn.Module):
 
 
 def _decoder_pair(dev, dtype):
-    eager = Decoder(fused=False).to(dev, dtype)
-    fused = Decoder(fused=True).to(dev, dtype)
+    shape = {"width": WIDTH, "depth": DEPTH, "channels": C, "cond_dim": COND}
+    eager = Decoder(fused=False, **shape).to(dev, dtype)
+    fused = Decoder(fused=True, **shape).to(dev, dtype)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -248,7 +253,7 @@ def bench_train_step(quick: bool) -> list[Row]:
     from invnext.ops import diffusion as R
 
     kd, _ = _kernels()
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+    dev, dtype = torch.device(DEVICE), torch.bfloat16
     sched = R.make_schedule(1000, device=dev)
     M = ROWS
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -288,14 +293,19 @@ def bench_train_step(quick: bool) -> list[Row]:
 # ----------------------------------------------------------------------------------------
 # sampler
 # ----------------------------------------------------------------------------------------
+def _sync() -> None:
+    if torch.device(DEVICE).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time_calls(fn: Callable[[], object], reps: int) -> tuple[float, float, float]:
     fn()  # warm-up: compilation, graph capture, allocator
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
@@ -306,7 +316,7 @@ def bench_sampler(quick: bool) -> list[Row]:
     from invnext.ops import diffusion as R
 
     _, ks = _kernels()
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+    dev, dtype = torch.device(DEVICE), torch.bfloat16
     eager, fused = _decoder_pair(dev, dtype)
     eager.eval()
     fused.eval()
@@ -315,8 +325,9 @@ def bench_sampler(quick: bool) -> list[Row]:
     cond = torch.randn(M, COND, device=dev, generator=gen, dtype=dtype)
     x_T = torch.randn(M, C, device=dev, generator=gen, dtype=dtype)
     rows = []
-    for steps in (100,) if quick else (100, 1000):
+    for steps in SAMPLER_STEPS[:1] if quick else SAMPLER_STEPS:
         sched = R.make_schedule(1000, respace=None if steps == 1000 else steps, device=dev)
+        graph = dev.type == "cuda"  # (the dry run on the CPU loops eagerly)
         reps = 3 if steps == 1000 else 5
 
         def seed():
@@ -325,7 +336,7 @@ def bench_sampler(quick: bool) -> list[Row]:
         def reference(sched=sched):
             return R._p_sample_loop_ref(eager, cond, sched, x_T, None, seed(), 1.0)
 
-        def ours(sched=sched, graph=True):
+        def ours(sched=sched, graph=graph):
             return ks.p_sample_loop(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)
 
         impls = {
@@ -365,7 +376,7 @@ def bench_sweep(quick: bool, copy_gbps: float, dtype=torch.bfloat16) -> list[Row
     from invnext.ops import diffusion as R
 
     kd, _ = _kernels()
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     es = torch.finfo(dtype).bits // 8
     sched = R.make_schedule(1000, device=dev)
     M = ROWS
