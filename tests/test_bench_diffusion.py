@@ -17,6 +17,8 @@ pytestmark = pytest.mark.triton
 
 @pytest.fixture
 def dry(monkeypatch, triton_device):
+    if triton_device.type != "cpu":
+        pytest.skip("a wiring check for the interpreter: on a GPU the benchmark itself runs")
     monkeypatch.setattr(bd, "DEVICE", str(triton_device))
     for name, value in {"ROWS": 5, "WIDTH": 32, "DEPTH": 1, "COND": 16, "SAMPLER_TOKENS": 3}.items():
         monkeypatch.setattr(bd, name, value)

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.triton
 
 
 def test_every_benchmark_function_runs(monkeypatch, triton_device):
+    if triton_device.type != "cpu":
+        pytest.skip("a wiring check for the interpreter: on a GPU the benchmark itself runs")
     monkeypatch.setattr(bg, "C", 16)
     ran = []
 
