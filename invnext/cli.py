@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "available on this machine; a missing backend comes with the reason.",
     )
     doc.add_argument("--device", default=None, help="device to check the backends for (default: cuda if visible, else cpu)")
+    doc.add_argument(
+        "--selftest",
+        action="store_true",
+        help="also run every kernel available on the device against its reference on small inputs (seconds); "
+        "exit status 1 if one disagrees",
+    )
 
     pre = sub.add_parser(
         "pretrain",
@@ -135,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from invnext.doctor import run_doctor
 
-        return run_doctor(args.device)
+        rc = run_doctor(args.device)
+        if args.selftest:
+            import torch
+
+            from invnext.selftest import print_selftest
+
+            rc = max(rc, print_selftest(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return rc
     if args.command == "pretrain":
         return _pretrain(args)
     if args.command == "data":
