@@ -113,9 +113,14 @@ class DDIMStep(_Scheduled):
 
 class _SampleLoop(_Scheduled):
     """A reverse sampler over every step of the schedule around a denoiser ``(x_t, t, cond) -> [M, 2C]``
-    (an ``nn.Module`` is registered as a submodule)."""
+    (an ``nn.Module`` is registered as a submodule): forward ``(cond, noise=None, step_noise=None,
+    generator=None) -> x_0 [M, C]``, no grad. ``coef`` names the op's noise keyword."""
 
-    def __init__(self, denoise_fn: Callable, schedule: ops.DiffusionSchedule, channels: int, backend: str):
+    coef: str
+
+    def __init__(
+        self, denoise_fn: Callable, schedule: ops.DiffusionSchedule, channels: int, value: float, backend: str
+    ):
         super().__init__(schedule, backend)
         if not callable(denoise_fn):
             raise TypeError(f"{type(self).__name__}: denoise_fn must be callable, got {type(denoise_fn).__name__}")
@@ -123,63 +128,46 @@ class _SampleLoop(_Scheduled):
             raise ValueError(f"{type(self).__name__}: channels must be an int >= 1, got {channels!r}")
         self.denoise_fn = denoise_fn
         self.channels = channels
+        setattr(self, self.coef, value)
 
-    def _device_of(self, cond, noise: torch.Tensor | None) -> torch.device:
+    def forward(self, cond, noise=None, step_noise=None, generator=None) -> torch.Tensor:
         ref = noise if noise is not None else cond
         if not isinstance(ref, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: give noise, or cond as a tensor (it fixes M and the device)")
-        return ref.device
+        return getattr(ops, self.op)(
+            self.denoise_fn, cond, self.schedule_on(ref.device), channels=self.channels, noise=noise,
+            step_noise=step_noise, generator=generator, backend=self.backend, **{self.coef: getattr(self, self.coef)},
+        )  # fmt: skip
 
     def _settings(self) -> dict:
-        return {**super()._settings(), "channels": self.channels}
+        return {**super()._settings(), "channels": self.channels, self.coef: getattr(self, self.coef)}
 
 
 class PSampleLoop(_SampleLoop):
-    """Ancestral sampling ``x_T -> x_0`` (:func:`invnext.ops.p_sample_loop`): forward
-    ``(cond, noise=None, step_noise=None, generator=None) -> x_0 [M, C]``, no grad."""
+    """Ancestral sampling ``x_T -> x_0`` (:func:`invnext.ops.p_sample_loop`); ``temperature``
+    scales every step's noise."""
 
     op = "p_sample_loop"
+    coef = "temperature"
 
     def __init__(
         self, denoise_fn: Callable, schedule: ops.DiffusionSchedule, channels: int, *, temperature: float = 1.0,
         backend: str = "auto",
     ):  # fmt: skip
-        super().__init__(denoise_fn, schedule, channels, backend)
-        self.temperature = temperature
-
-    def forward(self, cond, noise=None, step_noise=None, generator=None) -> torch.Tensor:
-        schedule = self.schedule_on(self._device_of(cond, noise))
-        return ops.p_sample_loop(
-            self.denoise_fn, cond, schedule, channels=self.channels, noise=noise, step_noise=step_noise,
-            generator=generator, temperature=self.temperature, backend=self.backend,
-        )  # fmt: skip
-
-    def _settings(self) -> dict:
-        return {**super()._settings(), "temperature": self.temperature}
+        super().__init__(denoise_fn, schedule, channels, temperature, backend)
 
 
 class DDIMSampleLoop(_SampleLoop):
-    """DDIM sampling ``x_T -> x_0`` (:func:`invnext.ops.ddim_sample_loop`): forward
-    ``(cond, noise=None, step_noise=None, generator=None) -> x_0 [M, C]``, no grad."""
+    """DDIM sampling ``x_T -> x_0`` (:func:`invnext.ops.ddim_sample_loop`); ``eta = 0`` is deterministic."""
 
     op = "ddim_sample_loop"
+    coef = "eta"
 
     def __init__(
         self, denoise_fn: Callable, schedule: ops.DiffusionSchedule, channels: int, *, eta: float = 0.0,
         backend: str = "auto",
     ):  # fmt: skip
-        super().__init__(denoise_fn, schedule, channels, backend)
-        self.eta = eta
-
-    def forward(self, cond, noise=None, step_noise=None, generator=None) -> torch.Tensor:
-        schedule = self.schedule_on(self._device_of(cond, noise))
-        return ops.ddim_sample_loop(
-            self.denoise_fn, cond, schedule, channels=self.channels, noise=noise, step_noise=step_noise,
-            generator=generator, eta=self.eta, backend=self.backend,
-        )  # fmt: skip
-
-    def _settings(self) -> dict:
-        return {**super()._settings(), "eta": self.eta}
+        super().__init__(denoise_fn, schedule, channels, eta, backend)
 
 
 class AdaLNModulate(FusedOp):
