@@ -112,7 +112,8 @@ class Stage2Model(OpsUser, nn.Module):
             with record_function("masks"):
                 masks = self.view_masks(B, grid, video.device, generator)
         if len(masks) != len(self.cfg.views):
-            raise ValueError(f"Stage2Model: masks must hold one mask per view ({len(self.cfg.views)}), got {len(masks)}")
+            views = len(self.cfg.views)
+            raise ValueError(f"Stage2Model: masks must hold one mask per view ({views}), got {len(masks)}")
         out: dict[str, torch.Tensor] = {}
         total = video.new_zeros((), dtype=torch.float32)
         for i, view in enumerate(masks):
@@ -132,7 +133,9 @@ class Stage2Model(OpsUser, nn.Module):
         return out
 
 
-def _with_counts(view: torch.Tensor | tuple[torch.Tensor, torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_counts(
+    view: torch.Tensor | tuple[torch.Tensor, torch.Tensor], index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden, num_hidden on the CPU)`` of one view given as a mask or a (mask, counts) pair."""
     if isinstance(view, torch.Tensor):
         return view, view.sum(1).cpu()  # a host read: on a GPU it waits for the mask
