@@ -117,6 +117,24 @@ def _row_consts(sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t, ok, ACCUR
 
 
 @triton.jit
+def _tile_rows(t_ptr, rows, row_ok, T_S: tl.constexpr, S, sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr,
+               ACCURATE: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+    """A tile's timesteps (first rows, second rows), whether any is 0, and both rows' tables
+    (``_row_consts``; unpaired, the first rows' stand in for the second, unread)."""
+    t_a, ok_a, t_b, ok_b = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
+    any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
+    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
+        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
+    if PAIRED:
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
+            sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
+    else:
+        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a
+    return (t_a, t_b, any0, sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a,
+            sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b)  # fmt: skip
+
+
+@triton.jit
 def _tile_terms(
     mo_ptr, x0_ptr, xt_ptr, nz_ptr, rows, cols, mask, second, t_a, t_b, row_ok, any0,
     sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a, sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b,
@@ -190,15 +208,9 @@ def loss_fwd_kernel(
     """``M`` rows of ``WIDTH = C`` (``PAIRED``: row pairs, ``WIDTH = 2C``), all columns per program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    t_a, ok_a, t_b, ok_b = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
-    any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
-    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
-        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
-    if PAIRED:  # the second rows' tables (unpaired, the first rows' stand in, unread)
-        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
-            sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
-    else:
-        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a
+    (t_a, t_b, any0, sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a,
+     sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b) = _tile_rows(
+        t_ptr, rows, row_ok, T_S, S, sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, ACCURATE, PAIRED)
 
     # Row sums: fp32 within a chunk, fp64 across chunks and for the final scaling, so no
     # rounding of 1/C or 1/ln 2 (coherent over a row) reaches the loss.
@@ -244,15 +256,9 @@ def loss_bwd_kernel(
     PAIRED: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_ok, mask, second = stream_tile(BLOCK_M, BLOCK_C, M, C, PAIRED)
-    t_a, ok_a, t_b, ok_b = rows_t(t_ptr, rows, row_ok, T_S, S, PAIRED)
-    any0 = tl.max((((t_a == 0) | (t_b == 0)) & row_ok).to(tl.int32)) > 0
-    sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a = _row_consts(
-        sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_a, ok_a, ACCURATE)
-    if PAIRED:  # the second rows' tables (unpaired, the first rows' stand in, unread)
-        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = _row_consts(
-            sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, t_b, ok_b, ACCURATE)
-    else:
-        sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b = sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a
+    (t_a, t_b, any0, sra_a, srm1_a, c1_a, c2_a, lvc_a, hg_a, eh_a, el_a,
+     sra_b, srm1_b, c1_b, c2_b, lvc_b, hg_b, eh_b, el_b) = _tile_rows(
+        t_ptr, rows, row_ok, T_S, S, sra_ptr, srm1_ptr, c1_ptr, c2_ptr, lvc_ptr, lb_ptr, ACCURATE, PAIRED)
     if PAIRED:
         g_a = tl.load(g_ptr + (2 * rows).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
         g_b = tl.load(g_ptr + (2 * rows + 1).to(tl.int64) * G_S, mask=row_ok, other=0.0).to(tl.float32)
