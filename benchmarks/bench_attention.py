@@ -29,9 +29,13 @@ shape so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

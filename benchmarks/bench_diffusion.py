@@ -38,9 +38,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F

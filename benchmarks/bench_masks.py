@@ -25,10 +25,14 @@ wall clock for context.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

@@ -49,11 +49,15 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import os
 import sys
 import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 

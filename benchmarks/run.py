@@ -37,6 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from benchmarks.common import PEAKS_ENV, RESULTS_ENV, Row, quantiles_ms, results_dir
 
 ROOT = Path(__file__).resolve().parent.parent
