@@ -343,7 +343,7 @@ def test_gpu_benchmarks_run_by_path_and_say_they_need_a_gpu(script):
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, f"benchmarks/{script}.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, f"benchmarks/{script}.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert res.returncode == 0, res.stderr
     assert "needs a CUDA GPU" in res.stdout + res.stderr

@@ -137,6 +137,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    """The named parsed options, passed on under the same names (each flag's dest is its keyword)."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _probe(args: argparse.Namespace) -> int:
     from invnext.eval.probe import run_probe
 
@@ -145,24 +150,13 @@ def _probe(args: argparse.Namespace) -> int:
         args.encoder,
         args.train,
         args.val,
-        protocol=args.protocol,
         label=label,
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        heads=args.heads,
-        views=args.views,
-        train_views=args.train_views,
-        frames=args.frames,
-        size=args.size,
         out=args.out if args.out is not None else f"runs/probe/{args.protocol}",
         cache=False if args.no_cache else (args.cache if args.cache is not None else True),
-        device=args.device,
-        precision=args.precision,
-        extract_batch_size=args.extract_batch_size,
-        workers=args.workers,
-        seed=args.seed,
+        **_options(
+            args, "protocol", "epochs", "lr", "weight_decay", "batch_size", "heads", "views", "train_views",
+            "frames", "size", "device", "precision", "extract_batch_size", "workers", "seed",
+        ),
     )
     print(f"results: {res['json']}")
     return 0
@@ -174,15 +168,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     res = reconstruct(
         args.checkpoint,
         args.video,
-        steps=args.steps,
-        temperature=args.temperature,
-        frames=args.frames,
-        out=args.out,
-        mask=args.mask,
-        teacher=args.teacher,
-        seed=args.seed,
-        device=args.device,
-        clip_x0=args.clip_x0,
+        **_options(args, "steps", "temperature", "frames", "out", "mask", "teacher", "seed", "device", "clip_x0"),
     )
     summary = {k: res[k] for k in ("png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "clip_x0", "image_shape")}
     print(json.dumps(summary, indent=1))

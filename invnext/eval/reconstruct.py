@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from invnext import ops
 from invnext.config import Stage1Config, from_dict
@@ -41,6 +40,7 @@ from invnext.models.encoder import Encoder
 from invnext.models.layers import patchify
 from invnext.models.predictor import Predictor
 from invnext.models.stage1 import kept_per_frame
+from invnext.models.teacher import teacher_input
 
 __all__ = ["GAP", "Stage1Parts", "grid_image", "load_stage1", "reconstruct", "unpatchify"]
 
@@ -244,20 +244,6 @@ def sample_pixels(
     )
 
 
-def _teacher_input(rgb: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
-    """``rgb [B, 3, T, H, W]`` in [0, 1] -> the teacher's input (resized to its img_size, its normalisation)."""
-    B, C, T, H, W = rgb.shape
-    s = teacher.img_size
-    if (H, W) != (s, s):
-        frames = F.interpolate(
-            rgb.transpose(1, 2).reshape(B * T, C, H, W), size=(s, s), mode="bilinear", align_corners=False
-        )
-        rgb = frames.view(B, T, C, s, s).transpose(1, 2)
-    mean = rgb.new_tensor(teacher.mean).view(1, 3, 1, 1, 1)
-    std = rgb.new_tensor(teacher.std).view(1, 3, 1, 1, 1)
-    return (rgb - mean) / std
-
-
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """``[3, T, H, W]`` in [-1, 1] -> ``uint8 [T, H, W, 3]``."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
@@ -332,7 +318,7 @@ def reconstruct(
     keep = kept_per_frame(cfg.mask_ratio, S)
     use_semantic = parts.teacher is not None
     if use_semantic:
-        attn = parts.teacher(_teacher_input(rgb, parts.teacher)).attn.float()
+        attn = parts.teacher(teacher_input(rgb, parts.teacher)).attn.float()
         if tuple(attn.shape) != (1, T, S):
             raise ValueError(
                 f"reconstruct: the teacher's token grid {list(attn.shape[1:])} differs from the encoder's ({T}, {S})"

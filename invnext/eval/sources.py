@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from invnext.config import to_dict
 from invnext.models.encoder import Encoder
+from invnext.models.teacher import teacher_input
 
 __all__ = ["EncoderSource", "FeatureSource", "TeacherSource", "register_source", "resolve_source", "weights_digest"]
 
@@ -145,18 +145,8 @@ class TeacherSource(FeatureSource):
         }
 
     def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.teacher
-        x = frames.permute(0, 4, 1, 2, 3).float() / 255.0  # [B, 3, T, H, W]
-        B, C, T, H, W = x.shape
-        s = t.img_size
-        if (H, W) != (s, s):
-            y = F.interpolate(
-                x.transpose(1, 2).reshape(B * T, C, H, W), size=(s, s), mode="bilinear", align_corners=False
-            )
-            x = y.view(B, T, C, s, s).transpose(1, 2)
-        mean = x.new_tensor(t.mean).view(1, 3, 1, 1, 1)
-        std = x.new_tensor(t.std).view(1, 3, 1, 1, 1)
-        out = t((x - mean) / std)
+        rgb = frames.permute(0, 4, 1, 2, 3).float() / 255.0  # [B, 3, T, H, W]
+        out = self.teacher(teacher_input(rgb, self.teacher))
         return out.features[:, -1].mean(1), out.pooled.mean(1)
 
 

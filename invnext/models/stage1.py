@@ -28,7 +28,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from invnext import ops
@@ -38,7 +37,7 @@ from invnext.models.encoder import Encoder, EncoderOutput
 from invnext.models.layers import MLPHead, PositionTable, cosine_loss, grid_rows, patchify, true_positions
 from invnext.models.predictor import Predictor
 from invnext.models.switches import OpsUser
-from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher
+from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher, teacher_input
 
 
 def kept_per_frame(ratio: float, frame_tokens: int) -> int:
@@ -92,16 +91,7 @@ class Stage1Model(OpsUser, nn.Module):
         """The student clip re-normalised (and resized) for the teacher: ``[B, 3, T, s, s]``, s = teacher.img_size."""
         mean = video.new_tensor(self.encoder.mean).view(1, 3, 1, 1, 1)
         std = video.new_tensor(self.encoder.std).view(1, 3, 1, 1, 1)
-        rgb = video * std + mean
-        B, C, T, H, W = rgb.shape
-        s = self.teacher.img_size
-        if (H, W) != (s, s):
-            frames = rgb.transpose(1, 2).reshape(B * T, C, H, W)
-            frames = F.interpolate(frames.float(), size=(s, s), mode="bilinear", align_corners=False).to(rgb.dtype)
-            rgb = frames.view(B, T, C, s, s).transpose(1, 2)
-        tmean = video.new_tensor(self.teacher.mean).view(1, 3, 1, 1, 1)
-        tstd = video.new_tensor(self.teacher.std).view(1, 3, 1, 1, 1)
-        return (rgb - tmean) / tstd
+        return teacher_input(video * std + mean, self.teacher)
 
     def pixel_targets(self, video: torch.Tensor) -> torch.Tensor:
         """Raw pixel patches in [-1, 1]: ``[B, N, patch_dim]`` (the decoder's targets)."""

@@ -24,6 +24,7 @@ import math
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from invnext import ops
@@ -209,6 +210,23 @@ class TinyTeacher(nn.Module):
             pooled=l2norm(pooled).view(B, T, -1),
             attn=attn.view(B, T, S),
         )
+
+
+def teacher_input(rgb: torch.Tensor, teacher: ImageTeacher) -> torch.Tensor:
+    """``rgb [B, 3, T, H, W]`` in [0, 1] -> the teacher's input ``[B, 3, T, s, s]``, s = ``teacher.img_size``.
+
+    Frames are resized bilinearly (in fp32: interpolate has no bf16 kernel on some CPUs) and put in
+    the teacher's own normalisation, which need not be the student's.
+    """
+    B, C, T, H, W = rgb.shape
+    s = teacher.img_size
+    if (H, W) != (s, s):
+        frames = rgb.transpose(1, 2).reshape(B * T, C, H, W)
+        frames = F.interpolate(frames.float(), size=(s, s), mode="bilinear", align_corners=False).to(rgb.dtype)
+        rgb = frames.view(B, T, C, s, s).transpose(1, 2)
+    mean = rgb.new_tensor(teacher.mean).view(1, 3, 1, 1, 1)
+    std = rgb.new_tensor(teacher.std).view(1, 3, 1, 1, 1)
+    return (rgb - mean) / std
 
 
 def build_teacher(cfg: TeacherConfig) -> nn.Module:
