@@ -115,21 +115,34 @@ def _bw_rows(bench, mode, shape, dtype, nbytes, timings, copy_gbps) -> list[Row]
 # ----------------------------------------------------------------------------------------
 # element ops
 # ----------------------------------------------------------------------------------------
+def _decoder_rows(dtype: torch.dtype):
+    """The Stage-1 decoder's ROWS x C hidden-token rows at random timesteps, seed 0.
+
+    Returns (generator, schedule, x0, noise, t, x_t, model_out [ROWS, 2C], per-row weight); the
+    generator is returned so that later inputs keep drawing from the same stream.
+    """
+    from invnext.ops import diffusion as R
+
+    dev = torch.device(DEVICE)
+    sched = R.make_schedule(1000, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x0 = (torch.rand(ROWS, C, device=dev, generator=gen) * 2 - 1).to(dtype)
+    noise = torch.randn(ROWS, C, device=dev, generator=gen, dtype=dtype)
+    t = torch.randint(0, 1000, (ROWS,), device=dev, generator=gen)
+    x_t = R._q_sample_ref(x0, noise, t, sched)
+    mo = torch.randn(ROWS, 2 * C, device=dev, generator=gen, dtype=dtype)
+    g_row = torch.rand(ROWS, device=dev, generator=gen)
+    return gen, sched, x0, noise, t, x_t, mo, g_row
+
+
 def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     from invnext.ops import diffusion as R
 
     kd, _ = _kernels()
     dev = torch.device(DEVICE)
     es = torch.finfo(dtype).bits // 8
-    sched = R.make_schedule(1000, device=dev)
     M = ROWS
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x0 = (torch.rand(M, C, device=dev, generator=gen) * 2 - 1).to(dtype)
-    noise = torch.randn(M, C, device=dev, generator=gen, dtype=dtype)
-    t = torch.randint(0, 1000, (M,), device=dev, generator=gen)
-    x_t = R._q_sample_ref(x0, noise, t, sched)
-    mo = torch.randn(M, 2 * C, device=dev, generator=gen, dtype=dtype)
-    g_row = torch.rand(M, device=dev, generator=gen)
+    gen, sched, x0, noise, t, x_t, mo, g_row = _decoder_rows(dtype)
     shape = f"{M}x{C}"
     rows: list[Row] = []
 
@@ -378,20 +391,11 @@ SWEEP = {
 
 
 def bench_sweep(quick: bool, copy_gbps: float, dtype=torch.bfloat16) -> list[Row]:
-    from invnext.ops import diffusion as R
-
     kd, _ = _kernels()
-    dev = torch.device(DEVICE)
     es = torch.finfo(dtype).bits // 8
-    sched = R.make_schedule(1000, device=dev)
     M = ROWS
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x0 = (torch.rand(M, C, device=dev, generator=gen) * 2 - 1).to(dtype)
-    noise = torch.randn(M, C, device=dev, generator=gen, dtype=dtype)
-    t = torch.randint(0, 1000, (M,), device=dev, generator=gen)
-    x_t = R._q_sample_ref(x0, noise, t, sched)
-    mo = torch.randn(M, 2 * C, device=dev, generator=gen, dtype=dtype).requires_grad_()
-    g_row = torch.rand(M, device=dev, generator=gen)
+    _, sched, x0, noise, t, x_t, mo, g_row = _decoder_rows(dtype)
+    mo.requires_grad_()
     loss = kd.diffusion_loss(mo, x0, x_t, noise, t, sched)
     cases = {
         "stream": ("q_sample", 3 * M * C * es, lambda: kd.q_sample(x0, noise, t, sched)),

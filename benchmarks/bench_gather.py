@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo 
 
 import torch
 
-from benchmarks.common import Row, do_bench, markdown_table, measured_peaks, need_gpu, write_results
+from benchmarks.common import Row, do_bench, graph_bench, markdown_table, measured_peaks, need_gpu, write_results
 
 P = 4
 C = 768
@@ -173,32 +173,7 @@ def _bench(fn: Callable[[], object], quick: bool) -> Timing:
 
 
 def _bench_graph(fn: Callable[[], object], quick: bool) -> Timing | None:
-    """Device time alone: ``fn`` captured in a CUDA graph, replayed (L2 flushed between replays).
-
-    do_bench times from the host's launch, so a call made of several small launches (a
-    backward pass through autograd) is timed at the host's pace; the replay of a captured
-    graph costs one launch, which leaves the GPU's own time.
-    """
-    error = None
-    for _ in range(2):  # the first capture of an autograd backward in a process can fail; once more
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            result = _bench(graph.replay, quick)
-            del graph
-            return result
-        except Exception as exc:  # noqa: BLE001 - a failed capture only drops the graph row
-            error = exc
-            torch.cuda.synchronize()
-    print(f"bench_gather: CUDA-graph timing failed ({type(error).__name__}: {str(error)[:120]})")
-    return None
+    return graph_bench(fn, lambda replay: _bench(replay, quick), "bench_gather")
 
 
 def _backward_of(make: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor):

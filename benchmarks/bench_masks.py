@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo 
 
 import torch
 
-from benchmarks.common import Row, do_bench, markdown_table, need_gpu, write_results
+from benchmarks.common import Row, do_bench, graph_bench, markdown_table, need_gpu, write_results
 
 TARGET_STAGE2_US = 50.0
 
@@ -156,21 +156,7 @@ def _bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
 
 
 def _bench_graph(fn: Callable[[], object], quick: bool) -> tuple[float, float, float] | None:
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            fn()
-        side.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-        return _bench(graph.replay, quick)
-    except Exception as exc:  # noqa: BLE001 - a failed capture only drops the graph row
-        print(f"bench_masks: CUDA-graph timing failed ({type(exc).__name__}: {str(exc)[:120]})")
-        torch.cuda.synchronize()
-        return None
+    return graph_bench(fn, lambda replay: _bench(replay, quick), "bench_masks")
 
 
 def _cpu_ms(fn: Callable[[], object], reps: int) -> tuple[float, float, float]:

@@ -70,6 +70,38 @@ def do_bench(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return float(q[0]), float(q[1]), float(q[2])
 
 
+def graph_bench(
+    fn: Callable[[], object], time_replay: Callable[[Callable[[], object]], tuple[float, float, float]], who: str
+) -> tuple[float, float, float] | None:
+    """Device time alone: ``fn`` captured in a CUDA graph, its replay timed by ``time_replay``.
+
+    do_bench times from the host's launch, so a call made of several small launches (a
+    backward pass through autograd) is timed at the host's pace; the replay of a captured
+    graph costs one launch, which leaves the GPU's own time. Returns None, after printing a
+    line naming ``who``, when ``fn`` cannot be captured: that only drops the graph row.
+    """
+    error = None
+    for _ in range(2):  # the first capture of an autograd backward in a process can fail; once more
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            result = time_replay(graph.replay)
+            del graph
+            return result
+        except Exception as exc:  # noqa: BLE001 - a failed capture only drops the graph row
+            error = exc
+            torch.cuda.synchronize()
+    print(f"{who}: CUDA-graph timing failed ({type(error).__name__}: {str(error)[:120]})")
+    return None
+
+
 _PEAKS: dict[str, float] = {}
 
 
