@@ -375,6 +375,15 @@ def _tiles(C: int, elems: int = _ROW_TILE_ELEMS) -> tuple[int, int, int, int]:
     return block_c, rows, 4, align
 
 
+def _place_launch(N: int, C: int, dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
+    """(grid, tile keywords) of a place launch over ``[N, C]``: one tiling for the three place
+    kernels, whose signatures end in the same constexprs, so a retuned tile reaches them all."""
+    block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+    tile = {"ALIGN": align, "ACC": _acc_dtype(dtype), "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": warps}
+    return grid, tile
+
+
 def _inverse_map(index: torch.Tensor, places: int) -> torch.Tensor:
     """int32[places]: inv[p] = the row r with index[r] = p, -1 where no row names p."""
     inv = torch.full((places,), -1, dtype=torch.int32, device=index.device)
@@ -444,8 +453,7 @@ def _gather_backward(grad, index, cu_seqlens, B, N, pos_batch, prefix_batch, P, 
     pos_mode = 0 if not need_pos else (1 if pos_batch > 1 else 2)
     if (need_x or pos_mode) and B * N > 0 and C > 0:
         inv = _inverse_map(index, B * N)
-        block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+        grid, tile = _place_launch(N, C, grad.dtype)
         _gather_bwd_places_kernel[grid](
             dx if need_x else grad,
             dpos if pos_mode else grad,
@@ -456,11 +464,7 @@ def _gather_backward(grad, index, cu_seqlens, B, N, pos_batch, prefix_batch, P, 
             C,
             STORE_DX=need_x,
             POS_MODE=pos_mode,
-            ALIGN=align,
-            ACC=_acc_dtype(grad.dtype),
-            BLOCK_N=block_n,
-            BLOCK_C=block_c,
-            num_warps=warps,
+            **tile,
         )
     if need_prefix and P > 0 and C > 0:
         block_c, _, warps, _ = _tiles(C)
@@ -491,8 +495,7 @@ def _scatter_forward(packed, index, mask_token, pos, batch_size, N):
     inv = _inverse_map(index, batch_size * N)
     out = torch.empty(batch_size, N, C, dtype=packed.dtype, device=packed.device)
     if batch_size * N > 0 and C > 0:
-        block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-        grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+        grid, tile = _place_launch(N, C, packed.dtype)
         _scatter_places_kernel[grid](
             out,
             packed,
@@ -504,11 +507,7 @@ def _scatter_forward(packed, index, mask_token, pos, batch_size, N):
             C,
             HAS_POS=pos is not None,
             POS_SHARED=pos is not None and pos.shape[0] == 1,
-            ALIGN=align,
-            ACC=_acc_dtype(packed.dtype),
-            BLOCK_N=block_n,
-            BLOCK_C=block_c,
-            num_warps=warps,
+            **tile,
         )
     return out, inv
 
@@ -521,14 +520,14 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
     total = index.shape[0]
     grad = grad.contiguous()
     acc = _acc_torch(grad.dtype)
-    block_c, block_n, warps, align = _tiles(C, _PLACE_TILE_ELEMS)
-    n_blocks = triton.cdiv(N, block_n)
+    grid, tile = _place_launch(N, C, grad.dtype)
+    n_blocks = grid[0]  # one dmask_token partial row per place block
     dev = grad.device
     dpacked = torch.empty(total if need_packed else 0, C, dtype=grad.dtype, device=dev)
     dpos = torch.empty(1 if need_pos_sum else 0, N, C, dtype=grad.dtype, device=dev)
     parts = torch.empty(n_blocks if need_mask else 0, C, dtype=acc, device=dev)
     if (need_packed or need_mask or need_pos_sum) and B * N > 0 and C > 0:
-        _scatter_bwd_places_kernel[(n_blocks, triton.cdiv(C, block_c))](
+        _scatter_bwd_places_kernel[grid](
             dpacked if need_packed else grad,
             dpos if need_pos_sum else grad,
             parts if need_mask else grad,
@@ -540,16 +539,13 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
             STORE_PACKED=need_packed,
             POS_SUM=need_pos_sum,
             MASK_GRAD=need_mask,
-            ALIGN=align,
-            ACC=_acc_dtype(grad.dtype),
-            BLOCK_N=block_n,
-            BLOCK_C=block_c,
-            num_warps=warps,
+            **tile,
         )
     if need_packed and total > 0 and C > 0:
+        block_c = tile["BLOCK_C"]
         rows = max(1, _ROW_TILE_ELEMS // block_c)
         _zero_unnamed_rows_kernel[(triton.cdiv(total, rows), triton.cdiv(C, block_c))](
-            dpacked, index, total, C, B * N, BLOCK_R=rows, BLOCK_C=block_c, num_warps=warps
+            dpacked, index, total, C, B * N, BLOCK_R=rows, BLOCK_C=block_c, num_warps=tile["num_warps"]
         )
     if not need_mask:
         dmask = torch.empty(0, dtype=grad.dtype, device=dev)

@@ -22,18 +22,20 @@ shared-memory sort and inputs the extension cannot take. Arguments are the canon
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from invnext import native
+from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
+from invnext.native._launch import check as _check
+from invnext.native._launch import on as _on
+from invnext.native._launch import ptr as _ptr
+from invnext.native._launch import stream as _stream
 from invnext.ops.masks import _check_num_prefix, boxes_on, hidden_count, multiblock_boxes, multiblock_hidden_counts
 
 # csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
 MASK_KEY_BYTES = 45056
 MASK_MAX_BLOCKS = 1024
 MODES = {"topk": 0, "sample": 1}
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _MAX_INT32 = 2**31 - 1
 
 
@@ -44,25 +46,6 @@ def _lib(op: str):
             f"invnext CUDA kernels: the compiled extension predates {op}; rebuild it (scripts/build_csrc.sh --inplace)"
         )
     return lib
-
-
-def _check(lib, code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"invnext CUDA kernel {what} failed: {lib.error_string(code)} (cudaError {code})")
-
-
-def _on(device: torch.device):
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _common_reason(op: str, device: torch.device, B: int, N: int) -> str | None:

@@ -20,25 +20,18 @@ keying it on the index makes d pos a function of d x alone.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from invnext import native
+from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
+from invnext.native._launch import check as _check
+from invnext.native._launch import on as _on
+from invnext.native._launch import ptr as _ptr
+from invnext.native._launch import stream as _stream
 from invnext.ops._token_custom_ops import define_token_ops
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # Places per partial row of the d mask_token reduction (one fp32 row of C per chunk).
 _CHUNK_ROWS = 256
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _check(lib, code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"invnext CUDA kernel {what} failed: {lib.error_string(code)} (cudaError {code})")
 
 
 def _dtype_code(op: str, t: torch.Tensor) -> int:
@@ -61,17 +54,6 @@ def _require_cuda(op: str, **tensors: torch.Tensor | None) -> torch.device:
         elif t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
     return device
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _on(device: torch.device):
-    """Make ``device`` current for the launch (the kernels run on the current device)."""
-    if device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()  # the common case; a device switch costs microseconds
-    return torch.cuda.device(device)
 
 
 # ----------------------------------------------------------------------------------------
