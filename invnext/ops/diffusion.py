@@ -495,8 +495,8 @@ def _ddim_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator
     return x
 
 
-def _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise, generator):
-    """Validate a sampler's arguments; return (device, x_T, step_noise)."""
+def _sample_loop(op, backend, denoise_fn, cond, schedule, channels, noise, step_noise, generator, coef):
+    """Validate a sampler's remaining arguments, draw x_T if not given, and dispatch ``op``."""
     if not callable(denoise_fn):
         raise TypeError(f"{op}: denoise_fn must be callable (x_t[M,C], t_model int64[M], cond) -> [M, 2C]")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
@@ -519,7 +519,7 @@ def _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise,
         raise ValueError(f"{op}: generator is on {generator.device} but the samples are on {device}")
     if noise is None:
         noise = torch.randn((rows, channels), generator=generator, device=device, dtype=torch.float32)
-    return device, noise, step_noise
+    return dispatch(op, backend, device, denoise_fn, cond, schedule, noise, step_noise, generator, coef)
 
 
 def p_sample_loop(
@@ -555,8 +555,7 @@ def p_sample_loop(
     op = "p_sample_loop"
     check_backend(op, backend)
     temperature = _check_float(op, "temperature", temperature)
-    device, x_T, step_noise = _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise, generator)
-    return dispatch(op, backend, device, denoise_fn, cond, schedule, x_T, step_noise, generator, temperature)
+    return _sample_loop(op, backend, denoise_fn, cond, schedule, channels, noise, step_noise, generator, temperature)
 
 
 def ddim_sample_loop(
@@ -580,8 +579,7 @@ def ddim_sample_loop(
     op = "ddim_sample_loop"
     check_backend(op, backend)
     eta = _check_float(op, "eta", eta, low=0.0)
-    device, x_T, step_noise = _sampler_inputs(op, denoise_fn, cond, schedule, channels, noise, step_noise, generator)
-    return dispatch(op, backend, device, denoise_fn, cond, schedule, x_T, step_noise, generator, eta)
+    return _sample_loop(op, backend, denoise_fn, cond, schedule, channels, noise, step_noise, generator, eta)
 
 
 # ----------------------------------------------------------------------------- timestep embedding
