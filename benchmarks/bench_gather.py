@@ -161,7 +161,7 @@ def scatter_index_put(packed, index, mask_token, pos, B, N):
 class Impl:
     name: str
     fn: Callable[[], object]
-    kind: str  # "invnext" | "index" (eager, given the index) | "mask" (eager, from the mask)
+    kind: str  # "invnext" | "index" (eager, given the index) | "mask" (eager, from the mask) | "copy"
     graph: bool = True  # capturable in a CUDA graph (no host sync)
 
 
@@ -194,16 +194,33 @@ def _invnext_impls(op: str, device) -> dict[str, Callable]:
     return impls
 
 
+SAME_BYTES_COPY = "device copy of the same bytes (reference)"
+
+
+def _same_bytes_copy(nbytes: int, device: torch.device) -> Callable[[], object]:
+    """A plain device copy that reads and writes ``nbytes`` in all, like the op it stands beside.
+
+    The card's copy peak comes from a 1 GiB copy; at a Stage-1 batch (tens of MB) launch, ramp
+    and tail weigh more, so this row shows what fraction a copy of the op's own size reaches.
+    """
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def _measure(
-    bench: str, mode: str, shape: str, dtype: torch.dtype, nbytes: int, impls: list[Impl], quick: bool, copy_gbps: float
+    bench: str, mode: str, shape: str, dtype: torch.dtype, nbytes: int, impls: list[Impl], quick: bool,
+    copy_gbps: float, device: torch.device,
 ) -> list[Row]:
     """Time every impl (do_bench, and graph replay where capturable) and build the rows.
 
     Each invnext row is compared with the best eager impl given the index and, in a second
     row, with the best eager impl starting from the mask; graph rows with the best captured
-    eager impl.
+    eager impl. Every invnext row also records ``of_same_bytes_copy``: the time of a device
+    copy of the same bytes over its own (graph rows against the copy's graph replay).
     """
     dt = str(dtype).replace("torch.", "")
+    impls = [*impls, Impl(SAME_BYTES_COPY, _same_bytes_copy(nbytes, device), "copy")]
     t = {i.name: _bench(i.fn, quick) for i in impls}
     tg = {i.name: _bench_graph(i.fn, quick) for i in impls if i.graph and i.kind != "mask"}
     tg = {k: v for k, v in tg.items() if v is not None}
@@ -237,13 +254,17 @@ def _measure(
     eager_mask = [i.name for i in impls if i.kind == "mask"]
     ours = [i.name for i in impls if i.kind == "invnext"]
     b_index, b_mask, b_graph = best(eager_index, t), best(eager_mask, t), best(eager_index, tg)
-    rows = [row(n, t[n], mode) for n in eager_index + eager_mask]
-    rows += [row(n, tg[n], f"{mode} graph") for n in eager_index if n in tg]
+    plain = eager_index + eager_mask + [SAME_BYTES_COPY]
+    rows = [row(n, t[n], mode) for n in plain]
+    rows += [row(n, tg[n], f"{mode} graph") for n in eager_index + [SAME_BYTES_COPY] if n in tg]
     for n in ours:
-        rows.append(row(n, t[n], mode, f"best eager, index given: {b_index}", t[b_index][0]))
-        rows.append(row(n, t[n], mode, f"best eager incl. mask->index: {b_mask}", t[b_mask][0]))
+        vs_copy = {"of_same_bytes_copy": t[SAME_BYTES_COPY][0] / t[n][0]}
+        rows.append(row(n, t[n], mode, f"best eager, index given: {b_index}", t[b_index][0], **vs_copy))
+        rows.append(row(n, t[n], mode, f"best eager incl. mask->index: {b_mask}", t[b_mask][0], **vs_copy))
         if n in tg and b_graph is not None:
-            rows.append(row(n, tg[n], f"{mode} graph", f"best eager (graph), index given: {b_graph}", tg[b_graph][0]))
+            vs_copy = {"of_same_bytes_copy": tg[SAME_BYTES_COPY][0] / tg[n][0]} if SAME_BYTES_COPY in tg else {}
+            graph_base = f"best eager (graph), index given: {b_graph}"
+            rows.append(row(n, tg[n], f"{mode} graph", graph_base, tg[b_graph][0], **vs_copy))
     return rows
 
 
@@ -263,7 +284,7 @@ def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float) ->
     idx_bytes = 8 * total + 4 * (B + 1)
     shape = f"{case.name}, total={total}"
     rows: list[Row] = []
-    measure = lambda bench, mode, nbytes, impls: _measure(bench, mode, shape, dtype, nbytes, impls, quick, copy_gbps)
+    measure = lambda bench, mode, nbytes, impls: _measure(bench, mode, shape, dtype, nbytes, impls, quick, copy_gbps, dev)
 
     # -------- gather_visible forward --------
     g_impls = _invnext_impls("gather_visible", dev)

@@ -38,3 +38,7 @@ def test_every_benchmark_function_runs(monkeypatch, triton_device):
     assert ours and all(r.speedup_vs_baseline is not None for r in ours)
     assert any(r.impl == "invnext-triton public op (mask given, num_visible)" for r in rows)
     assert len(ran) >= len(rows) // 2
+    # every pass is measured beside a plain copy of its own byte count, and our rows say how close
+    copies = [r for r in rows if r.impl == bg.SAME_BYTES_COPY]
+    assert {(r.bench, r.mode) for r in copies} >= {(b, m) for b, m in kinds if not m.endswith("graph")}
+    assert all(r.extra["of_same_bytes_copy"] == 1.0 for r in ours)
