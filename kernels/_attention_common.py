@@ -1,5 +1,10 @@
-"""Pieces shared by the masked-attention kernels: tile loads with fused RoPE, and the host-side
-tables (RoPE channel tables, window tile lists) the kernels read.
+"""Pieces shared by the masked-attention kernels: the per-program setup (sample bounds, RoPE
+tables, window coordinates), the walk over a program's tile lists, tile loads with fused RoPE,
+and the host-side tables (RoPE channel tables, window tile lists) the kernels read.
+
+The helpers are inlined into every kernel. Keep the order of operations when changing them:
+ptxas register allocation on sm_90 follows the order of the emitted code, and a moved
+computation changes register counts (``python -m benchmarks.compile_report`` shows them).
 
 RoPE inside a tile. Channel ``c`` of a rotated section pairs with ``partner[c] = c +- s/2``
 (rotate-half), so for one token with per-channel angle ``a_c``::
@@ -93,6 +98,29 @@ def cos_sin(x, FAST_TRIG: tl.constexpr):
 
 
 @triton.jit
+def program_block(CU, BLOCK: tl.constexpr):
+    """(block index, head, sample, sample start, sample length, first row) of a program of the
+    ``(ceil(max_seqlen / BLOCK), H, B)`` grid. A helper cannot end the kernel, so each kernel
+    returns itself when the first row lies past its sample's end."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    start = tl.load(CU + b)
+    L = tl.load(CU + b + 1) - start
+    return pid, h, b, start, L, pid * BLOCK
+
+
+@triton.jit
+def block_rows(start, r0, L, BLOCK: tl.constexpr, HEAD_DP: tl.constexpr):
+    """(start as int64, rows ``[BLOCK]`` from ``r0``, channels ``[HEAD_DP]``, row in sample)."""
+    # token offsets times a token stride can pass 2^31 in a large packed batch
+    start64 = start.to(tl.int64)
+    rows = r0 + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DP)
+    return start64, rows, offs_d, rows < L
+
+
+@triton.jit
 def load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP: tl.constexpr):
     """(f_t, f_h, f_w, sign, partner) vectors ``[HEAD_DP]`` of :func:`rope_tables`."""
     f_t = tl.load(FTAB + offs_d)
@@ -101,6 +129,30 @@ def load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP: tl.constexpr):
     sgn = tl.load(FTAB + 3 * HEAD_DP + offs_d)
     partner = tl.load(PTAB + offs_d)
     return f_t, f_h, f_w, sgn, partner
+
+
+@triton.jit
+def rope_tables_or_identity(FTAB, PTAB, offs_d, HEAD_DP: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """The ``rope`` tuple the tile loaders take: :func:`load_rope_tables`, or without ``HAS_ROPE``
+    stand-ins they never read (they rotate nothing then), so one loop body serves both."""
+    if HAS_ROPE:
+        f_t, f_h, f_w, sgn, partner = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
+    else:
+        f_t = tl.zeros([HEAD_DP], dtype=tl.float32)
+        f_h = f_t
+        f_w = f_t
+        sgn = f_t
+        partner = offs_d
+    return f_t, f_h, f_w, sgn, partner
+
+
+@triton.jit
+def load_coords(crd_ptr, rows, ok):
+    """int32 (t, h, w) ``[R]`` of the tokens at ``rows`` (0 where not ``ok``)."""
+    t = tl.load(crd_ptr + rows * 3 + 0, mask=ok, other=0)
+    h = tl.load(crd_ptr + rows * 3 + 1, mask=ok, other=0)
+    w = tl.load(crd_ptr + rows * 3 + 2, mask=ok, other=0)
+    return t, h, w
 
 
 @triton.jit
@@ -115,11 +167,13 @@ def rope_angles(crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w):
 
 @triton.jit
 def load_tile_rope(
-    base, rows, row_ok, offs_d, partner, stride_t, crd_ptr, num_prefix, f_t, f_h, f_w, sgn,
+    base, rows, row_ok, offs_d, stride_t, crd_ptr, num_prefix, rope,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, ROW_MASK: tl.constexpr, HAS_ROPE: tl.constexpr,
     FAST_TRIG: tl.constexpr,
 ):
-    """Tile ``x[rows, :]`` of one head, rotated when ``HAS_ROPE``; returned in the input dtype."""
+    """Tile ``x[rows, :]`` of one head, rotated when ``HAS_ROPE`` (``rope``: the tables of
+    :func:`rope_tables_or_identity`); returned in the input dtype."""
+    f_t, f_h, f_w, sgn, partner = rope
     x = load_tile(base + rows[:, None] * stride_t + offs_d[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
     if HAS_ROPE:
         xp = load_tile(base + rows[:, None] * stride_t + partner[None, :], row_ok, offs_d, HEAD_DIM, HEAD_DP, ROW_MASK)
@@ -130,8 +184,14 @@ def load_tile_rope(
 
 
 @triton.jit
-def rope_transpose(g, pmat, crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w, sgn, FAST_TRIG: tl.constexpr):
-    """``R^T g`` for fp32 ``g[R, HEAD_DP]`` (the gradient w.r.t. rotated rows -> w.r.t. unrotated)."""
+def rope_transpose(
+    g, FTAB, PTAB, PMAT, crd_ptr, rows, row_ok, offs_d, num_prefix, HEAD_DP: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    """``R^T g`` for fp32 ``g[R, HEAD_DP]`` (the gradient w.r.t. rotated rows -> w.r.t. unrotated).
+    Called once per output tile after the tile loop; the tables are read here, so that nothing
+    of them stays live through the loop."""
+    f_t, f_h, f_w, sgn, _ = load_rope_tables(FTAB, PTAB, offs_d, HEAD_DP)
+    pmat = tl.load(PMAT + offs_d[:, None] * HEAD_DP + offs_d[None, :])
     hi = g.to(tl.bfloat16)
     r1 = g - hi.to(tl.float32)
     mid = r1.to(tl.bfloat16)
@@ -144,14 +204,92 @@ def rope_transpose(g, pmat, crd_ptr, rows, row_ok, num_prefix, f_t, f_h, f_w, sg
 
 
 @triton.jit
-def window_ok(qt, qh, qw, q_pre, crd_ptr, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w):
-    """bool ``[M, N]``: query (coords qt/qh/qw, prefix flag q_pre) may see key ``offs_n``."""
-    kt = tl.load(crd_ptr + offs_n * 3 + 0, mask=n_ok, other=0)
-    kh = tl.load(crd_ptr + offs_n * 3 + 1, mask=n_ok, other=0)
-    kw = tl.load(crd_ptr + offs_n * 3 + 2, mask=n_ok, other=0)
+def window_ok(own, crd_ptr, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w):
+    """bool ``[M, N]``: query (``own``: prefix flag and coords of :func:`block_window`) may see key ``offs_n``."""
+    q_pre, qt, qh, qw = own
+    kt, kh, kw = load_coords(crd_ptr, offs_n, n_ok)
     near = (tl.abs(qt[:, None] - kt[None, :]) <= rad_t) & (tl.abs(qh[:, None] - kh[None, :]) <= rad_h)
     near = near & (tl.abs(qw[:, None] - kw[None, :]) <= rad_w)
     return (near | q_pre[:, None] | (offs_n[None, :] < num_prefix)) & n_ok[None, :]
+
+
+@triton.jit
+def block_window(crd_w, rows, ok, num_prefix, HAS_WINDOW: tl.constexpr):
+    """(prefix flag, t, h, w) ``[R]`` of a program's own rows: ``own`` of :func:`window_ok`.
+    Without a window the coordinates are never read: the rows stand in for them."""
+    pre = rows < num_prefix
+    if HAS_WINDOW:
+        t, h, w = load_coords(crd_w, rows, ok)
+    else:
+        t = rows
+        h = rows
+        w = rows
+    return pre, t, h, w
+
+
+@triton.jit
+def tile_visible(own, crd_w, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w, HAS_WINDOW: tl.constexpr):
+    """bool mask of a masked tile: the window rule, or without a window the keys inside the sample."""
+    if HAS_WINDOW:
+        ok = window_ok(own, crd_w, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w)
+    else:
+        ok = n_ok[None, :]
+    return ok
+
+
+@triton.jit
+def tile_counts(FULL_CNT, PART_CNT, row, list_len, L, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(full tiles, masked tiles, offset of the program's list row) for :func:`tile_span`. With a
+    window, row ``row`` of the host's lists (:func:`window_lists`, rows ``list_len`` long);
+    without one, the sample's whole blocks (the masked pass is its partial last one, if any)."""
+    if HAS_WINDOW:
+        n_full = tl.load(FULL_CNT + row)
+        n_part = tl.load(PART_CNT + row)
+        list_off = row * list_len
+    else:
+        n_full = L // BLOCK
+        n_part = 0
+        list_off = 0
+    return n_full, n_part, list_off
+
+
+@triton.jit
+def tile_span(n_full, n_part, L, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Loop bounds of the full (``MASKED`` false) or masked pass over a program's tiles."""
+    if MASKED:
+        if HAS_WINDOW:
+            lo = 0
+            hi = n_part
+        else:
+            # Evaluated here, after the full pass: computed before it, the bound stays live through
+            # that loop (fp32 forward on sm_90: 80 -> 92 registers).
+            lo = n_full
+            hi = tl.cdiv(L, BLOCK)
+    else:
+        lo = 0
+        hi = n_full
+    return lo, hi
+
+
+@triton.jit
+def stream_tile(
+    list_ptr, it, L, x_base, y_base, stride_xt, stride_yt, crd_r, offs_d, rope, num_prefix,
+    HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, USE_LIST: tl.constexpr, HAS_ROPE: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    """Step ``it`` of a tile loop: (rows ``[BLOCK]``, row in sample, ``x`` rows rotated when
+    ``HAS_ROPE``, ``y`` rows) - k, v in the query-block loops, q, dO in the key-block loop.
+    ``USE_LIST``: the block is entry ``it`` of ``list_ptr``, else block ``it`` itself."""
+    if USE_LIST:
+        r0 = tl.load(list_ptr + it) * BLOCK
+    else:
+        r0 = it * BLOCK
+    rows = r0 + tl.arange(0, BLOCK)
+    ok = rows < L
+    x = load_tile_rope(x_base, rows, ok, offs_d, stride_xt, crd_r, num_prefix, rope, HEAD_DIM, HEAD_DP, MASKED,
+                       HAS_ROPE, FAST_TRIG)
+    y = load_tile(y_base + rows[:, None] * stride_yt + offs_d[None, :], ok, offs_d, HEAD_DIM, HEAD_DP, MASKED)
+    return rows, ok, x, y
 
 
 # --------------------------------------------------------------------------- host tables

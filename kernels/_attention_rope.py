@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_common import cos_sin, load_rope_tables, load_tile, rope_angles
+from ._attention_common import cos_sin, load_rope_tables, load_tile, program_block, rope_angles
 
 
 @triton.jit
@@ -39,12 +39,7 @@ def attn_rope_kernel(
     stride_qt, stride_qh: tl.constexpr, stride_kt, stride_kh: tl.constexpr, stride_rt, stride_rh: tl.constexpr, num_prefix,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    start = tl.load(CU + b)
-    L = tl.load(CU + b + 1) - start
-    r0 = pid * BLOCK
+    _, h, _, start, L, r0 = program_block(CU, BLOCK)
     if r0 >= L:
         return
     start64 = start.to(tl.int64)
