@@ -152,7 +152,11 @@ if __name__ == "__main__":
             "matplotlib",  # loss curves, confusion matrices, reconstruction grids
             "tensorboard",
         ],
-        extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=4.50"]},
+        extras_require={
+            # kernels: Hugging Face's package that transformers 5.x imports; tests/test_install.py checks that
+            # the repository's kernels/ folder does not shadow it when run from the root.
+            "test": ["pytest", "pytest-benchmark", "transformers>=4.50", "kernels"],
+        },
         entry_points={"console_scripts": ["invnext = invnext.cli:main"]},
         zip_safe=False,
     )

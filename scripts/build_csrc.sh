@@ -7,13 +7,16 @@
 #   bash scripts/build_csrc.sh --inplace  # also copy the module into invnext/native/ (source-tree use;
 #                                         # --install is the same)
 #
-# Environment: PYTHON (default: python3, else python), BUILD_DIR (default: build/csrc), JOBS (default: 2).
+# Environment: PYTHON, the Python whose pybind11 the bindings use (default: the project's .venv when
+# scripts/setup.sh made one, else python3, else python), BUILD_DIR (default: build/csrc), JOBS (default: 2).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build_dir="${BUILD_DIR:-$root/build/csrc}"
 jobs="${JOBS:-2}"
-python="${PYTHON:-$(command -v python3 || command -v python)}"
+if [ -n "${PYTHON:-}" ]; then python="$PYTHON"
+elif [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"
+else python="$(command -v python3 || command -v python)"; fi
 inplace=0
 for arg in "$@"; do
   case "$arg" in
@@ -27,6 +30,8 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_H
 fi
 command -v nvcc >/dev/null 2>&1 || { echo "build_csrc.sh: nvcc not found (PATH or CUDA_HOME)" >&2; exit 1; }
 command -v cmake >/dev/null 2>&1 || { echo "build_csrc.sh: cmake not found" >&2; exit 1; }
+"$python" -c "import pybind11" 2>/dev/null \
+  || { echo "build_csrc.sh: no pybind11 for $python (run: $python -m pip install 'pybind11>=2.12', or set PYTHON)" >&2; exit 1; }
 
 # Ninja compiles the bindings alongside the kernels (make waits for the library first).
 generator=()
