@@ -17,6 +17,8 @@ jobs="${JOBS:-2}"
 if [ -n "${PYTHON:-}" ]; then python="$PYTHON"
 elif [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"
 else python="$(command -v python3 || command -v python)"; fi
+# CMake resolves a relative interpreter path from its build folder: make it absolute here.
+case "$python" in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; *) python="$(command -v "$python")" ;; esac
 inplace=0
 for arg in "$@"; do
   case "$arg" in
