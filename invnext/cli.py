@@ -116,6 +116,7 @@ def _add_probe_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from invnext.train.checkpoint import CheckpointWriteError, OutputLockedError
     from invnext.train.loop import FaultHooks, NonFiniteLossError, RunExistsError, UsageError
     from invnext.train.run import pretrain, resolve_configs
 
@@ -129,7 +130,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             args.stage, configs=args.config, preset=args.preset, sets=args.sets, out=args.out,
             resume=args.resume, init=args.init, hooks=FaultHooks.from_env(), evaluate=args.evaluate,
         )
-    except (UsageError, RunExistsError, NonFiniteLossError) as exc:
+    except (UsageError, RunExistsError, NonFiniteLossError, OutputLockedError, CheckpointWriteError) as exc:
         print(f"invnext pretrain: error: {exc}", file=sys.stderr)
         return 1
     return 0

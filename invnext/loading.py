@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 
 from invnext.config import PRESETS, EncoderConfig, Stage1Config, Stage2Config, from_dict, get_preset, to_dict
 from invnext.models.encoder import Encoder
-from invnext.models.io import save_weights
+from invnext.models.io import check_finite, check_shapes, save_weights
 from invnext.models.release import convert_release_state_dict, is_release_state_dict, strip_wrappers
 
 __all__ = ["CONFIG_CLASS_KEY", "CONFIG_KEY", "build_encoder", "config_metadata", "load_encoder", "save_encoder"]
@@ -102,6 +103,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a torch checkpoint, read without running pickled code; unwraps {'module': ...} etc."""
     try:
         obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:  # a file cut short or not a torch file at all
+        raise ValueError(
+            f"load_encoder: {str(path)!r} is not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"load_encoder: {str(path)!r} holds objects other than tensors and plain containers, which are not "
@@ -125,14 +130,19 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a weights file; of our Stage-1/2 files only the ``encoder.`` tensors."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            prefix = (
-                _CONFIG_CLASSES.get(metadata.get(CONFIG_CLASS_KEY, ""), (None, ""))[1] if CONFIG_KEY in metadata else ""
-            )
-            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}, metadata
+        try:
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                prefix = (
+                    _CONFIG_CLASSES.get(metadata.get(CONFIG_CLASS_KEY, ""), (None, ""))[1]
+                    if CONFIG_KEY in metadata
+                    else ""
+                )
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}, metadata
+        except SafetensorError as exc:
+            raise ValueError(f"load_encoder: {str(path)!r} is not a readable safetensors file ({exc})") from None
     if path.suffix in _PICKLED:
         return _torch_load(path), {}
     raise ValueError(
@@ -157,7 +167,13 @@ def _overrides(config: EncoderConfig | Mapping[str, Any] | None) -> dict[str, An
 
 def _strict_load(encoder: Encoder, state: Mapping[str, torch.Tensor], what: str) -> None:
     # Strict: the encoder is built empty, so every one of its tensors must come from the file.
-    missing, unexpected = encoder.load_resized(dict(state), strict=False)
+    # load_resized resamples the position table itself; any other shape mismatch is named here
+    # rather than left to load_state_dict's message, which names no file.
+    check_shapes(encoder, state, f"load_encoder: {what}", skip=("pos_embed.weight",))
+    try:
+        missing, unexpected = encoder.load_resized(dict(state), strict=False)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"load_encoder: {what} does not fit the encoder: {exc}") from None
     if missing or unexpected:
         raise ValueError(
             f"load_encoder: {what} does not fit the encoder: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
@@ -172,7 +188,14 @@ def _load_ours(state, metadata, overrides, where: str) -> Encoder:
                 f"load_encoder: {where} has config class {cls_name!r}; expected one of {sorted(_CONFIG_CLASSES)}"
             )
         cls, prefix = _CONFIG_CLASSES[cls_name]
-        cfg = from_dict(cls, json.loads(metadata[CONFIG_KEY]))
+        try:
+            cfg = from_dict(cls, json.loads(metadata[CONFIG_KEY]))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"load_encoder: {where}: its {CONFIG_KEY!r} metadata is not valid JSON ({exc})") from None
+        except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
+            raise type(exc)(
+                f"load_encoder: {where}: its {CONFIG_KEY!r} metadata is not a valid {cls_name}: {exc}"
+            ) from None
         enc_cfg = cfg if cls is EncoderConfig else cfg.encoder
     else:
         if not overrides:
@@ -183,13 +206,17 @@ def _load_ours(state, metadata, overrides, where: str) -> Encoder:
         prefix = "encoder." if any(k.startswith("encoder.") for k in state) else ""
         enc_cfg = EncoderConfig()
     enc_cfg = from_dict(EncoderConfig, {**to_dict(enc_cfg), **overrides})
+    used = {k: v for k, v in state.items() if k.startswith(prefix)}
+    check_finite(used, f"load_encoder: {where}")
     encoder = build_encoder(enc_cfg, empty=True)
-    _strict_load(encoder, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, where)
+    _strict_load(encoder, {k[len(prefix) :]: v for k, v in used.items()}, where)
     return encoder
 
 
 def _load_release(state, overrides, where: str, verbose: bool) -> Encoder:
     conv = convert_release_state_dict(state, overrides)
+    skipped = set(conv.skipped)  # parts the encoder does not use may hold anything
+    check_finite({k: v for k, v in state.items() if k not in skipped}, f"load_encoder: the authors' checkpoint {where}")
     encoder = build_encoder(from_dict(EncoderConfig, conv.config), empty=True)
     _strict_load(encoder, conv.state, f"the authors' checkpoint {where}")
     if verbose:

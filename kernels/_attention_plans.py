@@ -1,17 +1,24 @@
-"""Host-side plans of the windowed attention, built once per batch structure.
+"""Host-side plans of the windowed attention, reused only for structures declared immutable.
 
 A windowed launch needs, per kernel kind, the lists of key (or query) blocks each program
 visits (``window_lists``: about 115 small torch ops, each a kernel launch on a GPU) and, for a
 1D window, synthetic coordinates (``window_geometry``: 8 more). They depend only on
 ``cu_seqlens``, the coordinates and static settings, which every windowed layer of a forward
 and its backward share: the default predictor (3 local layers of 5) built them 9 times per
-training step, about 1,100 launches; cached, 3 times.
+training step, about 1,100 launches; reused, 3 times.
 
-Entries live in a table per ``cu_seqlens`` tensor, keyed by its ``id`` and emptied by a
-``weakref.finalize`` when that tensor dies, so a later tensor at the same address cannot hit
-a stale entry. A key holds the version counters of ``cu_seqlens`` and of the coordinates (an
-in-place write misses), and an entry holds the coordinates tensor itself, compared by
-identity. Inference tensors (no version counter) are never cached.
+Reuse is explicit. A plan is reused only for a ``cu_seqlens`` (and coordinates) declared
+immutable with ``invnext.ops.static_structure``; any other call builds its plans afresh. A
+cache keyed by identity and version counter alone returned stale plans (NaN rows) when the
+values changed without a version bump (the numpy array under ``torch.from_numpy`` written, a
+write through ``.data``); keying by value would need a host read (a sync on the GPU) per call.
+For a declared structure the version counters still take part in the key, so an in-place
+write to it rebuilds the plans.
+
+Entries live in a table per declared ``cu_seqlens`` tensor, keyed by its ``id`` and emptied by
+a ``weakref.finalize`` when that tensor dies, so a later tensor at the same address cannot hit
+a stale entry. An entry holds the coordinates tensor itself, compared by identity. Inference
+tensors (no version counter) are never reused.
 """
 from __future__ import annotations
 
@@ -21,7 +28,22 @@ from typing import Any
 
 import torch
 
+# The attribute ``invnext.ops.static_structure`` sets on the tensors it declares (the kernels
+# package does not import invnext, so the name is shared as a literal).
+STATIC_ATTR = "_invnext_static_structure"
+
 _TABLES: dict[int, dict] = {}
+
+
+def is_static(t: torch.Tensor | None) -> bool:
+    """True for None and for a tensor declared immutable (and not an inference tensor)."""
+    return t is None or (bool(getattr(t, STATIC_ATTR, False)) and not t.is_inference())
+
+
+def mark_static(t: torch.Tensor) -> torch.Tensor:
+    """``t``, declared immutable (for plan parts derived from a declared structure)."""
+    setattr(t, STATIC_ATTR, True)
+    return t
 
 
 def _table(cu: torch.Tensor) -> dict:
@@ -34,8 +56,9 @@ def _table(cu: torch.Tensor) -> dict:
 
 
 def cached(cu: torch.Tensor, coords: torch.Tensor | None, key: tuple[Hashable, ...], build: Callable[[], Any]) -> Any:
-    """``build()``, or what it returned for the same ``cu``, ``coords`` (same objects, unmodified) and ``key``."""
-    if cu.is_inference() or (coords is not None and coords.is_inference()):
+    """``build()``; for a declared ``cu`` and ``coords``, what it returned for the same objects,
+    unmodified (version counters), and ``key``."""
+    if not (is_static(cu) and is_static(coords)):
         return build()
     table = _table(cu)
     full = (cu._version, -1 if coords is None else coords._version, *key)

@@ -27,8 +27,9 @@ keys; the rest of the sample is skipped. An order by (t, h-bands, w-bands) (e.g.
 of a frame, raster inside) would make blocks square in (h, w) and skip more when ``ww`` is
 small against the frame width; the kernel accepts any order (it reads coords, never assumes a
 layout), so such a reordering can be added by the caller without touching it. The tile lists
-are built on the host once per batch structure and kind (``_attention_plans``): every windowed
-layer of a forward and its backward reuses them.
+are built on the host per call, or once per batch structure and kind for a structure declared
+immutable (``invnext.ops.static_structure``, ``_attention_plans``): every windowed layer of a
+forward and its backward then reuses them.
 
 RoPE. By default (``INVNEXT_ATTN_ROPE=prepass``) one small kernel rotates q and k per token
 before the tile loops (``_attention_rope``), and the loops run the RoPE-free code; with
@@ -200,6 +201,15 @@ def _tile_layout(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(1) == t.shape[-1] else t.contiguous()
 
 
+def _static_geometry(win, coords, cu_seqlens, total):
+    # Synthetic coordinates are a function of cu_seqlens alone: declared immutable with it, so
+    # the tile lists built from them are reused exactly when the geometry is.
+    wc, radius = window_geometry(win, coords, cu_seqlens, total)
+    if plans.is_static(cu_seqlens):
+        plans.mark_static(wc)
+    return wc, radius
+
+
 class _Prep:
     """Everything the three launches share: shapes, RoPE tables, window coords and radius."""
 
@@ -229,7 +239,7 @@ class _Prep:
             if isinstance(win, int):  # synthetic coordinates: built once per cu_seqlens
                 geometry = ("geometry", win, self.total)
                 self.crd_w, self.radius = plans.cached(
-                    cu_seqlens, None, geometry, lambda: window_geometry(win, coords, cu_seqlens, self.total)
+                    cu_seqlens, None, geometry, lambda: _static_geometry(win, coords, cu_seqlens, self.total)
                 )
             else:
                 self.crd_w, self.radius = window_geometry(win, coords, cu_seqlens, self.total)

@@ -396,16 +396,21 @@ def same_dtype_attention(q, k, v, cu, scale, coords, rope, window, num_prefix):
 
 
 class SdpaCalls:
-    """Stands in for ``F.scaled_dot_product_attention``: records each call's q shape, then runs it."""
+    """Stands in for ``F.scaled_dot_product_attention`` and for the reference's masked math (what
+    the CPU runs instead of SDPA under a window): records each call's q shape, then runs it."""
 
     def __init__(self, monkeypatch):
         self.shapes: list[tuple[int, ...]] = []
-        self._sdpa = torch.nn.functional.scaled_dot_product_attention
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", self)
+        sdpa, math_ = torch.nn.functional.scaled_dot_product_attention, attn_mod._masked_attention_math
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", self.recording(sdpa))
+        monkeypatch.setattr(attn_mod, "_masked_attention_math", self.recording(math_))
 
-    def __call__(self, q, *args, **kwargs):
-        self.shapes.append(tuple(q.shape))
-        return self._sdpa(q, *args, **kwargs)
+    def recording(self, fn):
+        def call(q, *args, **kwargs):
+            self.shapes.append(tuple(q.shape))
+            return fn(q, *args, **kwargs)
+
+        return call
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -512,6 +517,41 @@ def test_padded_mask(window, num_prefix):
     assert mask.any(dim=-1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padded", [True, False])
+def test_nonfinite_key_reaches_only_rows_that_see_it(monkeypatch, dtype, padded):
+    """A NaN (or inf) key outside a query's window leaves that query's output as float64 has it,
+    on both lower-precision paths. SDPA adds its boolean mask as -inf, and NaN + -inf is NaN, so
+    the key used to turn every row of its sample non-finite."""
+    monkeypatch.setattr(attn_mod, "_PADDED_ELEMENTS", (1 << 25) if padded else 0)
+    lengths, heads = [10, 20], 2
+    cu, total = make_cu(lengths), sum(lengths)
+    coords = make_coords(lengths, 1)
+    q, k, v = qkv(total, heads, 16)
+    k[15, 1, 3] = float("nan")
+    k[25, 0, 2] = float("inf")  # +inf or -inf scores by the sign of q: some rows that see it stay finite
+    for window in (5, (1, 3, 3)):
+        kw = dict(coords=coords, window=window, num_prefix=1)
+        want = masked_attention(q, k, v, cu, 20, **kw)
+        got = masked_attention(q.to(dtype), k.to(dtype), v.to(dtype), cu, 20, **kw)
+        bad = ~torch.isfinite(want).all(-1)  # [total, heads]
+        assert 0 < int(bad.sum()) < total  # the key reaches some rows, not all
+        assert torch.equal(~torch.isfinite(got).all(-1), bad), window
+        assert max_err(got[~bad], want[~bad]) < 2e-2
+
+
+def test_empty_batch_output_is_in_the_graph():
+    """total = 0: the output is still a function of q, k, v, so backward() runs and gives empty
+    gradients (the Triton backend's autograd op does the same)."""
+    for dtype in (torch.float32, torch.float64):
+        for cu, window in ((_cu(0, 0), None), (_cu(0, 0, 0), 3)):
+            q, k, v = qkv(0, 2, 16, dtype=dtype, grad=True)
+            out = masked_attention(q, k, v, cu, 0, window=window, backend="torch")
+            assert out.shape == (0, 2, 16) and out.dtype == dtype and out.grad_fn is not None
+            out.sum().backward()
+            assert q.grad.shape == k.grad.shape == v.grad.shape == (0, 2, 16)
+
+
 def test_padded_rows_stay_finite():
     """A 1-token sample padded to 113 rows under a 1D window: its padded query rows see no real key."""
     lengths = [1, 113]
@@ -606,3 +646,32 @@ def test_bad_input_raises(name, edit, exc, msg):
     edit(args)
     with pytest.raises(exc, match="masked_attention: .*" + re.escape(msg)):
         masked_attention(**args)
+
+
+def test_nonfinite_inputs_are_named_when_values_are_checked(monkeypatch):
+    q, k, v = qkv(8, 2, 16)
+    v[3, 1, 2] = float("inf")
+    cu = make_cu([3, 5])
+    assert torch.isinf(masked_attention(q, k, v, cu, 5)).any()  # opt-in only: inf flows by default
+    monkeypatch.setenv("INVNEXT_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="masked_attention: v holds 1 non-finite value"):
+        masked_attention(q, k, v, cu, 5)
+
+
+def test_meta_tensors_propagate_shapes_or_say_what_is_missing():
+    """Meta tensors hold no values: the reference ran its float64 per-sample loop over them
+    (NotImplementedError from reading cu_seqlens); it now takes the padded path, which reads none."""
+    q, k, v = (t.to("meta").requires_grad_() for t in qkv(8, 2, 16))
+    cu = make_cu([3, 5]).to("meta")
+    coords = make_coords([3, 5], 1).to("meta")
+    for window in (None, 3, (1, 3, 3)):
+        out = masked_attention(q, k, v, cu, 5, coords=coords, window=window, num_prefix=1)
+        assert out.device.type == "meta" and out.shape == (8, 2, 16) and out.dtype == F64 and out.grad_fn is not None
+    with pytest.raises(ValueError, match="masked_attention: cu_seqlens is a meta tensor .* pass max_seqlen"):
+        masked_attention(q, k, v, cu)
+
+
+def test_max_seqlen_must_be_non_negative():
+    q, k, v = qkv(0, 1, 16)
+    with pytest.raises(ValueError, match="masked_attention: max_seqlen must be >= 0, got -1"):
+        masked_attention(q, k, v, _cu(0, 0), -1)

@@ -130,11 +130,11 @@ def test_writer_is_atomic_and_keeps_last(tmp_path):
         crashes[:] = [where]
         with pytest.raises(KeyboardInterrupt):
             save(4)
-        assert (root / ".tmp-step_00000004").is_dir(), "the partial write stays in its temp folder"
+        assert (root / f".tmp-step_00000004-{os.getpid()}").is_dir(), "the partial write stays in its temp folder"
         assert ckpt.latest_checkpoint(root).name == "step_00000003"
         assert (root / "latest").read_text().strip() == "step_00000003"
     crashes.clear()
-    assert [p.name for p in ckpt.clean_partial(root)] == [".tmp-step_00000004"]
+    assert [p.name for p in ckpt.clean_partial(root)] == [f".tmp-step_00000004-{os.getpid()}"]
     got = ckpt.read_checkpoint(save(4))
     assert got["state"]["step"] == 4 and got["state"]["note"] == 4 and torch.equal(got["model"]["w"], model["w"])
     assert torch.equal(got["optim"]["state"]["w"]["exp_avg"], torch.ones(2, 3))
@@ -170,7 +170,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     p = run_cli(["--stage", "both", *cfgs, "--out", str(run)], {"INVNEXT_TEST_KILL_IN_SAVE": "1:4"})
     assert p.returncode == -signal.SIGKILL, p.stderr
     root = run / "stage1" / "checkpoints"
-    partial = root / ".tmp-step_00000004"
+    (partial,) = root.glob(".tmp-step_00000004-*")  # named after the killed writer's pid
     assert (partial / "model.safetensors").is_file() and not (partial / "state.json").exists()
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert ckpt.latest_checkpoint(root).name == "step_00000002"
@@ -216,3 +216,99 @@ def test_resume_refuses_changed_settings_and_existing_runs(tmp_path):
             train_stage(cfg, tmp_path / "run", cpu)
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _cpu():
+    from invnext.train.distributed import DistInfo
+
+    return DistInfo(0, 1, 0, torch.device("cpu"), None)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_run_on_one_out_is_refused_and_never_touches_the_others_writes(tmp_path):
+    from invnext.train.config import load_train_config
+    from invnext.train.loop import train_stage
+
+    write_configs(tmp_path)
+    cfg = load_train_config(1, tmp_path / "s1.yaml", sets=["schedule.steps=2"])
+    out = tmp_path / "run" / "stage1"
+    threads = torch.get_num_threads()
+    try:
+        with ckpt.OutputLock(out):  # a live run holds the folder
+            with pytest.raises(ckpt.OutputLockedError, match=rf"in use by another run \(pid and host: {os.getpid()} .*another --out"):
+                train_stage(cfg, out, _cpu())
+            with pytest.raises(ckpt.OutputLockedError):
+                train_stage(cfg, out, _cpu(), resume=True)
+        assert not (out / "checkpoints").exists()
+        (out / ".lock").write_text(f"{_dead_pid()} somehost\n")  # left by a run that died
+        train_stage(cfg, out, _cpu())
+    finally:
+        torch.set_num_threads(threads)
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_00000002"
+
+    # Temp folders carry their writer's pid: a write never deletes a live writer's folder.
+    root = out / "checkpoints"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs, dead = root / f".tmp-step_00000009-{live.pid}", root / f".tmp-step_00000009-{_dead_pid()}"
+        theirs.mkdir()
+        dead.mkdir()
+        tmp = ckpt.CheckpointWriter(root, keep_last=2).begin(3)
+        assert tmp.name == f".tmp-step_00000003-{os.getpid()}" and theirs.is_dir() and not dead.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, capsys):
+    from invnext.train.config import load_train_config
+    from invnext.train.loop import UsageError, train_stage
+
+    write_configs(tmp_path)
+    cfg = load_train_config(1, tmp_path / "s1.yaml")  # 4 steps, checkpoints at 2 and 4
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        train_stage(cfg, out, _cpu())
+        bad = out / "checkpoints" / "step_00000004" / "model.safetensors"
+        bad.write_bytes(bad.read_bytes()[:100])  # cut short, as by a full disk or a bad copy
+        capsys.readouterr()
+        res = train_stage(cfg, out, _cpu(), resume=True)
+        text = capsys.readouterr().out
+        assert f"{bad} is damaged" in text and "falling back" in text
+        assert "resuming from" in text and "step_00000002 (step 2 of 4)" in text
+        assert res.steps == 4 and ckpt.read_checkpoint(out / "checkpoints" / "step_00000004")["state"]["step"] == 4
+        for step in (2, 4):  # every checkpoint damaged: a clear error naming the files, not a fresh start
+            (out / "checkpoints" / f"step_{step:08d}" / "optim.safetensors").write_bytes(b"\0" * 8)
+        with pytest.raises(UsageError, match=r"--resume: no checkpoint under .* can be read.*step_00000004/optim\.safetensors"):
+            train_stage(cfg, out, _cpu(), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_failed_write_removes_its_temp_folder(tmp_path):
+    import errno
+
+    def disk_full(where):
+        if where == "after_model":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = tmp_path / "ck"
+    w = ckpt.CheckpointWriter(root, keep_last=2, crash_hook=disk_full)
+    rng_t, rng_meta = ckpt.rng_state(0)
+    optim = {"state": {}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step_00000001 .*No space left.*was removed"):
+        w.commit(w.begin(1), 1, {"w": torch.ones(2)}, optim, {}, rng_t, {"rank0": rng_meta})
+    assert list(root.iterdir()) == [] and ckpt.latest_checkpoint(root) is None
+    w.crash_hook = lambda where: None  # a non-OSError failure (a state JSON cannot hold) cleans up too
+    with pytest.raises(ValueError, match="Out of range float"):
+        w.commit(w.begin(1), 1, {"w": torch.ones(2)}, optim, {"x": float("inf")}, rng_t, {"rank0": rng_meta})
+    assert list(root.iterdir()) == []

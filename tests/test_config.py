@@ -117,6 +117,13 @@ def test_real_presets_follow_method():
     assert get_preset("large").stage1.encoder.drop_path == 0.2
 
 
+def test_large_preset_pools_to_768_like_the_release():
+    # The release's large (width 1024) projects its attention pool to 768; base pools at its width.
+    large, base = get_preset("large"), get_preset("base")
+    assert large.stage1.encoder.embed_dim == large.stage2.encoder.embed_dim == 768
+    assert large.stage1.encoder.width == 1024 and base.stage1.encoder.embed_dim == 768
+
+
 def test_get_preset_unknown_and_override():
     with pytest.raises(ConfigError, match=r"unknown preset 'lage'.*did you mean 'large'"):
         get_preset("lage")

@@ -419,3 +419,40 @@ def test_data_check_exit_codes(videos, tmp_path):
     missing = write_index(tmp_path, [("gone.mp4", 1)])
     out = io.StringIO()
     assert run_data_check(missing, out=out) == 1 and "gone.mp4: file not found" in out.getvalue()
+
+
+def test_data_check_reports_non_files_and_warns_on_single_frame_clips(tmp_path):
+    # A folder named x.mp4 and a dangling symlink used to vanish from the index without a word, and
+    # a 1-frame clip (repeated to fill every clip drawn from it) passed as fine.
+    root = tmp_path / "v"
+    root.mkdir()
+    write_video(str(root / "good.mp4"), solid_clip(4), fps=FPS)
+    write_video(str(root / "still.mp4"), solid_clip(1), fps=FPS)
+    (root / "x.mp4").mkdir()
+    (root / "link.mp4").symlink_to(root / "gone.mp4")
+    out = io.StringIO()
+    assert run_data_check(root, out=out) == 1
+    text = out.getvalue()
+    assert f"BAD   {root / 'x.mp4'}: a directory, not a video file" in text
+    assert f"BAD   {root / 'link.mp4'}: dangling symbolic link" in text
+    assert f"WARN  {root / 'still.mp4'}: a single decodable frame" in text
+    assert "4 entries: 2 ok, 2 bad, 1 with warnings" in text
+    assert [e.path for e in read_index(root).entries] == [str(root / "good.mp4"), str(root / "still.mp4")]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("path,label\na.mp4,1\nb.mp4,2,3\n", r"i\.csv:3: 3 fields, but the header has 2 \(path, label\); extra: \['3'\]"),
+        ('path,label\na.mp4,1\n"b.mp4,2\nc.mp4,3\n', r"i\.csv:3: malformed CSV row .*a quote left open"),
+        ('path,label\n"a.mp4,1\nb.mp4",2\n', r"i\.csv:2-3: the 'path' value spans several lines"),
+        ("path,label\na\0.mp4,1\n", r"i\.csv:2: the 'path' value holds a NUL byte"),
+        (b"path,label\n\xff.mp4,1\n", r"i\.csv is not UTF-8 text"),
+    ],
+)
+def test_csv_rows_with_extra_fields_or_an_open_quote_are_rejected(tmp_path, text, match):
+    (tmp_path / "i.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=match):
+        read_index(tmp_path / "i.csv")
+    out = io.StringIO()
+    assert run_data_check(tmp_path / "i.csv", out=out) == 2 and "invalid index" in out.getvalue()

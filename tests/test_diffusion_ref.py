@@ -694,3 +694,58 @@ def test_bad_sampler_arguments_raise():
         p_sample_loop(good, None, s, channels=3)
     with pytest.raises(ValueError, match="channels must be a positive int"):
         p_sample_loop(good, cond, s, channels=0)
+
+
+# ----------------------------------------------------------------------------- sizes, devices, values (issue 16)
+
+
+def test_make_schedule_past_memory_is_refused_before_allocating():
+    # 10^12 steps: the float64 chain alone is ~30 TiB; named, not an allocator error.
+    with pytest.raises(ValueError, match=r"make_schedule: num_steps=1000000000000 would need .* more than its"):
+        make_schedule(10**12)
+
+
+def test_make_schedule_device_is_named():
+    # torch's "Expected one of cpu, cuda, ..." / "Torch not compiled with CUDA enabled" named nothing.
+    with pytest.raises(ValueError, match=r"make_schedule: device must be a torch.device .* got 'gpu'"):
+        make_schedule(10, device="gpu")
+    with pytest.raises(ValueError, match=r"make_schedule: device='cuda:99' but "):
+        make_schedule(10, device="cuda:99")
+
+
+def test_diffusion_loss_of_no_rows_is_zero_and_differentiable():
+    # The mean over no rows was NaN, which poisons a training step; it is 0, like the sum.
+    s = make_schedule(10)
+    model_out = torch.zeros(0, 6, requires_grad=True)
+    empty = torch.zeros(0, 3)
+    for reduction in ("mean", "sum"):
+        loss = diffusion_loss(model_out, empty, empty, empty, torch.zeros(0, dtype=torch.int64), s, reduction=reduction)
+        assert loss.shape == () and loss.item() == 0.0 and loss.grad_fn is not None
+        (grad,) = torch.autograd.grad(loss, model_out)
+        assert grad.shape == (0, 6)
+
+
+def test_timestep_embedding_past_memory_is_refused():
+    with pytest.raises(ValueError, match=r"timestep_embedding: dim=1000000000000 for 4 timesteps would need"):
+        timestep_embedding(torch.arange(4), 10**12)
+
+
+def test_nonfinite_diffusion_inputs_are_named_when_values_are_checked(monkeypatch):
+    out, x0, x_t, noise, t = _good()
+    s = make_schedule(1000)
+    bad = out.clone()
+    bad[2, 1] = float("nan")
+    diffusion_loss(bad, x0, x_t, noise, t, s)  # opt-in only: NaN flows to the trainer's own check
+    monkeypatch.setenv("INVNEXT_CHECK_VALUES", "1")
+    inf = torch.full_like(x0, float("inf"))
+    for call, match in (
+        (lambda: diffusion_loss(bad, x0, x_t, noise, t, s), "diffusion_loss: model_out holds 1 non-finite"),
+        (lambda: q_sample(inf, noise, t, s), "q_sample: x0 holds 12 non-finite"),
+        (lambda: p_sample_step(out, x_t, t, s, inf), "p_sample_step: noise holds 12 non-finite"),
+        (lambda: ddim_step(out, inf, t, s), "ddim_step: x_t holds 12 non-finite"),
+        (lambda: adaln_modulate(x0, torch.zeros(3), inf[0]), "adaln_modulate: scale holds 3 non-finite"),
+        (lambda: p_sample_loop(lambda x, tt, c: torch.zeros(4, 6), None, make_schedule(respace=4), channels=3,
+                               noise=inf), "p_sample_loop: noise holds 12 non-finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()

@@ -134,7 +134,8 @@ def _release_forward(sd: dict[str, torch.Tensor], video: torch.Tensor) -> tuple[
         q, k, v = (t.view(B, L, HEADS, D).transpose(1, 2) for t in (q, k, v))
         a = torch.softmax(q @ k.transpose(-1, -2) * D**-0.5, -1) @ v
         x = x + b("ls1.gamma") * (a.transpose(1, 2).reshape(B, L, W) @ b("attn.proj.weight").T + b("attn.proj.bias"))
-        y = F.gelu(_rms(x, b("norm2.weight")) @ b("mlp.fc1.weight").T + b("mlp.fc1.bias"))
+        # Their default block MLP is flash-attn's FusedMLP, whose GELU is the tanh approximation.
+        y = F.gelu(_rms(x, b("norm2.weight")) @ b("mlp.fc1.weight").T + b("mlp.fc1.bias"), approximate="tanh")
         x = x + b("ls2.gamma") * (y @ b("mlp.fc2.weight").T + b("mlp.fc2.bias"))
 
     # No final norm. AttentionPoolingBlock: query = LN(mean of all tokens), k = LN(x), v = LN(x).
@@ -185,6 +186,7 @@ def test_authors_checkpoint_loads_and_matches_their_forward(tmp_path, capsys):
         FRAMES,
     )
     assert (cfg.num_class_tokens, cfg.pool_dim, cfg.mlp_hidden, cfg.final_norm) == (P, POOL_DIM, HIDDEN, False)
+    assert cfg.activation == "gelu_tanh"
     assert not enc.training
     # Nothing missing or unexpected: every one of our tensors came from one of theirs.
     assert len(enc.state_dict()) == len(sd)
@@ -207,6 +209,30 @@ def test_authors_checkpoint_loads_and_matches_their_forward(tmp_path, capsys):
     # Our attention pool scores and averages in float32 even for float64 inputs (by design, for
     # bf16), hence a float32-level tolerance here; a mapping error would be off by O(1).
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=5e-6)
+
+
+def test_authors_checkpoint_fp32_features_match_their_fused_mlp_path(tmp_path):
+    # The release's features in fp32: the tanh-GELU activation (set on loading) keeps ours within
+    # 5e-6 relative of their forward; exact GELU was off by ~1e-4 and grew with activation scale.
+    sd = _release_state(seed=3)
+    path = tmp_path / "release.pt"
+    torch.save({"model": sd}, path)
+    enc = load_encoder(path, config=OVERRIDES, verbose=False)
+    video = torch.randn(2, 3, FRAMES, IMG, IMG, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        tokens, pooled = enc.encode(video.float())
+    ref_tokens, ref_pooled = _release_forward(sd, video)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b).norm() / b.norm())
+
+    assert rel(tokens, ref_tokens) < 5e-6, rel(tokens, ref_tokens)
+    assert rel(pooled, ref_pooled) < 5e-6, rel(pooled, ref_pooled)
+    # The activation is a setting: exact GELU is still what our own checkpoints use by default.
+    assert EncoderConfig().activation == "gelu"
+    exact = load_encoder(path, config={**OVERRIDES, "activation": "gelu"}, verbose=False)
+    with torch.no_grad():
+        assert rel(exact.encode(video.float())[0], ref_tokens) > 1e-5
 
 
 def test_authors_safetensors_and_release_defaults(tmp_path):
@@ -265,7 +291,7 @@ def test_authors_checkpoint_errors(tmp_path):
         load_encoder(ok, config={**OVERRIDES, "img_size": 24}, verbose=False)
     # A wrong width for a tensor is a load error that names it.
     torch.save({**sd, "blocks.1.mlp.fc2.bias": torch.zeros(W + 1)}, bad)
-    with pytest.raises(RuntimeError, match=r"blocks\.1\.mlp\.fc2\.bias"):
+    with pytest.raises(ValueError, match=r"bad\.pt.*blocks\.1\.mlp\.fc2\.bias: file \[65\], model \[64\]"):
         load_encoder(bad, config=OVERRIDES, verbose=False)
 
 
@@ -326,3 +352,51 @@ def test_import_invnext_stays_cheap():
     assert out.stdout.strip() == "load_encoder"
     assert invnext.load_encoder is load_encoder
     assert isinstance(EncoderConfig(final_norm=False), EncoderConfig)
+
+
+def test_damaged_files_and_weights_name_the_file_and_the_tensor(tmp_path):
+    # These raised a raw SafetensorError / JSONDecodeError / load_state_dict message naming no file,
+    # and NaN weights loaded silently.
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from invnext.models import load_weights
+
+    torch.manual_seed(0)
+    enc = load_encoder("tiny")
+    good = tmp_path / "enc.safetensors"
+    save_encoder(enc, good)
+    state, meta = load_file(good), config_metadata(enc.cfg)
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"'.*cut\.safetensors' is not a readable safetensors file"):
+        load_encoder(cut)
+    with pytest.raises(ValueError, match=r"weights file '.*cut\.safetensors' is not a readable safetensors file"):
+        load_weights(enc, cut)
+
+    badjson = tmp_path / "badjson.safetensors"
+    save_file(state, badjson, metadata={**meta, "invnext.config": "{not json"})
+    with pytest.raises(ValueError, match=r"badjson\.safetensors'.*'invnext\.config' metadata is not valid JSON"):
+        load_encoder(badjson)
+    badcfg = tmp_path / "badcfg.safetensors"
+    save_file(state, badcfg, metadata={**meta, "invnext.config": json.dumps({"widht": 8})})
+    with pytest.raises(ValueError, match=r"badcfg\.safetensors'.*not a valid EncoderConfig.*widht"):
+        load_encoder(badcfg)
+
+    shape = tmp_path / "shape.safetensors"
+    save_file({**state, "blocks.1.mlp.fc2.bias": torch.zeros(7)}, shape, metadata=meta)
+    with pytest.raises(ValueError, match=r"shape\.safetensors'.*blocks\.1\.mlp\.fc2\.bias: file \[7\], model \[96\]"):
+        load_encoder(shape)
+    with pytest.raises(ValueError, match=r"shape\.safetensors'.*blocks\.1\.mlp\.fc2\.bias: file \[7\]"):
+        load_weights(enc, shape)
+
+    nan = tmp_path / "nan.safetensors"
+    w = state["blocks.0.attn.qkv.weight"].clone()
+    w[0, 0] = float("nan")
+    save_file({**state, "blocks.0.attn.qkv.weight": w}, nan, metadata=meta)
+    with pytest.raises(ValueError, match=r"nan\.safetensors'.*hold NaN or inf.*blocks\.0\.attn\.qkv\.weight"):
+        load_encoder(nan)
+    with pytest.raises(ValueError, match=r"nan\.safetensors'.*hold NaN or inf.*blocks\.0\.attn\.qkv\.weight"):
+        load_weights(enc, nan)

@@ -466,3 +466,52 @@ def test_cuda_backend_unavailable_says_why(call):
 def test_motion_has_no_accelerated_backend():
     with pytest.raises(BackendUnavailableError, match="motion_mask: backend .triton. is unavailable: no triton impl"):
         motion_mask(torch.randn(1, 2, 4, 3), 0.5, backend="triton")
+
+
+# --------------------------------------------------------------------------- sizes, devices, values (issue 16)
+
+
+def test_tube_mask_past_memory_is_refused_before_allocating():
+    # 10^6 clips of 10^9 tokens: refused by name instead of an allocator error (or a swapping machine).
+    with pytest.raises(ValueError, match=r"tube_mask: batch_size=1000000 x grid 1000x1000x1000 .* more than its"):
+        tube_mask(10**6, (1000, 1000, 1000), 0.5, seed=0)
+
+
+def test_multiblock_mask_past_memory_is_refused_before_allocating():
+    # The boxes are drawn on the host before any mask exists: 2 x 10^12 blocks need ~1 PiB there
+    # (10^9, the audit's value, needs ~1 TiB: refused on any host under 512 GiB).
+    with pytest.raises(ValueError, match=r"multiblock_mask: batch_size=2 x num_blocks=1000000000000 .* more than"):
+        multiblock_mask(2, (2, 8, 8), 10**12, (0.1, 0.2), (0.75, 1.5), seed=0)
+    with pytest.raises(ValueError, match=r"multiblock_mask: batch_size=1000000000000 x .* more than its"):
+        multiblock_mask(10**12, (16, 250, 250), 1, (0.1, 0.2), (0.75, 1.5), seed=0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: tube_mask(2, (2, 4, 4), 0.5, seed=0, device=d),
+        lambda d: multiblock_mask(2, (2, 4, 4), 1, (0.1, 0.2), (1, 1), seed=0, device=d),
+    ],
+)
+def test_mask_device_that_is_not_here_is_named(call):
+    # No machine has 100 GPUs: torch's own AssertionError / "invalid device ordinal" named nothing.
+    with pytest.raises(ValueError, match=r"mask: device='cuda:99' but "):
+        call("cuda:99")
+    with pytest.raises(ValueError, match=r"mask: device must be a torch.device .* got 'gpu'"):
+        call("gpu")
+
+
+def test_mask_counts_of_a_meta_mask_is_a_clear_error():
+    # max_seqlen is a host int read from the mask; a meta tensor has no values to read.
+    with pytest.raises(ValueError, match="mask_counts: hidden is a meta tensor"):
+        mask_counts(torch.zeros(2, 4, dtype=torch.bool, device="meta"))
+    assert tube_mask(2, (2, 4, 4), 0.5, seed=0, device="meta").shape == (2, 32)  # shapes propagate
+
+
+def test_nonfinite_motion_tokens_are_named_when_values_are_checked(monkeypatch):
+    tokens = torch.randn(1, 2, 4, 3)
+    tokens[0, 1, 2, 0] = float("nan")
+    motion_mask(tokens, 0.5)  # opt-in only: a diverging run reaches its own finite check
+    monkeypatch.setenv("INVNEXT_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match=r"motion_mask: tokens holds 1 non-finite value"):
+        motion_mask(tokens, 0.5)

@@ -450,6 +450,10 @@ def test_predictor_matches_dense_modernbert_reference(window_3d):
     # window plans are too; another batch size gets its own.
     first = pred._structure(2, grid, torch.device("cpu"))
     assert all(a is b for a, b in zip(first, pred._structure(2, grid, torch.device("cpu"))))
+    # Declared immutable (ops.static_structure): the Triton kernels reuse plans only for such tensors.
+    from invnext.ops.attention import _STATIC_ATTR
+
+    assert all(getattr(t, _STATIC_ATTR, False) for t in first if t is not None)
     assert pred._structure(3, grid, torch.device("cpu"))[0].tolist() == [0, N, 2 * N, 3 * N]
     assert torch.equal(pred(packed.tokens, packed.index, 2, grid), out)
 

@@ -385,3 +385,25 @@ def test_cli_probe(data, tmp_path, capsys):
     assert (out / "confusion_linear_colour.png").is_file()
     assert main(argv[:-4] + ["--views", "2by3", "--no-cache"]) == 2
     assert "invnext probe: error: views must be CLIPSxCROPS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_metadata"])
+def test_damaged_feature_cache_entry_is_re_encoded(data, tmp_path, damage):
+    # A damaged entry crashed the probe with a raw SafetensorError although the cache promises a re-encode.
+    from safetensors.torch import save_file
+
+    kw = {"protocol": "linear", "frames": 4, "size": 32, "cache": tmp_path, "verbose": False, "label": "colour",
+          "batch_size": 16, "epochs": 1}
+    first = run_probe(data["encoder"], data["train"], data["val"], **kw)
+    entry = first["features"]["val"]["cache"]
+    if damage == "truncated":
+        raw = open(entry, "rb").read()
+        open(entry, "wb").write(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        open(entry, "wb").write(b"\xff" * 64)
+    else:
+        save_file({"pooled": torch.zeros(1, 1, 1)}, entry)
+    again = run_probe(data["encoder"], data["train"], data["val"], **kw)
+    assert not again["features"]["val"]["cache_hit"] and again["features"]["train"]["cache_hit"]
+    assert again["results"]["colour"]["top1"] == first["results"]["colour"]["top1"]
+    assert run_probe(data["encoder"], data["train"], data["val"], **kw)["features"]["val"]["cache_hit"]  # rewritten

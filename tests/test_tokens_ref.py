@@ -188,3 +188,46 @@ def test_unavailable_backend_says_why():
     hidden = torch.zeros(2, 5, dtype=torch.bool)
     with pytest.raises(BackendUnavailableError, match="cuda.*CUDA tensors"):
         gather_visible(x, hidden, backend="cuda")
+
+
+# --------------------------------------------------------------------------- sizes, duplicates, values (issue 16)
+
+
+def test_scatter_past_memory_is_refused_before_allocating():
+    # B * N = 10^13 places of 4 fp32 channels (~150 TiB): named, not an allocator error.
+    with pytest.raises(ValueError, match=r"scatter_tokens: batch_size \* N = 1000000 \* 10000000 .* more than its"):
+        scatter_tokens(torch.randn(3, 4), torch.tensor([-1, 0, 7]), torch.zeros(4), None, 10**7, batch_size=10**6)
+
+
+def test_scatter_duplicate_index_is_rejected_where_values_are_checked():
+    # Two rows at one place: which lands there would differ between backends; silent before.
+    packed, mask = torch.randn(4, 3), torch.zeros(3)
+    with pytest.raises(ValueError, match="scatter_tokens: index names place 5 more than once"):
+        scatter_tokens(packed, torch.tensor([-1, 5, 2, 5]), mask, None, 4, batch_size=2)
+    out = scatter_tokens(packed, torch.tensor([-1, 5, 2, -1]), mask, None, 4, batch_size=2)  # -1 may repeat
+    assert torch.equal(out[1, 1], packed[1])
+
+
+def test_scatter_bool_sizes_are_rejected():
+    with pytest.raises(ValueError, match="scatter_tokens: batch_size must be a positive int, got True"):
+        scatter_tokens(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3), None, 4, batch_size=True)
+
+
+def test_gather_of_meta_tensors_needs_num_visible():
+    x, hidden = torch.randn(2, 6, 4, device="meta"), torch.zeros(2, 6, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="gather_visible: hidden is a meta tensor .* pass num_visible"):
+        gather_visible(x, hidden)
+    packed = gather_visible(x, hidden, num_visible=[6, 6])  # shapes propagate without reading values
+    assert packed.tokens.shape == (12, 4) and packed.tokens.device.type == "meta"
+
+
+def test_nonfinite_token_inputs_are_named_when_values_are_checked(monkeypatch):
+    x = torch.randn(2, 5, 3)
+    x[1, 2, 0] = float("inf")
+    hidden = torch.zeros(2, 5, dtype=torch.bool)
+    gather_visible(x, hidden)  # opt-in only
+    monkeypatch.setenv("INVNEXT_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="gather_visible: x holds 1 non-finite value"):
+        gather_visible(x, hidden)
+    with pytest.raises(ValueError, match="scatter_tokens: mask_token holds 3 non-finite value"):
+        scatter_tokens(torch.randn(2, 3), torch.tensor([0, 1]), torch.full((3,), float("nan")), None, 4, batch_size=1)

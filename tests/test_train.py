@@ -309,3 +309,29 @@ def test_data_check_command(tmp_path, capsys):
     assert main(["data", "check", str(folder)]) == 1
     assert "BAD" in capsys.readouterr().out
     assert main(["data", "check", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_divergence_stops_through_max_skipped_steps_not_a_monitor_crash(tmp_path):
+    # lr=1e30 blows the weights up at step 1; the collapse monitor then saw non-finite features and
+    # its SVD raised before the finite check, so max_skipped_steps never acted and nothing was saved.
+    assert all(math.isnan(v) for v in collapse_stats(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])))
+    cfg = load_train_config(1, preset="tiny", sets=[*SMALL_SETS, "optim.lr=1e30", "schedule.warmup_steps=0",
+                                                    "schedule.min_lr=0", "max_skipped_steps=1"])
+    with pytest.raises(NonFiniteLossError, match=r"consecutive steps.*max_skipped_steps=1.*last good checkpoint"):
+        train_stage(cfg, tmp_path / "s1", CPU)
+    assert (tmp_path / "s1" / "checkpoints" / "step_00000001" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        (["optim.grad_clip=.inf"], r"optim.*OptimConfig\.grad_clip: must be a finite number, got inf"),
+        (["schedule.min_lr=.inf"], r"ScheduleConfig\.min_lr: must be a finite number, got inf"),
+        (["optim.lr=.inf"], r"OptimConfig\.lr: must be a finite number, got inf"),
+        (["schedule.epochs=.inf"], r"ScheduleConfig\.epochs: must be a finite number"),
+        (["optim.lr=1e-4", "schedule.min_lr=1e-3"], r"schedule\.min_lr: must be <= optim\.lr=0\.0001.*got 0\.001"),
+    ],
+)
+def test_nonfinite_settings_and_min_lr_above_lr_are_rejected(sets, match):
+    with pytest.raises(ValueError, match=match):
+        load_train_config(1, preset="tiny", sets=sets)

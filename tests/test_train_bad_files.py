@@ -63,3 +63,20 @@ def test_training_skips_and_names_a_truncated_mp4_and_a_text_file(tmp_path, caps
     recs = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in recs)
+
+
+@pytest.mark.parametrize("files", [2, 16])  # every file seen within the run / only some of them drawn
+def test_a_source_of_only_bad_videos_stops_with_an_error_naming_it(tmp_path, capsys, files):
+    # It used to exit 0 ("final loss n/a") after optimizer steps on zero gradients, whose weight
+    # decay alone changed the weights.
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(files):
+        (videos / f"text_{i}.mp4").write_text("not a video\n")
+    out = tmp_path / "run"
+    code = main(["pretrain", "--stage", "1", "--preset", "tiny", "--out", str(out),
+                 "--set", f"data.source={videos}", *[a for s in SETS for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"no readable clip in the data source {videos}" in err and f"invnext data check {videos}" in err
+    assert not (out / "stage1" / "checkpoints").exists() and not (out / "stage1" / "summary.json").exists()

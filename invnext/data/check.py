@@ -1,9 +1,11 @@
 """``invnext data check INDEX``: open every entry of an index and list the files a run would skip.
 
 Each entry is decoded over its whole window (every frame of it, so a file cut short is
-caught even when its first frames are fine) with the chosen decoder. Exit codes: 0 all
-entries good; 1 some bad (each listed with its reason); 2 the index itself is invalid
-(unreadable, no ``path`` column, a malformed line, no entries).
+caught even when its first frames are fine) with the chosen decoder. A folder's video names
+that are no file (a directory ``x.mp4``, a dangling symlink) count as bad. A clip with a single
+decodable frame is good but gets a warning: every clip drawn from it repeats that frame. Exit
+codes: 0 all entries good; 1 some bad (each listed with its reason); 2 the index itself is
+invalid (unreadable, no ``path`` column, a malformed line, no entries).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class CheckReport:
     ok: int = 0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (path, note) on good files
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, warning) on good files a run would misuse
     frames: list[int] = field(default_factory=list)  # decodable frames per good entry
 
 
@@ -33,6 +36,7 @@ def check_index(index: VideoIndex, decoder: str = "pyav") -> CheckReport:
     """Decode every entry of ``index`` fully; collect the bad ones with their reasons."""
     reader = make_reader(decoder)
     report = CheckReport(index)
+    report.bad.extend(index.skipped)
     for entry in index.entries:
         if not os.path.exists(entry.path):
             report.bad.append((entry.path, "file not found"))
@@ -51,6 +55,10 @@ def check_index(index: VideoIndex, decoder: str = "pyav") -> CheckReport:
             continue
         report.ok += 1
         report.frames.append(info.num_frames)
+        if info.num_frames == 1:
+            report.warnings.append(
+                (entry.path, "a single decodable frame: every clip drawn from it repeats that frame (no motion)")
+            )
         if info.claimed_frames and info.claimed_frames != info.num_frames:
             report.notes.append(
                 (entry.path, f"metadata claims {info.claimed_frames} frames, {info.num_frames} decodable")
@@ -67,7 +75,8 @@ def run_data_check(index: str | os.PathLike, *, decoder: str = "pyav", out: Text
         print(f"invalid index {index}: {exc}", file=out)
         return 2
     labels = ", ".join(parsed.label_columns) or "none"
-    print(f"checking {len(parsed.entries)} entries of {parsed.source} ({parsed.kind}; labels: {labels})", file=out)
+    total = len(parsed.entries) + len(parsed.skipped)
+    print(f"checking {total} entries of {parsed.source} ({parsed.kind}; labels: {labels})", file=out)
     t0 = time.perf_counter()
     try:
         report = check_index(parsed, decoder)
@@ -76,6 +85,8 @@ def run_data_check(index: str | os.PathLike, *, decoder: str = "pyav", out: Text
         return 2
     for path, reason in report.bad:
         print(f"  BAD   {path}: {reason}", file=out)
+    for path, warning in report.warnings:
+        print(f"  WARN  {path}: {warning}", file=out)
     for path, note in report.notes:
         print(f"  NOTE  {path}: {note}", file=out)
     frames = ""
@@ -83,7 +94,8 @@ def run_data_check(index: str | os.PathLike, *, decoder: str = "pyav", out: Text
         f = np.asarray(report.frames)
         frames = f"; frames per good clip: min {f.min()}, median {int(np.median(f))}, max {f.max()}"
     print(
-        f"{len(parsed.entries)} entries: {report.ok} ok, {len(report.bad)} bad{frames} "
+        f"{total} entries: {report.ok} ok, {len(report.bad)} bad"
+        f"{f', {len(report.warnings)} with warnings' if report.warnings else ''}{frames} "
         f"({time.perf_counter() - t0:.1f} s)",
         file=out,
     )

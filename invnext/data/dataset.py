@@ -6,6 +6,12 @@ Index sources (:func:`read_index`):
   window of the video), and any other column is a label (``label``, ``appearance``, ...);
 * a JSONL file (``.jsonl`` / ``.ndjson``): one object per line with the same keys;
 * a folder: every ``*.mp4 / *.avi / *.mkv / *.webm / *.mov`` inside, recursively, sorted, no labels.
+  A name with a video extension that is no readable file (a folder named ``x.mp4``, a dangling
+  symlink) is left out of the entries but listed in ``VideoIndex.skipped`` with its reason, so
+  ``invnext data check`` reports it and ``VideoDataset`` warns about it.
+
+A CSV is read strictly: a row with more fields than the header, or a quote left open, is an
+error naming the line (either would silently shift or swallow entries).
 
 Relative paths are resolved against the index file's folder. Label values that are all
 integers stay integers; otherwise the column's distinct strings are numbered in sorted order
@@ -80,6 +86,7 @@ class VideoIndex:
     kind: str  # "csv", "jsonl" or "folder"
     entries: tuple[VideoEntry, ...]
     label_columns: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # folder: (path, reason) of video names that are no file
 
 
 def _seconds(value: Any, name: str, where: str) -> float | None:
@@ -100,6 +107,10 @@ def _entry(row: Mapping[str, Any], base: Path, where: str, label_columns: Sequen
     raw = row.get("path")
     if not isinstance(raw, str) or raw.strip() == "":
         raise IndexFileError(f"{where}: empty or missing 'path' value")
+    if "\n" in raw or "\r" in raw:  # only a quote left open upstream puts a line break into a path
+        raise IndexFileError(f"{where}: the 'path' value spans several lines (an unbalanced quote?): {raw[:80]!r}")
+    if "\0" in raw:  # no filesystem allows it; os.path calls would raise a bare ValueError later
+        raise IndexFileError(f"{where}: the 'path' value holds a NUL byte: {raw[:80]!r}")
     path = Path(raw.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
@@ -116,17 +127,34 @@ def _entry(row: Mapping[str, Any], base: Path, where: str, label_columns: Sequen
 
 def _read_csv(path: Path) -> VideoIndex:
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader = csv.DictReader(f, strict=True)
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            raise IndexFileError(f"{path}:1: malformed CSV header ({exc})") from None
+        columns = [c.strip() for c in (header or [])]
         if "path" not in columns:
             raise IndexFileError(f"{path}: the CSV header has no 'path' column (columns: {columns or 'none'})")
         reader.fieldnames = columns
         labels = tuple(c for c in columns if c not in RESERVED_COLUMNS and c)
         entries = []
-        for line, row in enumerate(reader, start=2):
-            if all((v or "").strip() == "" for k, v in row.items() if k is not None):
+        while True:
+            line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise IndexFileError(f"{path}:{line}: malformed CSV row ({exc}; a quote left open?)") from None
+            where = f"{path}:{line}" if reader.line_num == line else f"{path}:{line}-{reader.line_num}"
+            if None in row:  # DictReader files surplus fields under the key None
+                raise IndexFileError(
+                    f"{where}: {len(columns) + len(row[None])} fields, but the header has {len(columns)} "
+                    f"({', '.join(columns)}); extra: {row[None]!r} (quote values that contain a comma)"
+                )
+            if all((v or "").strip() == "" for v in row.values()):
                 continue
-            entries.append(_entry(row, path.parent, f"{path}:{line}", labels))
+            entries.append(_entry(row, path.parent, where, labels))
     return VideoIndex(str(path), "csv", tuple(entries), labels)
 
 
@@ -153,8 +181,17 @@ def _read_jsonl(path: Path) -> VideoIndex:
 
 
 def _read_folder(path: Path) -> VideoIndex:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-    return VideoIndex(str(path), "folder", tuple(VideoEntry(str(p)) for p in files), ())
+    files, skipped = [], []
+    for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
+        if p.is_file():
+            files.append(VideoEntry(str(p)))
+        elif p.is_symlink() and not p.exists():
+            skipped.append((str(p), f"dangling symbolic link (its target {os.readlink(p)} does not exist)"))
+        elif p.is_dir():
+            skipped.append((str(p), "a directory, not a video file"))
+        else:
+            skipped.append((str(p), "not a regular file"))
+    return VideoIndex(str(path), "folder", tuple(files), (), tuple(skipped))
 
 
 def read_index(source: str | os.PathLike) -> VideoIndex:
@@ -166,14 +203,17 @@ def read_index(source: str | os.PathLike) -> VideoIndex:
         index = _read_folder(path)
     elif not path.exists():
         raise IndexFileError(f"read_index: {path} does not exist")
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        index = _read_jsonl(path)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        index = _read_csv(path)
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        try:
+            index = _read_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _read_csv(path)
+        except UnicodeDecodeError as exc:
+            raise IndexFileError(f"read_index: {path} is not UTF-8 text ({exc})") from None
     else:
         raise IndexFileError(f"read_index: {path}: an index must be a folder, a .csv or a .jsonl file")
     if not index.entries:
         what = f"no video files ({', '.join(VIDEO_EXTENSIONS)})" if index.kind == "folder" else "no entries"
+        if index.skipped:
+            what += "; not files: " + "; ".join(f"{p}: {reason}" for p, reason in index.skipped[:5])
         raise IndexFileError(f"read_index: {path} holds {what}")
     return index
 
@@ -296,6 +336,8 @@ class VideoDataset(Dataset):
             raise ValueError(f"VideoDataset: ratio must satisfy 0 < min <= max, got {ratio}")
         make_reader(decoder, decode_threads)  # a missing package fails here, not inside a worker
         self.index = source if isinstance(source, VideoIndex) else read_index(source)
+        for path, reason in self.index.skipped:
+            logger.warning("not using %s: %s", path, reason)
         if labels is None:
             labels = self.index.label_columns
         labels = tuple(labels)

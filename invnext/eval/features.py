@@ -119,22 +119,31 @@ def cache_key(settings: dict[str, Any]) -> str:
 
 
 def _read_cache(path: Path, settings: dict[str, Any], need_tokens: bool) -> FeatureSet | None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    # Everything that reads the entry stays inside the try: a truncated or hand-edited entry is
+    # re-encoded (and then overwritten), never a crash of the probe.
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-            if meta.get("settings") != settings or (need_tokens and "tokens" not in set(f.keys())):
+            metadata = f.metadata() or {}
+            if _META_KEY not in metadata:
+                raise ValueError(f"no {_META_KEY!r} metadata")
+            meta = json.loads(metadata[_META_KEY])
+            if meta["settings"] != settings or (need_tokens and "tokens" not in set(f.keys())):
                 return None
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:  # a damaged entry is re-made
-        logger.warning("feature cache %s unreadable (%s); re-encoding", path, exc)
+        labels = {name: t[f"label.{name}"] for name in meta["label_names"]}
+        bad = [tuple(b) for b in meta["bad"]]
+        fs = FeatureSet(
+            t["pooled"], t["tokens"] if need_tokens else t.get("tokens"), t["index"], labels, meta["label_classes"],
+            settings, bad, path, True,
+        )
+        if fs.index.shape[0] != fs.pooled.shape[0] or any(y.shape[0] != fs.pooled.shape[0] for y in labels.values()):
+            raise ValueError("its tensors disagree on the number of clips")
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("feature cache %s unreadable (%s: %s); re-encoding", path, type(exc).__name__, exc)
         return None
-    labels = {name: t[f"label.{name}"] for name in meta["label_names"]}
-    bad = [tuple(b) for b in meta.get("bad", [])]
-    return FeatureSet(
-        t["pooled"], t.get("tokens"), t["index"], labels, meta["label_classes"], settings, bad, path, True
-    )
+    return fs
 
 
 def _write_cache(path: Path, fs: FeatureSet) -> None:

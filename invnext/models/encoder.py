@@ -6,7 +6,7 @@ Structure (method.md "Shapes"):
     tokens:       [4 class tokens | grid tokens] + learnable 3D sin-cos position table
     block (x depth, pre-norm):
         x = x + drop_path(LayerScale(Attn(RMSNorm(x))))
-        x = x + drop_path(LayerScale(MLP(RMSNorm(x))))          MLP = Linear-GELU-Linear
+        x = x + drop_path(LayerScale(MLP(RMSNorm(x))))          MLP = Linear-GELU-Linear (exact or tanh GELU: cfg.activation)
         Attn: qkv (no bias) -> RMSNorm over the full width on q and k -> masked_attention -> proj
     output:       RMSNorm(x); attention pool (query = token mean) -> [B, embed_dim]
 
@@ -112,10 +112,10 @@ class Attention(OpsUser, nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg.width, cfg.heads, cfg.norm_eps)
         self.ls1 = LayerScale(cfg.width, cfg.layer_scale_init)
         self.norm2 = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.width, cfg.mlp_hidden)
+        self.mlp = Mlp(cfg.width, cfg.mlp_hidden, cfg.activation)
         self.ls2 = LayerScale(cfg.width, cfg.layer_scale_init)
         self.drop_path = drop_path
 

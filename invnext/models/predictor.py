@@ -178,10 +178,10 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
     def _structure(self, B: int, grid: tuple[int, int, int], device: torch.device) -> tuple:
         """``(cu_seqlens, coords_1d, coords_3d or None)`` of ``B`` whole grids.
 
-        Made once per (B, grid, device) and reused by every step: the attention caches its
-        window tile lists per ``cu_seqlens`` tensor (``kernels/_attention_plans.py``), so with
-        the same tensors the local layers build them once per run instead of once per step.
-        Not while dynamo traces (it would store traced values).
+        Made once per (B, grid, device), never written, and declared so
+        (``ops.static_structure``): the attention then reuses its window tile lists for these
+        tensors (``kernels/_attention_plans.py``), so the local layers build them once per run
+        instead of once per layer and step. Not while dynamo traces (it would store traced values).
         """
         key = (B, tuple(grid), str(device))
         hit = self._structures.get(key)
@@ -192,6 +192,9 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
             coords_3d = grid_coords(n, grid) if self.cfg.local_window_3d is not None else None
             hit = (uniform_cu_seqlens(B, N, device), coords_1d, coords_3d)
             if not torch.compiler.is_compiling():
+                ops.static_structure(hit[0], coords_1d)
+                if coords_3d is not None:
+                    ops.static_structure(hit[0], coords_3d)
                 if len(self._structures) >= 4:  # a few batch sizes (a last partial batch, eval)
                     self._structures.clear()
                 self._structures[key] = hit

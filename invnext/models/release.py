@@ -37,6 +37,10 @@ Layouts: their patch embedding RMS-normalises each raw patch flattened channel-l
 for both the norm and the Linear, so the norm's weight is permuted and the kernel flattened. Their
 grid tokens follow ``(t, h, w)`` raster order after the class tokens, as ours do.
 
+Their blocks' default MLP is flash-attn's ``FusedMLP``, whose GELU is the tanh approximation
+(their unfused fallback uses exact GELU, but the released weights were trained fused), so a
+converted encoder is built with ``EncoderConfig.activation="gelu_tanh"``.
+
 Their encoder has no norm after the last block (the fused pre-norm blocks leave the residual
 stream as the output), so a converted encoder is built with ``EncoderConfig.final_norm=False``.
 
@@ -212,6 +216,8 @@ def _infer_config(state: dict[str, torch.Tensor], overrides: Mapping[str, Any]) 
         "drop_path": 0.0,
         "use_rope": False,
         "final_norm": False,
+        # Their default block MLP is flash-attn's FusedMLP (tanh GELU); the weights were trained with it.
+        "activation": "gelu_tanh",
     }
     if heads is not None:
         cfg["heads"] = heads

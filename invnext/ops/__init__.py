@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ._dispatch import BackendUnavailableError, availability, ops
 
 _EXPORTS = {
-    "attention": ("masked_attention", "dense_attention_mask", "prefix_mask"),
+    "attention": ("masked_attention", "dense_attention_mask", "prefix_mask", "static_structure"),
     "rope": ("apply_rope_3d",),
     "diffusion": (
         "DiffusionSchedule",
@@ -55,7 +55,7 @@ def load_all() -> None:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attention import dense_attention_mask, masked_attention, prefix_mask  # noqa: F401
+    from .attention import dense_attention_mask, masked_attention, prefix_mask, static_structure  # noqa: F401
     from .diffusion import (  # noqa: F401
         DiffusionSchedule,
         adaln_modulate,

@@ -1,15 +1,25 @@
 """Argument checks shared by every op.
 
 Shape, dtype and device checks are free and always run. Checks of *values* held in
-device memory (``cu_seqlens`` increasing, indices in range) need a host read, so they run
-when the tensor is on the CPU, or everywhere when ``INVNEXT_CHECK_VALUES=1``; kernels
-guard their own memory accesses either way, so bad values never read out of bounds. While
-``torch.compile`` traces, value checks are skipped, as on a GPU by default: each host read
-would split the graph. Run once eagerly on the CPU to have them checked.
+device memory (``cu_seqlens`` increasing, indices in range, no duplicate indices) need a
+host read, so they run when the tensor is on the CPU, or everywhere when
+``INVNEXT_CHECK_VALUES=1``; kernels guard their own memory accesses either way, so bad
+values never read out of bounds. While ``torch.compile`` traces, value checks are skipped,
+as on a GPU by default: each host read would split the graph. Run once eagerly on the CPU
+to have them checked. Meta tensors hold no values: never checked.
+
+NaN/inf in float inputs are checked only under ``INVNEXT_CHECK_VALUES=1`` (on every
+device): a full pass over every input, and a diverging run must reach its own finite check
+(the trainer skips non-finite steps) rather than stop inside an op.
+
+Sizes: an op that allocates from its arguments (a mask of ``batch_size x grid``, a grid of
+``batch_size * N`` tokens, a schedule of ``num_steps``) refuses, before allocating, a size
+whose smallest allocation exceeds the device's total memory (:func:`check_alloc`).
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 import torch
@@ -17,12 +27,93 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _switch_on() -> bool:
+    return os.environ.get("INVNEXT_CHECK_VALUES", "0") not in ("", "0")
+
+
 def values_checked(t: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     if t.device.type == "cpu":
         return True
-    return os.environ.get("INVNEXT_CHECK_VALUES", "0") not in ("", "0")
+    return _switch_on()
+
+
+def finite_checked() -> bool:
+    """Whether float inputs are checked for NaN/inf: ``INVNEXT_CHECK_VALUES=1`` only (module docstring)."""
+    return not torch.compiler.is_compiling() and _switch_on()
+
+
+def check_finite(op: str, **tensors: object) -> None:
+    """Under ``INVNEXT_CHECK_VALUES=1``: every float tensor given holds no NaN or inf."""
+    if not finite_checked():
+        return
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
+            continue
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"{op}: {name} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()} "
+                "(checked because INVNEXT_CHECK_VALUES=1)"
+            )
+
+
+def check_host_readable(op: str, name: str, t: torch.Tensor, what: str) -> None:
+    """``t``'s values are about to be read on the host: a meta tensor has none."""
+    if t.device.type == "meta":
+        raise ValueError(f"{op}: {name} is a meta tensor (no values), but {what}")
+
+
+def check_device(op: str, device: object, name: str = "device") -> torch.device:
+    """``device`` (a torch.device, a string or None = CPU) parsed and present on this machine."""
+    try:
+        dev = torch.device("cpu") if device is None else torch.device(device)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"{op}: {name} must be a torch.device or a device string such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{op}: {name}={str(dev)!r} but torch sees no CUDA GPU here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{op}: {name}={str(dev)!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return dev
+
+
+@lru_cache(maxsize=None)
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+        return None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (None: unknown, or a device that allocates nothing, like meta)."""
+    if device.type == "cpu":
+        return _host_memory()
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_alloc(op: str, what: str, nbytes: int, device: torch.device) -> None:
+    """Refuse before allocating: ``nbytes`` (a lower bound of what the op would allocate on
+    ``device`` for ``what``, the arguments that set it) exceeds the device's total memory."""
+    if torch.compiler.is_compiling():  # sizes were checked eagerly; tracing host queries would split the graph
+        return
+    total = device_memory(device)
+    if total is not None and nbytes > total:
+        raise ValueError(
+            f"{op}: {what} would need at least {_gib(nbytes)} on {device}, more than its {_gib(total)} of memory"
+        )
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:

@@ -140,7 +140,8 @@ def masked_attention(
         q, k, v: ``[total, H, D]``, one float dtype and device; or ``q = qkv[total, 3, H, D]``
             with ``k = v = None``. ``16 <= D <= 256``.
         cu_seqlens: int32 ``[B+1]``: 0, non-decreasing, ends at ``total``. None = one sample.
-        max_seqlen: int >= every sample length. None = computed from ``cu_seqlens``.
+        max_seqlen: int >= every sample length (a larger bound is taken as ``total``). None =
+            computed from ``cu_seqlens`` (not possible for meta tensors).
         softmax_scale: finite float > 0; default ``1 / sqrt(D)``.
         coords: int32/int64 ``[total, 3]``, (t, h, w) per token; needed by ``rope`` and a
             3D ``window``; prefix rows ignored.
@@ -149,6 +150,8 @@ def masked_attention(
         num_prefix: prefix (class) tokens at the start of every sample; each sample must
             have at least this many tokens.
         backend: "auto", "torch", "triton" or "cuda" (see ``invnext.ops._dispatch``).
+
+    Under ``INVNEXT_CHECK_VALUES=1`` a NaN or inf in q, k or v is an error naming it.
 
     Returns:
         ``[total, H, D]`` in q's dtype; differentiable in q, k, v.
@@ -167,6 +170,8 @@ def masked_attention(
     num_prefix = _check_int("num_prefix", num_prefix)
     if num_prefix < 0:
         raise ValueError(f"{_OP}: num_prefix must be >= 0, got {num_prefix}")
+    if max_seqlen is None:
+        V.check_host_readable(_OP, "cu_seqlens", cu_seqlens, "max_seqlen=None reads it: pass max_seqlen")
     lengths = None
     if max_seqlen is None or V.values_checked(cu_seqlens):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
@@ -174,8 +179,13 @@ def masked_attention(
     if max_seqlen is None:
         max_seqlen = longest
     max_seqlen = _check_int("max_seqlen", max_seqlen)
+    if max_seqlen < 0:
+        raise ValueError(f"{_OP}: max_seqlen must be >= 0, got {max_seqlen}")
     if longest is not None and max_seqlen < longest:
         raise ValueError(f"{_OP}: max_seqlen={max_seqlen} is smaller than the longest sample ({longest} tokens)")
+    # No sample is longer than the batch: a larger bound would only size empty launch grids
+    # (Triton) and padding (the reference) by it, e.g. 10**12 programs that all exit.
+    max_seqlen = min(max_seqlen, total)
     if lengths is not None and num_prefix > 0 and int(lengths.min()) < num_prefix:
         raise ValueError(
             f"{_OP}: every sample needs its num_prefix={num_prefix} prefix tokens, "
@@ -203,8 +213,37 @@ def masked_attention(
             raise ValueError(f"{_OP}: rope needs coords[total, 3] (the (t, h, w) of every token)")
         rope = check_rope(_OP, rope, head_dim)
     window = _check_window(window, coords)
+    V.check_finite(_OP, q=q, k=k, v=v)
 
     return dispatch(_OP, backend, device, q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
+
+
+# --------------------------------------------------------------------------- plan reuse
+
+# Shared as a literal with invnext_kernels._attention_plans (which does not import invnext).
+_STATIC_ATTR = "_invnext_static_structure"
+
+
+def static_structure(
+    cu_seqlens: torch.Tensor, coords: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Declare ``cu_seqlens`` (and ``coords``) immutable; returns them, unchanged.
+
+    A windowed ``masked_attention`` on the Triton backend builds host-side tile lists from
+    ``cu_seqlens`` and the coordinates (about 120 small launches per kernel kind). For declared
+    tensors it builds them once and reuses them in every later call with the same tensors
+    (every windowed layer of a forward, its backward, later steps); for any other tensors it
+    builds them per call. Declare only tensors nothing writes to: an in-place write is noticed
+    (version counter) and rebuilds, but a write that bypasses the counter (through ``.data``,
+    or to the numpy array under ``torch.from_numpy``) would reuse a stale plan.
+    """
+    V.check_tensor("static_structure", "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if coords is not None:
+        V.check_tensor("static_structure", "coords", coords, ndim=2, dtypes=COORD_DTYPES, device=cu_seqlens.device)
+    for t in (cu_seqlens, coords):
+        if t is not None:
+            setattr(t, _STATIC_ATTR, True)
+    return cu_seqlens, coords
 
 
 # --------------------------------------------------------------------------- masks
@@ -282,6 +321,19 @@ def _explicit_attention(q, k, v, scale: float, allowed: torch.Tensor | None) -> 
     return torch.matmul(e / e.sum(dim=-1, keepdim=True), v)
 
 
+def _masked_attention_math(q, k, v, scale: float, allowed: torch.Tensor) -> torch.Tensor:
+    """SDPA's math kernel with the mask applied by ``masked_fill`` (``allowed`` broadcasts over the scores).
+
+    SDPA adds a boolean mask to the scores as ``-inf``, and ``NaN + -inf`` is NaN: a non-finite
+    key outside a query's window reached that query. Replacing the masked scores instead keeps
+    it to the rows that may see it, as the float64 path and the Triton kernel do.
+    """
+    # The scale on q (not on the [.., L, L] scores) and an in-place fill (matmul's backward needs
+    # its inputs, not its output) keep this as fast as the SDPA math kernel it replaces.
+    s = torch.matmul(q * scale, k.transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def _upcast_rotate(q, k, v, cu_seqlens, coords, rope, num_prefix) -> torch.Tensor:
     """``qkv [total, 3H, D]`` in the compute dtype, its q and k heads rotated by RoPE."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -331,12 +383,20 @@ def _reference(
             allowed = None if window is None else _chunk_mask(r0, r1, length, cs, window, num_prefix, q.device)
             if explicit:
                 outs.append(_explicit_attention(qs[:, r0:r1], ks, vs, softmax_scale, allowed))
+            elif q.device.type == "cpu":
+                outs.append(_masked_attention_math(qs[:, r0:r1], ks, vs, softmax_scale, allowed))
             else:
                 o = F.scaled_dot_product_attention(qs[:, r0:r1], ks, vs, attn_mask=allowed, scale=softmax_scale)
                 outs.append(o)
     if not outs:
-        return q.new_empty(q.shape)
+        return _empty_output(q, k, v)
     return torch.cat(outs, dim=1).transpose(0, 1).to(q.dtype)
+
+
+def _empty_output(q, k, v) -> torch.Tensor:
+    """The ``[0, H, D]`` output of an empty batch, still in the autograd graph of q, k, v, so a
+    ``backward()`` through it runs (and gives empty gradients) as it does on the Triton backend."""
+    return q + k + v
 
 
 def _padded_mask(lengths, longest: int, coords_p, window, num_prefix: int, ragged: bool) -> torch.Tensor | None:
@@ -377,7 +437,7 @@ def _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, 
     total, heads, dim = q.shape
     batch = cu_seqlens.numel() - 1
     if total == 0:
-        return q.new_empty(q.shape)
+        return _empty_output(q, k, v)
     device = q.device
     x = _upcast_rotate(q, k, v, cu_seqlens, coords, rope, num_prefix)  # [total, 3H, D]
     if device.type == "cuda":
@@ -400,7 +460,10 @@ def _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, 
         coords_p = coords_p.view(batch, longest, 3)
     qp, kp, vp = x.view(batch, longest, 3 * heads, dim).transpose(1, 2).split(heads, dim=1)  # [B, H, L, D]
     mask = _padded_mask(lengths, longest, coords_p, window, num_prefix, ragged)
-    if device.type == "cpu" and not _CPU_FUSED_SDPA:
+    if device.type == "cpu" and not _CPU_FUSED_SDPA and window is not None:
+        # (Without a window the mask hides only padding keys, which are zeros.)
+        out = _masked_attention_math(qp, kp, vp, softmax_scale, mask)
+    elif device.type == "cpu" and not _CPU_FUSED_SDPA:
         with sdpa_kernel(SDPBackend.MATH):
             out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)
     else:
@@ -453,6 +516,11 @@ def masked_attention_reference(
       softmax, the tests' oracle) and batches whose padded scores exceed ``_PADDED_ELEMENTS``
       (lower precisions then use SDPA per chunk).
 
+    Under a window the CPU paths apply the mask with ``masked_fill`` (:func:`_masked_attention_math`),
+    not as SDPA's additive mask, so a NaN/inf key reaches only the rows that may see it, as in
+    float64 and the Triton kernel. On CUDA the padded path stays the plain padded-SDPA baseline
+    (fused kernels add the mask): a non-finite key there reaches every row of its sample.
+
     Returns ``[total, H, D]`` in q's dtype.
     """
     if V.values_checked(cu_seqlens):
@@ -464,7 +532,9 @@ def masked_attention_reference(
         # padded path reads nothing back to the host (as a padded-SDPA model would run).
         bounds, longest = None, int(max_seqlen)
     batch = cu_seqlens.numel() - 1
-    if uses_padded_path(q.dtype, batch, q.shape[1], longest, q.device.type, window is not None):
+    # Meta tensors (shape propagation) have no lengths to loop over: the padded path needs none.
+    meta = q.device.type == "meta"
+    if meta or uses_padded_path(q.dtype, batch, q.shape[1], longest, q.device.type, window is not None):
         return _padded_reference(q, k, v, cu_seqlens, softmax_scale, coords, rope, window, num_prefix, longest=longest)
     if bounds is None:
         bounds = _sample_bounds(cu_seqlens, num_prefix)

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops._validate import (
     FLOAT_DTYPES,
+    check_alloc,
     check_backend,
+    check_finite,
     check_index_range,
     check_same_device,
     check_shape,
@@ -173,6 +175,7 @@ def q_sample(
         raise TypeError(f"{op}: noise must have x0's dtype {x0.dtype}, got {noise.dtype}")
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, x0.shape[0], device, schedule)
+    check_finite(op, x0=x0, noise=noise)
     return dispatch(op, backend, device, x0, noise, t, schedule)
 
 
@@ -244,7 +247,9 @@ def diffusion_loss(
         noise: ``[M, C]`` float, the noise that made ``x_t``.
         t: ``int64[M]`` in ``[0, schedule.num_steps)``.
         schedule: a :class:`DiffusionSchedule` on the same device.
-        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"``. The mean over no rows
+            (``M = 0``) is 0, as the sum is, and still differentiable: a batch with nothing to
+            reconstruct adds nothing to the loss (NaN would poison the step).
     Returns:
         float32 (float64 if any input is float64): ``[M]`` for ``"none"``, else a scalar.
         Differentiable w.r.t. ``model_out`` only; ``x0``, ``x_t`` and ``noise`` are targets.
@@ -261,9 +266,10 @@ def diffusion_loss(
     noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
+    check_finite(op, model_out=model_out, x0=x0, x_t=x_t, noise=noise)
     loss = dispatch(op, backend, device, model_out, x0, x_t, noise, t, schedule)
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean() if rows else loss.sum()
     if reduction == "sum":
         return loss.sum()
     return loss
@@ -325,6 +331,7 @@ def p_sample_step(
     noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
+    check_finite(op, model_out=model_out, x_t=x_t, noise=noise)
     return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, temperature)
 
 
@@ -397,6 +404,7 @@ def ddim_step(
         noise = _check_rows(op, "noise", noise, [rows, channels], device)
     schedule = _check_schedule(op, schedule, device)
     t = _check_t(op, t, rows, device, schedule)
+    check_finite(op, model_out=model_out, x_t=x_t, noise=noise)
     return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, eta)
 
 
@@ -444,6 +452,7 @@ def adaln_modulate(
     eps = _check_float(op, "eps", eps)
     if eps <= 0.0:
         raise ValueError(f"{op}: eps must be > 0, got {eps}")
+    check_finite(op, x=x, shift=shift, scale=scale)
     width = x.shape[-1]
     rows = x.numel() // width
     flat = [z.expand(x.shape).reshape(rows, width) for z in (x, shift, scale)]
@@ -515,6 +524,7 @@ def _sample_loop(op, backend, denoise_fn, cond, schedule, channels, noise, step_
     schedule = _check_schedule(op, schedule, device)
     if step_noise is not None:
         step_noise = _check_rows(op, "step_noise", step_noise, [schedule.num_steps, rows, channels], device)
+    check_finite(op, noise=noise, step_noise=step_noise, cond=cond)
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"{op}: generator is on {generator.device} but the samples are on {device}")
     if noise is None:
@@ -607,6 +617,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     max_period = _check_float(op, "max_period", max_period)
     if max_period <= 0.0:
         raise ValueError(f"{op}: max_period must be > 0, got {max_period}")
+    check_alloc(op, f"dim={dim} for {t.shape[0]} timesteps", 4 * dim * t.shape[0], t.device)
+    check_finite(op, t=t)
     dt = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / max(half, 1))

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from invnext.ops._validate import check_alloc, check_device
+
 # Tables indexed by the (respaced) step t, in the order of the dataclass fields.
 TABLE_NAMES = (
     "betas",
@@ -190,7 +192,7 @@ def make_schedule(
         respace: ``None`` (all steps), an int count (:func:`space_timesteps`), or a strictly
             increasing list of kept steps in ``[0, num_steps)``. At least 2 steps must remain
             (step 0's clipped log-variance is borrowed from step 1).
-        device: where the tables live (default CPU).
+        device: where the tables live (default CPU); must exist here.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int):
         raise TypeError(f"make_schedule: num_steps must be an int, got {num_steps!r}")
@@ -198,6 +200,9 @@ def make_schedule(
         raise ValueError(f"make_schedule: num_steps must be >= 2, got {num_steps}")
     if not isinstance(kind, str):
         raise TypeError(f"make_schedule: kind must be a str, got {type(kind).__name__}")
+    dev = check_device("make_schedule", device)
+    # The full chain is built in float64 on the host: at least four such columns (u, f, beta, abar).
+    check_alloc("make_schedule", f"num_steps={num_steps}", 4 * 8 * num_steps, torch.device("cpu"))
     betas = _base_betas(num_steps, kind)
     abar = torch.cumprod(1.0 - betas, 0)
     kept = _kept_steps(num_steps, respace)
@@ -209,7 +214,6 @@ def make_schedule(
         abar = abar[kept]
         betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     t64 = _tables_from(betas, abar)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     t64 = {k: v.to(dev) for k, v in t64.items()}
     return DiffusionSchedule(
         **{k: v.to(torch.float32) for k, v in t64.items()},

@@ -26,8 +26,12 @@ import torch
 from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops._validate import (
     FLOAT_DTYPES,
+    check_alloc,
     check_backend,
+    check_device,
+    check_finite,
     check_grid,
+    check_host_readable,
     check_range,
     check_tensor,
     values_checked,
@@ -71,10 +75,14 @@ def _seed(op: str, generator: object, seed: object) -> int:
 
 
 def _device(op: str, device: object) -> torch.device:
-    try:
-        return torch.device("cpu") if device is None else torch.device(device)  # type: ignore[arg-type]
-    except (TypeError, RuntimeError) as exc:
-        raise ValueError(f"{op}: device must be a torch.device or device string, got {device!r}") from exc
+    return check_device(op, device)
+
+
+def _check_mask_size(op: str, batch_size: int, grid: tuple[int, int, int], device: torch.device, per_frame: int):
+    """The bool[B, N] mask plus ``per_frame`` bytes per (sample, frame position) of working memory."""
+    T, H, W = grid
+    what = f"batch_size={batch_size} x grid {T}x{H}x{W} ({batch_size * T * H * W:,} tokens)"
+    check_alloc(op, what, batch_size * T * H * W + per_frame * batch_size * H * W, device)
 
 
 def _check_num_prefix(op: str, num_prefix: object) -> int:
@@ -129,6 +137,7 @@ def tube_mask(
     grid = check_grid(op, grid)
     ratio = _check_ratio(op, ratio)
     device = _device(op, device)
+    _check_mask_size(op, batch_size, grid, device, per_frame=8)  # the reference's int64 keys
     return dispatch(op, backend, device, batch_size, grid, ratio, _seed(op, generator, seed), device)
 
 
@@ -215,6 +224,11 @@ def multiblock_mask(
         raise ValueError(f"{op}: aspect_ratio must be > 0 and finite, got {aspect_ratio}")
     temporal_scale = check_range(op, "temporal_scale", temporal_scale, 0.0, 1.0)
     device = _device(op, device)
+    # The boxes are drawn on the host: counters, uniforms and box columns take ~590 bytes per
+    # (sample, block) at their peak; 256 is a safe lower bound.
+    check_alloc(op, f"batch_size={batch_size} x num_blocks={num_blocks}", 256 * batch_size * num_blocks,
+                torch.device("cpu"))
+    _check_mask_size(op, batch_size, grid, device, per_frame=0)
     seed = _seed(op, generator, seed)
     boxes, counts = _multiblock_host(batch_size, grid, num_blocks, spatial_scale, aspect_ratio, temporal_scale, seed,
                                      return_counts)  # fmt: skip
@@ -425,6 +439,7 @@ def motion_mask(tokens: torch.Tensor, ratio: float, *, backend: str = "auto") ->
     if S < 1:
         raise ValueError(f"{op}: tokens must have S >= 1 tokens per frame, got shape {list(tokens.shape)}")
     ratio = _check_ratio(op, ratio)
+    check_finite(op, tokens=tokens)
     return dispatch(op, backend, tokens.device, tokens, S - hidden_count(ratio, S))
 
 
@@ -461,6 +476,8 @@ def mask_counts(hidden: torch.Tensor, num_prefix: int = 0) -> tuple[torch.Tensor
     op = "mask_counts"
     hidden = check_tensor(op, "hidden", hidden, ndim=2, dtypes=(torch.bool,))
     num_prefix = _check_num_prefix(op, num_prefix)
+    if hidden.shape[0]:
+        check_host_readable(op, "hidden", hidden, "max_seqlen is read from its values")
     lengths = (~hidden).sum(dim=1) + num_prefix
     cu_seqlens = torch.zeros(hidden.shape[0] + 1, dtype=torch.int32, device=hidden.device)
     cu_seqlens[1:] = torch.cumsum(lengths, dim=0)

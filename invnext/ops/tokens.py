@@ -59,6 +59,7 @@ def packed_structure(
     B, N = hidden.shape
     visible = ~hidden
     if num_visible is None:
+        V.check_host_readable(op, "hidden", hidden, "the visible counts are read from it: pass num_visible")
         counts = [int(c) for c in visible.sum(1).cpu()]
     else:
         if isinstance(num_visible, torch.Tensor):
@@ -153,6 +154,7 @@ def gather_visible(
             raise ValueError(f"{op}: {name} must have shape [1 or {B}, {rows}, {C}], got {list(t.shape)}")
     if pos is not None and pos.shape[1] != N:
         raise ValueError(f"{op}: pos must have N={N} rows per sample, got {pos.shape[1]}")
+    V.check_finite(op, x=x, pos=pos, prefix=prefix)
     num_prefix = 0 if prefix is None else prefix.shape[1]
     cu_seqlens, max_seqlen, index = packed_structure(hidden, num_prefix, num_visible)
     tokens = dispatch(op, backend, x.device, x, index, cu_seqlens, pos, prefix)
@@ -200,6 +202,8 @@ def scatter_tokens(
         pos: optional [B or 1, N, C] position table added everywhere.
         N: places per sample.
         batch_size: B (given, not read from ``index``, so no host sync).
+    Where values are checked (``_validate``), ``index`` must lie in ``[-1, B*N)`` and name
+    no place twice.
     Returns:
         [B, N, C] in ``packed``'s dtype. Differentiable w.r.t. ``packed``, ``mask_token`` and ``pos``.
     """
@@ -210,10 +214,11 @@ def scatter_tokens(
     V.check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64,), device=dev)
     V.check_tensor(op, "mask_token", mask_token, ndim=1, dtypes=(packed.dtype,), device=dev)
     total, C = packed.shape
-    if not isinstance(N, int) or N < 1:
-        raise ValueError(f"{op}: N must be a positive int, got {N!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{op}: batch_size must be a positive int, got {batch_size!r}")
+    for name, value in (("N", N), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    V.check_alloc(op, f"batch_size * N = {batch_size} * {N} places of {C} channels",
+                  batch_size * N * C * packed.element_size(), dev)
     V.check_shape(op, "index", index, (total,))
     V.check_shape(op, "mask_token", mask_token, (C,))
     if pos is not None:
@@ -221,4 +226,14 @@ def scatter_tokens(
         if pos.shape[0] not in (1, batch_size) or tuple(pos.shape[1:]) != (N, C):
             raise ValueError(f"{op}: pos must have shape [1 or {batch_size}, {N}, {C}], got {list(pos.shape)}")
     V.check_index_range(op, "index", index, -1, batch_size * N)
+    if index.numel() and V.values_checked(index):
+        # Two rows at one place: which one lands there differs between backends (and runs).
+        placed = index[index >= 0].sort().values
+        same = placed[1:] == placed[:-1]
+        if bool(same.any()):
+            raise ValueError(
+                f"{op}: index names place {int(placed[1:][same][0])} more than once "
+                f"({int(same.sum())} duplicate(s)); every place takes at most one packed row"
+            )
+    V.check_finite(op, packed=packed, mask_token=mask_token, pos=pos)
     return dispatch(op, backend, dev, packed, index, mask_token, pos, batch_size, N)

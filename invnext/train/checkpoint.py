@@ -14,25 +14,31 @@ Writing: everything goes into ``<root>/.tmp-step_<n>-<pid>/``, each file is fsyn
 renamed to ``step_<n>`` (atomic on one filesystem), then ``<root>/latest`` (a one-line text file
 naming the folder) is replaced atomically through a temp file. So a kill at any moment leaves
 either the previous checkpoint or the new one as ``latest``, never a half-written one; leftover
-``.tmp-*`` folders are ignored by readers and removed by the next write or :func:`clean_partial`.
+``.tmp-*`` folders are ignored by readers and removed by the next write (only those of dead
+processes: the pid in the name keeps a live writer's folder safe) or :func:`clean_partial`. A
+write that fails (a full disk) removes its own temp folder before raising :class:`CheckpointWriteError`.
 After a write only the newest ``keep_last`` complete checkpoints are kept.
 
-Loading never unpickles: ``safetensors.torch.load_file`` and ``json.load`` only.
+Loading never unpickles: ``safetensors.torch.load_file`` and ``json.load`` only. A damaged file
+raises :class:`CheckpointError` naming it; :func:`read_latest` then falls back to the newest
+checkpoint that reads. :class:`OutputLock` keeps a second run out of a stage folder in use.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,7 +47,11 @@ __all__ = [
     "OPTIM_FILE",
     "RNG_FILE",
     "STATE_FILE",
+    "CheckpointError",
+    "CheckpointWriteError",
     "CheckpointWriter",
+    "OutputLock",
+    "OutputLockedError",
     "clean_partial",
     "complete_checkpoints",
     "copy_atomic",
@@ -50,6 +60,7 @@ __all__ = [
     "load_named_optimizer_state",
     "named_optimizer_state",
     "read_checkpoint",
+    "read_latest",
     "resolve_weights",
     "restore_rng_state",
     "rng_state",
@@ -96,15 +107,51 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
-def clean_partial(root: str | os.PathLike) -> list[Path]:
-    """Remove the temp folders a killed write left under ``root``; returns what was removed."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (its message names the file)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. a full disk); its partial write was removed."""
+
+
+class OutputLockedError(RuntimeError):
+    """Another live process holds the output folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _writer_pid(name: str) -> int | None:
+    """The process id a temp entry's name ends with (``.tmp-step_00000004-1234``), None for older names."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() and name.count("-") >= 2 else None
+
+
+def clean_partial(root: str | os.PathLike, *, keep_live: bool = False) -> list[Path]:
+    """Remove the temp folders a killed write left under ``root``; returns what was removed.
+
+    ``keep_live=True`` keeps the temp entries of other processes that are still alive (a writer
+    never deletes another's in-progress write, even without the output lock).
+    """
     r = Path(root)
     removed = []
     if r.is_dir():
         for p in r.iterdir():
-            if p.name.startswith(_TMP):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
+            if not p.name.startswith(_TMP):
+                continue
+            pid = _writer_pid(p.name)
+            if keep_live and pid is not None and pid != os.getpid() and _pid_alive(pid):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 
@@ -280,12 +327,12 @@ class CheckpointWriter:
         self.crash_hook = crash_hook or (lambda where: None)
 
     def temp_dir(self, step: int) -> Path:
-        return self.root / f"{_TMP}{step_dir_name(step)}"
+        return self.root / f"{_TMP}{step_dir_name(step)}-{os.getpid()}"
 
     def begin(self, step: int) -> Path:
-        """Create (empty) the temp folder of ``step`` (removing any left by a killed write)."""
+        """Create (empty) the temp folder of ``step`` (removing those left by killed writes)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        clean_partial(self.root)
+        clean_partial(self.root, keep_live=True)
         tmp = self.temp_dir(step)
         tmp.mkdir()
         return tmp
@@ -305,7 +352,26 @@ class CheckpointWriter:
 
         ``rng_tensors`` / ``rng_meta``: every rank's :func:`rng_state` (tensor names carry the rank;
         ``rng_meta`` maps ``"rank<r>"`` to that rank's JSON part).
+        A failure (not a kill) removes ``tmp`` and the pointer's temp file before raising.
         """
+        pointer_tmp = self.root / f"{_TMP}latest-{os.getpid()}"
+        try:
+            return self._commit(
+                tmp, step, model_state, optim_state, state, rng_tensors, rng_meta, model_metadata, pointer_tmp
+            )
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            pointer_tmp.unlink(missing_ok=True)
+            if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+                raise CheckpointWriteError(
+                    f"writing checkpoint {step_dir_name(step)} under {self.root} failed: {exc}; its partial write "
+                    f"{tmp.name} was removed (free disk space, then --resume)"
+                ) from exc
+            raise
+
+    def _commit(
+        self, tmp, step, model_state, optim_state, state, rng_tensors, rng_meta, model_metadata, pointer_tmp
+    ) -> Path:
         _save_tensors(tmp / MODEL_FILE, model_state, model_metadata)
         self.crash_hook("after_model")
         opt_tensors, opt_index = flatten_optimizer_state(optim_state)
@@ -318,7 +384,6 @@ class CheckpointWriter:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        pointer_tmp = self.root / f"{_TMP}latest-{os.getpid()}"
         pointer_tmp.write_text(final.name + "\n")
         _fsync_file(pointer_tmp)
         os.replace(pointer_tmp, self.root / LATEST)
@@ -338,12 +403,115 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not _is_complete(p):
         raise FileNotFoundError(f"{p} is not a complete checkpoint (needs {MODEL_FILE} and {STATE_FILE})")
-    state = json.loads((p / STATE_FILE).read_text())
-    with safe_open(os.fspath(p / MODEL_FILE), framework="pt") as f:
-        metadata = f.metadata() or {}
-    optim = unflatten_optimizer_state(load_file(os.fspath(p / OPTIM_FILE)), state["optimizer"])
-    rng = load_file(os.fspath(p / RNG_FILE)) if (p / RNG_FILE).is_file() else {}
-    return {"model": load_file(os.fspath(p / MODEL_FILE)), "model_metadata": metadata, "optim": optim, "rng": rng, "state": state}
+    where = p / STATE_FILE
+    try:
+        state = json.loads(where.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+            raise ValueError("not a checkpoint state (no 'optimizer' index)")
+        where = p / MODEL_FILE
+        with safe_open(os.fspath(where), framework="pt") as f:
+            metadata = f.metadata() or {}
+        model = load_file(os.fspath(where))
+        where = p / OPTIM_FILE
+        optim = unflatten_optimizer_state(load_file(os.fspath(where)), state["optimizer"])
+        where = p / RNG_FILE
+        rng = load_file(os.fspath(where)) if where.is_file() else {}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint file {where} is damaged or unreadable: {type(exc).__name__}: {exc}"
+        ) from None
+    return {"model": model, "model_metadata": metadata, "optim": optim, "rng": rng, "state": state}
+
+
+def read_latest(root: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """``(folder, contents)`` of the newest checkpoint under ``root`` that reads, None when there is none.
+
+    A damaged newer one is skipped with a message through ``log`` naming its bad file (a
+    crash or a bad disk must not block ``--resume``). Raises :class:`CheckpointError` listing
+    every file when no complete checkpoint reads.
+    """
+    damaged = []
+    for folder in reversed(complete_checkpoints(root)):
+        try:
+            data = read_checkpoint(folder)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+            log(f"{exc}; falling back to the previous complete checkpoint")
+            continue
+        return folder, data
+    if damaged:
+        raise CheckpointError(f"no checkpoint under {root} can be read: " + "; ".join(damaged))
+    return None
+
+
+class OutputLock:
+    """An exclusive lock on an output folder, held from :meth:`acquire` to :meth:`release`.
+
+    ``<folder>/.lock`` is ``flock``ed (the kernel drops the lock when its process dies, even by
+    kill -9, so a dead run's lock is never in the way) and holds ``pid host`` for the message.
+    Where ``flock`` is not supported (some network filesystems) the recorded pid decides: a lock
+    of a live process on this host blocks, one of a dead process is taken over.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def _locked_error(self) -> OutputLockedError:
+        return OutputLockedError(
+            f"{self.path.parent} is in use by another run (pid and host: {self._holder()}); wait for it to finish "
+            f"or choose another --out (if no such process is alive, delete {self.path})"
+        )
+
+    def acquire(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._locked_error() from None
+        except (ImportError, OSError) as exc:
+            unsupported = (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
+            if isinstance(exc, OSError) and exc.errno not in unsupported:
+                os.close(fd)
+                raise
+            holder = self._holder().split()
+            host = socket.gethostname()
+            if len(holder) == 2 and holder[0].isdigit() and holder[1] == host and int(holder[0]) != os.getpid() \
+                    and _pid_alive(int(holder[0])):
+                os.close(fd)
+                raise self._locked_error() from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # an empty lock file: nobody holds it
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

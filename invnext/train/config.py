@@ -75,6 +75,13 @@ __all__ = [
 ]
 
 
+def _require_finite(cfg: _Checked, *names: str) -> None:
+    """Reject inf / nan in the float fields ``names`` of ``cfg`` (None is left to the other checks)."""
+    for name in names:
+        value = getattr(cfg, name)
+        cfg._require(value is None or math.isfinite(value), name, "must be a finite number")
+
+
 @dataclass(frozen=True)
 class ModelSection(_Checked):
     """The model: a preset (``invnext.config.get_preset``) plus overrides of that stage's model config."""
@@ -100,6 +107,8 @@ class OptimConfig(_Checked):
     grad_clip: float = 5.0
 
     def validate(self) -> None:
+        # inf passes the sign checks below, then trains and fails at the first checkpoint (JSON has no inf)
+        _require_finite(self, "lr", "eps", "weight_decay", "grad_clip")
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "must lie in [0, 1)")
         self._require(self.eps > 0, "eps", "must be > 0")
@@ -126,6 +135,7 @@ class ScheduleConfig(_Checked):
             raise ValueError(
                 f"ScheduleConfig: give exactly one of steps / epochs (the other null), got steps={self.steps}, epochs={self.epochs}"
             )
+        _require_finite(self, "epochs", "warmup_epochs", "min_lr")
         self._require(self.steps is None or self.steps >= 1, "steps", "must be >= 1")
         self._require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
         self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
@@ -217,6 +227,7 @@ class MonitorConfig(_Checked):
     min_erank_frac: float = 0.02
 
     def validate(self) -> None:
+        _require_finite(self, "min_std")
         self._require(self.min_std >= 0, "min_std", "must be >= 0")
         self._require(0 <= self.min_erank_frac <= 1, "min_erank_frac", "must lie in [0, 1]")
 
@@ -253,6 +264,11 @@ class TrainConfig(_Checked):
         for name in ("save_every", "keep_last", "log_every", "max_skipped_steps"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
         self._require(self.threads is None or self.threads >= 1, "threads", "must be None or >= 1")
+        if self.schedule.min_lr > self.optim.lr:  # the cosine would climb from lr to min_lr
+            raise ValueError(
+                f"TrainConfig.schedule.min_lr: must be <= optim.lr={self.optim.lr!r} (the cosine decays from lr to "
+                f"min_lr), got {self.schedule.min_lr!r}"
+            )
         self.model_config()  # a bad model override fails here, before anything runs
 
     def model_config(self) -> Stage1Config | Stage2Config:

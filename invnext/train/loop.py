@@ -9,7 +9,9 @@ A step (0-based ``step``; records and checkpoints count completed steps, ``step 
    backward of ``loss / accumulation`` (DDP: gradient sync only on the last micro-batch).
 3. Global gradient norm, clipped to ``optim.grad_clip``. A non-finite norm or loss skips the
    update (the step and its data still count), adds to ``skipped``; more than
-   ``max_skipped_steps`` in a row stops the run with :class:`NonFiniteLossError`.
+   ``max_skipped_steps`` in a row stops the run with :class:`NonFiniteLossError`. A step that drew
+   no readable clip makes no update either; more than ``max_skipped_steps`` of them in a row (or a
+   whole session of them) stop the run with :class:`NoReadableDataError` naming the data source.
 4. Loss terms averaged over every micro-batch of every rank; logged every ``log_every`` steps
    (and on the first, the last and every skipped step) with the collapse monitors.
 5. Checkpoint every ``save_every`` steps and at the end (``invnext.train.checkpoint``).
@@ -54,7 +56,16 @@ from invnext.train.records import (
 )
 from invnext.train.sources import build_dataset, build_stage1_teacher, collate_fn
 
-__all__ = ["FaultHooks", "NonFiniteLossError", "RunExistsError", "StageResult", "UsageError", "stage_done", "train_stage"]
+__all__ = [
+    "FaultHooks",
+    "NoReadableDataError",
+    "NonFiniteLossError",
+    "RunExistsError",
+    "StageResult",
+    "UsageError",
+    "stage_done",
+    "train_stage",
+]
 
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -70,6 +81,10 @@ class RunExistsError(RuntimeError):
 
 class UsageError(ValueError):
     """The run cannot start as asked (a missing or unfit --init, a resume with changed settings, ...)."""
+
+
+class NoReadableDataError(UsageError):
+    """Steps drew no readable clip at all: the data source is unusable (training on it only decays the weights)."""
 
 
 @dataclass(frozen=True)
@@ -225,8 +240,35 @@ def train_stage(
     """Run (or resume) one stage of ``cfg`` into ``out_dir``; returns where its results are.
 
     ``init`` (Stage 2): the Stage-1 checkpoint, overriding ``cfg.init``.
-    Raises RunExistsError when ``out_dir`` already holds checkpoints and ``resume`` is False.
+    Raises RunExistsError when ``out_dir`` already holds checkpoints and ``resume`` is False, and
+    ``checkpoint.OutputLockedError`` while another live run holds ``out_dir`` (its checkpoint
+    writes and pruning would race with this run's).
     """
+    lock = ckpt.OutputLock(out_dir)
+    refused = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except ckpt.OutputLockedError as exc:
+            refused = str(exc)
+    refused = gather_objects(refused, info)[0]  # every rank stops, not only the one that saw the lock
+    if refused is not None:
+        raise ckpt.OutputLockedError(refused)
+    try:
+        return _train_stage(cfg, out_dir, info, resume=resume, init=init, hooks=hooks)
+    finally:
+        lock.release()
+
+
+def _train_stage(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    info: DistInfo,
+    *,
+    resume: bool,
+    init: str | None,
+    hooks: FaultHooks | None,
+) -> StageResult:
     hooks = hooks or FaultHooks()
     out = Path(out_dir)
     root = out / CHECKPOINTS
@@ -275,9 +317,13 @@ def train_stage(
     fingerprint = _fingerprint(cfg, len(dataset))
 
     start_step, skipped_total, dropped_total, elapsed_before = 0, 0, 0, 0.0
-    consecutive = 0
+    consecutive = empty_steps = 0
     if existing is not None:
-        saved = ckpt.read_checkpoint(existing)
+        try:  # a damaged newest checkpoint (bad disk, a copy cut short) falls back to the one before
+            log = (lambda msg: print(f"stage {stage}: {msg}")) if info.is_main else (lambda msg: None)
+            existing, saved = ckpt.read_latest(root, log=log)
+        except ckpt.CheckpointError as exc:
+            raise UsageError(f"--resume: {exc}") from None
         st = saved["state"]
         diff = [k for k, v in fingerprint.items() if json.loads(json.dumps(st.get("fingerprint", {}).get(k))) != json.loads(json.dumps(v))]
         if diff:
@@ -414,10 +460,10 @@ def train_stage(
                 norm = norm.full_tensor()
             grad_norm = float(norm)
             ok = math.isfinite(grad_norm) and math.isfinite(terms.get("loss", 0.0))
-            if ok:
+            if ok and g_clips:  # no update without data: weight decay alone would shrink the weights
                 optimizer.step()
                 consecutive = 0
-            else:
+            elif not ok:
                 skipped_total += 1
                 consecutive += 1
             optimizer.zero_grad(set_to_none=True)
@@ -427,6 +473,8 @@ def train_stage(
             dt = time.perf_counter() - t0
             clips_per_s = g_clips / dt if dt > 0 else 0.0
             elapsed = elapsed_before + (time.perf_counter() - t_start)
+            empty_steps = 0 if g_clips else empty_steps + 1
+            _check_data(empty_steps, session_clips, step_done == total, cfg, bad_log, len(dataset), data_desc, info)
             if ok:
                 last_terms = {k: v for k, v in terms.items() if k == "loss" or k.startswith("loss/")}
 
@@ -562,6 +610,26 @@ def _load_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: di
         return
     model.load_state_dict(model_sd, strict=True)
     ckpt.load_named_optimizer_state(model, optimizer, optim_sd)
+
+
+def _check_data(empty_steps: int, session_clips: int, last: bool, cfg: TrainConfig, bad_log, size: int, desc: str,
+                info: DistInfo) -> None:
+    """Stop (before a checkpoint) when the data gives nothing to train on: more than ``max_skipped_steps``
+    steps in a row, or every step of this session, without one readable clip, or (one process, which
+    sees every file it drew) every file of the index found bad."""
+    every_file = not info.distributed and bad_log is not None and bad_log.count >= size
+    if not (empty_steps > cfg.max_skipped_steps or (last and session_clips == 0) or every_file):
+        return
+    what = (
+        "every one of its files is unreadable" if every_file
+        else f"{empty_steps} step(s) in a row drew only unreadable clips"
+    )
+    if bad_log is not None and bad_log.count:
+        what += f"; {bad_log.count} distinct bad file(s), e.g. {next(iter(bad_log.files.items()))}"
+    raise NoReadableDataError(
+        f"stage {cfg.stage}: no readable clip in the data source {desc}: {what}. "
+        f"`invnext data check {cfg.data.source or 'INDEX'}` lists every bad file"
+    )
 
 
 def _bad_file_log():

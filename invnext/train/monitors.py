@@ -27,10 +27,16 @@ __all__ = ["CollapseMonitor", "collapse_stats", "warn_collapse"]
 
 
 def collapse_stats(z: torch.Tensor) -> tuple[float, float]:
-    """``(std, erank)`` of the rows of ``z[R, C]`` after L2 normalisation (module docstring); computed in float64."""
+    """``(std, erank)`` of the rows of ``z[R, C]`` after L2 normalisation (module docstring); computed in float64.
+
+    Non-finite features give ``(nan, nan)``: a diverging step must reach the trainer's finite
+    check (which skips it and counts towards ``max_skipped_steps``) instead of failing in the SVD.
+    """
     if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
         raise ValueError(f"collapse_stats: z must be a non-empty [R, C] matrix, got {list(z.shape)}")
     zn = F.normalize(z.detach().to(torch.float64), dim=-1)
+    if not bool(torch.isfinite(zn).all()):
+        return math.nan, math.nan
     std = zn.std(dim=0, unbiased=False).mean().item()
     s = torch.linalg.svdvals(zn)
     p = s / s.sum().clamp_min(1e-300)
@@ -85,6 +91,8 @@ class CollapseMonitor:
         for kind, z in groups.items():
             std, erank = collapse_stats(z)
             stats[f"{kind}_std"], stats[f"{kind}_erank"] = std, erank
+            if not (math.isfinite(std) and math.isfinite(erank)):
+                continue  # non-finite features: the step's finite check reports it, not a collapse warning
             R, C = z.shape
             std_floor = self.min_std / math.sqrt(C)
             rank_floor = self.min_erank_frac * min(R, C)
