@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from invnext.ops._dispatch import triton_interpreter
+from invnext.common.interpreter import triton_interpreter
 
 # Triton's CPU interpreter (3.x) truncates fp32 -> bf16 where a GPU rounds to nearest even;
 # rounding by hand under the interpreter makes CPU tests see the bits a GPU writes.

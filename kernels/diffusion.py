@@ -24,11 +24,11 @@ its float32 tables. Per op:
   expand/reshape backward sums those over the broadcast rows; ``dshift`` is ``dy`` itself
   (no kernel, no copy when the dtypes agree).
 - ``p_sample_step`` / ``ddim_step`` are sampling steps: one forward op, no backward. If autograd
-  is recording and an input requires grad they run the reference instead, so a caller who
-  differentiates through a step still gets gradients.
+  is recording and an input requires grad they decline (``unsupported``), so under ``auto`` a
+  caller who differentiates through a step still gets gradients, from the reference.
 
-Float64 inputs (the checking mode of the reference: float64 tables and math) run the
-reference; the kernels are float32 machines. Arguments may be strided views (``model_out``
+Float64 inputs (the checking mode of the reference: float64 tables and math) are declined the
+same way; the kernels are float32 machines. Arguments may be strided views (``model_out``
 halves are read in place; ``shift``/``scale`` may have row stride 0); nothing is copied.
 A ``t`` outside ``[0, S)`` turns its row into NaN and reads no memory out of bounds.
 """
@@ -41,8 +41,7 @@ import torch
 import triton
 from torch import Tensor
 
-from invnext.ops import diffusion as _ref
-from invnext.ops.diffusion_schedule import DiffusionSchedule
+from invnext.common.diffusion_schedule import DiffusionSchedule
 
 from . import _diffusion_adaln as _ka
 from . import _diffusion_loss as _kl
@@ -50,7 +49,7 @@ from . import _diffusion_steps as _ks
 from ._diffusion_common import TORCH_TO_TL, accurate, col_block, row_block, stride1, strides2
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows run the reference
+_MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows are declined
 # Tile shapes: (rows, warps) per kernel family, from the rules in ``_tile``; ``TUNE`` overrides
 # them (``benchmarks/bench_diffusion.py --sweep`` times the alternatives).
 TUNE: dict[str, tuple[int, int]] = {}
@@ -58,6 +57,13 @@ TUNE: dict[str, tuple[int, int]] = {}
 
 def _kernel_ok(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
+
+
+def _dtype_reason(*tensors: torch.Tensor | None) -> str | None:
+    if _kernel_ok(*tensors):
+        return None
+    bad = next(t.dtype for t in tensors if t is not None and t.dtype not in _KERNEL_DTYPES)
+    return f"the Triton kernels take float32/bfloat16/float16, not {str(bad).replace('torch.', '')}"
 
 
 def _on(device: torch.device):
@@ -371,7 +377,7 @@ def _define_ops():
 
     loss_fwd.register_autograd(loss_grad, setup_context=loss_setup)
 
-    # ---- sampling steps: forward only (under autograd the entries below run the reference)
+    # ---- sampling steps: forward only (under autograd the entries below are declined)
     @op("p_sample_step_triton_fwd")
     def p_fwd(
         model_out: Tensor, x_t: Tensor, t: Tensor, posterior: list[Tensor], noise: Tensor, temperature: float
@@ -450,8 +456,6 @@ _DDIM_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alp
 # ----------------------------------------------------------------------------------------
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
-    if not _kernel_ok(x0, noise):
-        return _ref._q_sample_ref(x0, noise, t, schedule)
     return q_sample_triton_fwd(x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
@@ -464,8 +468,6 @@ def diffusion_loss(
     schedule: DiffusionSchedule,
 ) -> torch.Tensor:
     """Per-row hybrid loss ``float32[M]`` (eps MSE + vb in bits); grads flow to ``model_out[M, 2C]`` only."""
-    if not _kernel_ok(model_out, x0, x_t, noise):
-        return _ref._diffusion_loss_ref(model_out, x0, x_t, noise, t, schedule)
     return diffusion_loss_triton_fwd(model_out, x0, x_t, noise, t, _tables(schedule, *_POSTERIOR))
 
 
@@ -483,8 +485,6 @@ def p_sample_step(
     temperature: float,
 ) -> torch.Tensor:
     """One ancestral step ``x_{t-1}[M, C]`` (x_t's dtype) from ``model_out[M, 2C] = [eps, v]``."""
-    if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
-        return _ref._p_sample_step_ref(model_out, x_t, t, schedule, noise, temperature)
     return p_sample_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, float(temperature))
 
 
@@ -502,14 +502,43 @@ def ddim_step(
     eta: float,
 ) -> torch.Tensor:
     """One DDIM step ``x_prev[M, C]`` (x_t's dtype); ``noise`` is used only when given and ``eta != 0``."""
-    if not _kernel_ok(model_out, x_t, noise) or _tracks_grad(model_out, x_t, noise):
-        return _ref._ddim_step_ref(model_out, x_t, t, schedule, noise, eta)
     return ddim_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, float(eta))
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
-    if not _kernel_ok(x, shift, scale) or x.shape[1] > _MAX_ADALN_WIDTH:
-        return _ref._adaln_modulate_ref(x, shift, scale, eps)
     y, _, _ = adaln_modulate_triton_fwd(x, shift, scale, float(eps))
     return y
+
+
+# ----------------------------------------------------------------------------------------
+# declines: inputs these kernels cannot take (dispatch then runs the reference under "auto"
+# and raises BackendUnavailableError for an explicit backend="triton")
+# ----------------------------------------------------------------------------------------
+def _q_sample_unsupported(x0, noise, t, schedule) -> str | None:
+    return _dtype_reason(x0, noise)
+
+
+def _diffusion_loss_unsupported(model_out, x0, x_t, noise, t, schedule) -> str | None:
+    return _dtype_reason(model_out, x0, x_t, noise)
+
+
+def _step_unsupported(model_out, x_t, t, schedule, noise, coef) -> str | None:
+    why = _dtype_reason(model_out, x_t, noise)
+    if why is None and _tracks_grad(model_out, x_t, noise):
+        why = "the Triton sampling steps have no backward, and autograd is recording an input that requires grad"
+    return why
+
+
+def _adaln_modulate_unsupported(x, shift, scale, eps) -> str | None:
+    why = _dtype_reason(x, shift, scale)
+    if why is None and x.shape[1] > _MAX_ADALN_WIDTH:
+        why = f"rows of {x.shape[1]} exceed the kernel's {_MAX_ADALN_WIDTH} (a whole row lives in registers)"
+    return why
+
+
+q_sample.unsupported = _q_sample_unsupported
+diffusion_loss.unsupported = _diffusion_loss_unsupported
+p_sample_step.unsupported = _step_unsupported
+ddim_step.unsupported = _step_unsupported
+adaln_modulate.unsupported = _adaln_modulate_unsupported

@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import torch
 
-from invnext.ops import diffusion as _ref
-from invnext.ops.diffusion_schedule import DiffusionSchedule
+from invnext.common.diffusion_schedule import DiffusionSchedule
+from invnext.common.diffusion_steps import ddim_step_ref, denoise, noise_for_step, p_sample_step_ref
 
 from . import diffusion as _kd
 
@@ -51,10 +51,23 @@ def clear_graph_cache() -> None:
 # ----------------------------------------------------------------------------------------
 # one reverse step, shared by the eager loop and the captured graph
 # ----------------------------------------------------------------------------------------
+_REFERENCE_STEP = {"p_sample": p_sample_step_ref, "ddim": ddim_step_ref}
+
+
+def _step(kind: str, model_out, x, t, schedule, noise, coef):
+    """One step of the eager loop, into a new tensor."""
+    # x and noise were declined up front if the kernels cannot take them; a denoiser's output
+    # shows its dtype only here, mid-loop, so a float64 one gets the reference step.
+    if not _kd._kernel_ok(model_out, x, noise):
+        return _REFERENCE_STEP[kind](model_out, x, t, schedule, noise, coef)
+    step = _kd.p_sample_step if kind == "p_sample" else _kd.ddim_step
+    return step(model_out, x, t, schedule, noise, coef)
+
+
 def _step_into(kind: str, out, model_out, x, t, schedule, noise, coef):
-    if not _kd._kernel_ok(model_out, x, noise):  # float64 runs the reference step
-        ref = _ref._p_sample_step_ref if kind == "p_sample" else _ref._ddim_step_ref
-        return out.copy_(ref(model_out, x, t, schedule, noise, coef))
+    """One step of the captured graph, into ``out`` (a float64 denoiser output: as in ``_step``)."""
+    if not _kd._kernel_ok(model_out, x, noise):
+        return out.copy_(_REFERENCE_STEP[kind](model_out, x, t, schedule, noise, coef))
     if kind == "p_sample":
         return _kd.p_sample_step_into(out, model_out, x, t, schedule, noise, coef)
     return _kd.ddim_step_into(out, model_out, x, t, schedule, noise, coef)
@@ -68,17 +81,16 @@ def _needs_noise(kind: str, coef: float) -> bool:
 def _eager_loop(kind, denoise_fn, cond, schedule, x_T, step_noise, generator, coef):
     """The reference loop with the Triton step kernel: same draws, same order."""
     op = f"{kind}_loop" if kind == "p_sample" else "ddim_sample_loop"
-    step = _kd.p_sample_step if kind == "p_sample" else _kd.ddim_step
     x = x_T
     rows = x.shape[0]
     for i in reversed(range(schedule.num_steps)):
         t = torch.full((rows,), i, dtype=torch.int64, device=x.device)
-        out = _ref._denoise(op, denoise_fn, x, t, cond, schedule)
+        out = denoise(op, denoise_fn, x, t, cond, schedule)
         if kind == "p_sample":
-            noise = _ref._step_noise(step_noise, i, generator, x) if i > 0 else torch.zeros_like(x)
+            noise = noise_for_step(step_noise, i, generator, x) if i > 0 else torch.zeros_like(x)
         else:
-            noise = _ref._step_noise(step_noise, i, generator, x) if (i > 0 and coef > 0.0) else None
-        x = step(out, x, t, schedule, noise, coef)
+            noise = noise_for_step(step_noise, i, generator, x) if (i > 0 and coef > 0.0) else None
+        x = _step(kind, out, x, t, schedule, noise, coef)
     return x
 
 
@@ -146,7 +158,7 @@ class _StepGraph:
 
     def _step(self) -> None:
         op = "p_sample_loop" if self.kind == "p_sample" else "ddim_sample_loop"
-        out = _ref._denoise(op, self.denoise_fn, self.x, self.t, self.cond, self.schedule)
+        out = denoise(op, self.denoise_fn, self.x, self.t, self.cond, self.schedule)
         _step_into(self.kind, self.x, out, self.x, self.t, self.schedule, self.noise, self.coef)
 
     def run(self, cond, x_T, step_noise, generator) -> torch.Tensor:
@@ -247,3 +259,13 @@ def ddim_sample_loop(
     """DDIM sampling ``x_T[M, C] -> x_0[M, C]``; arguments as :func:`p_sample_loop`, ``eta >= 0``
     (with ``eta = 0`` nothing is drawn after x_T and ``step_noise`` is ignored)."""
     return _sample("ddim", denoise_fn, cond, schedule, x_T, step_noise, generator, float(eta), use_graph)
+
+
+def _loop_unsupported(denoise_fn, cond, schedule, x_T, step_noise, generator, coef) -> str | None:
+    """Samples or step noise in a dtype the step kernels cannot take (float64); ``auto`` then runs
+    the reference loop."""
+    return _kd._dtype_reason(x_T, step_noise)
+
+
+p_sample_loop.unsupported = _loop_unsupported
+ddim_sample_loop.unsupported = _loop_unsupported

@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from invnext.ops import _validate as V
-from invnext.ops._dispatch import triton_interpreter
-from invnext.ops._token_custom_ops import define_token_ops
+from invnext.common import validate as V
+from invnext.common.interpreter import triton_interpreter
+from invnext.common.token_custom_ops import define_token_ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements per program tile at 4 warps. Place programs loop over the batch, so a larger tile

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from invnext.data import bundled, teacher_pretrain
+from invnext import teacher_pretrain
+from invnext.data import bundled
 from invnext.data.check import run_data_check
 from invnext.data.dataset import VideoDataset, read_index
-from invnext.data.teacher_pretrain import (
+from invnext.data.video import sample_indices
+from invnext.models.layers import l2norm
+from invnext.models.teacher import ImageTeacher, TinyTeacher
+from invnext.teacher_pretrain import (
     ConvPatchEmbed,
     frame_forward,
     load_default_teacher,
@@ -21,9 +25,6 @@ from invnext.data.teacher_pretrain import (
     teacher_stats,
     train_teacher,
 )
-from invnext.data.video import sample_indices
-from invnext.models.layers import l2norm
-from invnext.models.teacher import ImageTeacher, TinyTeacher
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +36,7 @@ SMALL = {"num_train": 24, "num_val": 10, "frames": 6, "size": 48, "teacher": Fal
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache") / "default_data"
-    return bundled.ensure_default_dataset(root, **SMALL)
+    return teacher_pretrain.ensure_default_dataset(root, **SMALL)
 
 
 def test_small_dataset_is_valid_labelled_and_decodable(small):
@@ -63,14 +64,14 @@ def test_labels_are_balanced_over_pairs():
 
 def test_cache_is_reused_and_regenerated_on_a_config_change(small):
     stamp = (small.root / "train.csv").stat().st_mtime_ns
-    again = bundled.ensure_default_dataset(small.root, **SMALL)
+    again = teacher_pretrain.ensure_default_dataset(small.root, **SMALL)
     assert again == small and (small.root / "train.csv").stat().st_mtime_ns == stamp
     # a damaged cache (a clip gone) or another config is regenerated in place
     first = next(iter(sorted((small.root / "val").iterdir())))
     first.unlink()
-    bundled.ensure_default_dataset(small.root, **SMALL)
+    teacher_pretrain.ensure_default_dataset(small.root, **SMALL)
     assert first.is_file()
-    other = bundled.ensure_default_dataset(small.root, **{**SMALL, "num_val": 8})
+    other = teacher_pretrain.ensure_default_dataset(small.root, **{**SMALL, "num_val": 8})
     assert len(read_index(other.val_index).entries) == 8
 
 
@@ -84,9 +85,9 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
 
 def test_ensure_default_dataset_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="size must be even"):
-        bundled.ensure_default_dataset(tmp_path / "d", size=47)
+        teacher_pretrain.ensure_default_dataset(tmp_path / "d", size=47)
     with pytest.raises(ValueError, match="num_train"):
-        bundled.ensure_default_dataset(tmp_path / "d", num_train=0)
+        teacher_pretrain.ensure_default_dataset(tmp_path / "d", num_train=0)
 
 
 def test_split_is_by_image_and_covers_every_digit():
@@ -211,12 +212,11 @@ def test_teacher_matches_tiny_teacher_forward(monkeypatch):
 
 def test_default_teacher_is_cached_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_pretrain, "EVAL_SAMPLES", 20)
-    data = bundled.ensure_default_dataset(tmp_path / "d", **{**SMALL, "teacher": True}, teacher_steps=(10, 5, 2))
+    with_teacher = {**SMALL, "teacher": True, "teacher_steps": (10, 5, 2)}
+    data = teacher_pretrain.ensure_default_dataset(tmp_path / "d", **with_teacher)
     assert data.teacher_weights is not None and data.teacher_weights.is_file()
     stamp = data.teacher_weights.stat().st_mtime_ns
-    assert (
-        bundled.ensure_default_dataset(tmp_path / "d", **{**SMALL, "teacher": True}, teacher_steps=(10, 5, 2)) == data
-    )
+    assert teacher_pretrain.ensure_default_dataset(tmp_path / "d", **with_teacher) == data
     assert data.teacher_weights.stat().st_mtime_ns == stamp
     assert teacher_stats(data)["stem_steps"] == 10
     teacher = load_default_teacher(data)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from invnext import ops
-from invnext.ops import _validate as V
+from invnext.common import validate as V
 from invnext.ops.attention import masked_attention_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

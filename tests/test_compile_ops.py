@@ -251,8 +251,8 @@ def test_adaln_modulate_compiles(triton_device):
 
 @pytest.mark.triton
 def test_sampling_steps_compile(triton_device):
-    # Forward-only ops (sampling runs under no_grad; with autograd recording the entries run
-    # the reference instead, ordinary torch ops for the compiler).
+    # Forward-only ops (sampling runs under no_grad; with autograd recording the kernels are
+    # declined and dispatch runs the reference, ordinary torch ops for the compiler).
     s, t, mo, _, noise, x_t = _diffusion_case(triton_device)
 
     def steps(mo, x_t):

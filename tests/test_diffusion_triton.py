@@ -25,6 +25,7 @@ import torch
 
 from invnext import ops
 from invnext._kernels_path import ensure_kernels_importable
+from invnext.ops import _dispatch
 from invnext.ops import diffusion as R
 from invnext.ops._dispatch import triton_interpreter
 from invnext.ops.diffusion_schedule import TABLE_NAMES
@@ -328,12 +329,38 @@ def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypa
     torch.testing.assert_close(loss_pairs, loss_rows, rtol=4e-7, atol=0)
 
 
-def test_steps_under_autograd_fall_back_to_reference(triton_device):
+def test_steps_under_autograd_are_declined(triton_device, monkeypatch):
     s, mo, _, x_t, noise, t = _loss_case(5, 7, 100, torch.float32, triton_device)
     m = mo.clone().requires_grad_()
-    out = kd.p_sample_step(m, x_t, t, s, noise, 1.0)
-    out.sum().backward()
+    assert "autograd" in kd.p_sample_step.unsupported(m, x_t, t, s, noise, 1.0)
+    assert "autograd" in kd.ddim_step.unsupported(m, x_t, t, s, noise, 0.5)
+    with torch.no_grad():
+        assert kd.p_sample_step.unsupported(m, x_t, t, s, noise, 1.0) is None
+    with pytest.raises(ops.BackendUnavailableError, match="autograd"):
+        ops.p_sample_step(m, x_t, t, s, noise, backend="triton")
+    # auto with the Triton kernel first (as on a GPU): the reference runs, and gradients flow
+    candidates = lambda op, device: iter([("triton", kd.p_sample_step), ("torch", R._p_sample_step_ref)])
+    monkeypatch.setattr(_dispatch, "_candidates", candidates)
+    ops.p_sample_step(m, x_t, t, s, noise).sum().backward()
     assert m.grad is not None and torch.isfinite(m.grad).all()
+
+
+def test_float64_and_wide_rows_are_declined(triton_device):
+    """The kernels are float32 machines: float64 (the reference's checking mode) goes to the
+    reference under auto and is refused, with the reason, for an explicit backend="triton"."""
+    s, mo, x0, x_t, noise, t = _loss_case(3, 7, None, torch.float64, triton_device)
+    assert "float64" in kd.q_sample.unsupported(x0, noise, t, s)
+    assert "float64" in kd.diffusion_loss.unsupported(mo, x0, x_t, noise, t, s)
+    assert "float64" in kd.ddim_step.unsupported(mo, x_t, t, s, None, 0.0)
+    assert "float64" in ks.p_sample_loop.unsupported(None, None, s, x_t, None, None, 1.0)
+    assert "float64" in ks.ddim_sample_loop.unsupported(None, None, s, x_t.float(), noise[None], None, 0.5)
+    assert ks.p_sample_loop.unsupported(None, None, s, x_t.float(), None, None, 1.0) is None
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        ops.q_sample(x0, noise, t, s, backend="triton")
+    torch.testing.assert_close(ops.q_sample(x0, noise, t, s), R._q_sample_ref(x0, noise, t, s), rtol=0, atol=0)
+    wide = torch.zeros(1, kd._MAX_ADALN_WIDTH + 1, device=triton_device)
+    assert "16384" in kd.adaln_modulate.unsupported(wide, wide, wide, 1e-6)
+    assert kd.adaln_modulate.unsupported(wide[:, :-1], wide[:, :-1], wide[:, :-1], 1e-6) is None
 
 
 # ----------------------------------------------------------------------------------------
@@ -428,6 +455,15 @@ def test_ddim_sample_loop_matches_reference(triton_device, eta):
     k = ks.ddim_sample_loop(fn, cond, s, x_T, step_noise, None, eta)
     r = R._ddim_sample_loop_ref(fn, cond, s, x_T, step_noise, None, eta)
     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_takes_the_reference_step_for_a_float64_denoiser(triton_device):
+    # the denoiser's dtype shows only mid-loop, after dispatch chose the sampler
+    s, cond, x_T, step_noise = _sampler_case(triton_device)
+    fn = _denoiser(7, triton_device, torch.float64)
+    k = ks.p_sample_loop(fn, cond, s, x_T, step_noise, None, 0.9)
+    r = R._p_sample_loop_ref(fn, cond, s, x_T, step_noise, None, 0.9)
+    assert k.dtype == torch.float32 and torch.equal(k, r)
 
 
 def test_sampler_generator_draws_match_reference(triton_device):

@@ -560,7 +560,7 @@ def test_teacher_patch_embed_option_builds_and_reloads(stem, tmp_path):
 def test_default_teacher_cache_records_its_stem_and_old_caches_still_load(tmp_path, monkeypatch):
     import json
 
-    from invnext.data import teacher_pretrain as tp
+    from invnext import teacher_pretrain as tp
 
     cfg = override(TINY.stage1.teacher, {"depth": 2, "layers": [0, 1]})
     assert cfg.patch_embed == "conv"  # the tiny preset's (and the default) teacher has the conv stem

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from invnext.ops.philox import _mulhilo, philox4x32, philox_bits, philox_uniform, philox_uniform_host, seed_from
+from invnext.common.philox import _mulhilo, philox4x32, philox_bits, philox_uniform, philox_uniform_host, seed_from
 
 # Random123 tests/kat_vectors: rounds, counter[4], key[2] -> output[4].
 KAT = [

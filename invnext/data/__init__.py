@@ -1,11 +1,11 @@
-"""Video data: index files, decoding, sparse sampling, transforms, the bundled default dataset and its teacher.
+"""Video data: index files, decoding, sparse sampling, transforms and the bundled default dataset.
 
 * :mod:`invnext.data.video`: decoders (PyAV; torchcodec / decord when installed), sparse
   sampling, crops and resizes on uint8 clips, on-device normalisation.
 * :mod:`invnext.data.dataset`: CSV / JSONL / folder indexes, ``VideoDataset``, ``collate_videos``,
   ``VideoLoader`` and the bad-file accounting (``BadFileLog``).
-* :mod:`invnext.data.bundled`: the default dataset (moving sklearn digits), generated on first use.
-* :mod:`invnext.data.teacher_pretrain`: the default Stage-1 teacher, trained on the same digits.
+* :mod:`invnext.data.bundled`: the default dataset (moving sklearn digits), generated on first use
+  (its teacher, a model, is trained by :mod:`invnext.teacher_pretrain`).
 * :mod:`invnext.data.check`: ``invnext data check INDEX``.
 
 Names are imported on first use, so ``import invnext.data`` stays cheap.
@@ -25,8 +25,7 @@ _EXPORTS = {
         "VideoEntry", "VideoIndex", "IndexFileError", "read_index", "VideoDataset", "BadSample", "BadFileLog",
         "collate_videos", "EpochSampler", "VideoLoader",
     ),
-    "bundled": ("DefaultData", "ensure_default_dataset", "default_cache_root"),
-    "teacher_pretrain": ("load_default_teacher", "train_teacher", "ensure_teacher", "teacher_stats"),
+    "bundled": ("DefaultData", "ensure_default_clips", "default_cache_root"),
     "check": ("run_data_check", "check_index"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

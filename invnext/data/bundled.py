@@ -26,9 +26,9 @@ Labels are balanced over the 80 (appearance, dynamics) pairs. Files: ``train/NNN
 The folder (default ``$INVNEXT_CACHE/default_data``, else ``$XDG_CACHE_HOME/invnext/default_data``,
 else ``~/.cache/invnext/default_data``) is written to a temporary sibling and renamed into
 place, so it is either complete or absent; it is reused while its manifest's version and
-config hash match. :func:`ensure_default_dataset` also trains (once) the default Stage-1
-teacher on the same train pool and caches it beside the clips
-(:mod:`invnext.data.teacher_pretrain`).
+config hash match. The default Stage-1 teacher, trained on the same train pool, is cached beside
+the clips by :func:`invnext.teacher_pretrain.ensure_default_dataset` (a model, so above this
+package).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class DefaultData:
     root: Path
     train_index: Path
     val_index: Path
-    teacher_weights: Path | None  # teacher.safetensors, None when not trained (teacher=False)
+    teacher_weights: Path | None  # teacher.safetensors, None when not trained (invnext.teacher_pretrain)
     teacher_config: Path | None  # teacher.json: the TeacherConfig and how it was trained
     clip_frames: int
     size: int
@@ -312,15 +312,18 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _data(root: Path, config: Mapping, teacher: bool) -> DefaultData:
-    weights, cfg = root / "teacher.safetensors", root / "teacher.json"
-    have = teacher and weights.is_file() and cfg.is_file()
+def cache_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock every writer of the cache folder ``root`` holds: the clips here, the teacher beside them."""
+    return _lock(root.parent / f".{root.name}.lock")
+
+
+def _data(root: Path, config: Mapping) -> DefaultData:
     return DefaultData(
         root=root,
         train_index=root / "train.csv",
         val_index=root / "val.csv",
-        teacher_weights=weights if have else None,
-        teacher_config=cfg if have else None,
+        teacher_weights=None,
+        teacher_config=None,
         clip_frames=config["frames"],
         size=config["size"],
         num_train=config["num_train"],
@@ -328,7 +331,7 @@ def _data(root: Path, config: Mapping, teacher: bool) -> DefaultData:
     )
 
 
-def ensure_default_dataset(
+def ensure_default_clips(
     root: str | os.PathLike | None = None,
     *,
     num_train: int = 1200,
@@ -336,23 +339,18 @@ def ensure_default_dataset(
     frames: int = 16,
     size: int = 112,
     seed: int = 0,
-    teacher: bool = True,
-    teacher_steps: int | tuple[int, int, int] | None = None,
     workers: int | None = None,
 ) -> DefaultData:
-    """The bundled dataset at ``root`` (default :func:`default_cache_root`), generated if absent or stale.
+    """The bundled clips at ``root`` (default :func:`default_cache_root`), generated if absent or stale.
 
     Args:
         num_train, num_val: clips per split (>= 1).  frames: frames per clip (>= 1).
         size: canvas side in px (even, >= 16).  seed: everything random in the data.
-        teacher: also train (once) and cache the default Stage-1 teacher beside the clips.
-        teacher_steps: its optimisation steps: None (the defaults, 220 + 160 + 20), an int (a total
-            budget split the same way) or (stem, pool, full) counts (``teacher_pretrain.teacher_steps``).
         workers: processes that encode clips (None: the CPU count, at most 8). The files do
             not depend on it: every clip has its own seed.
 
-    Returns a :class:`DefaultData`. Measured on an idle 2-core CPU: the default 1200 + 400 clips
-    in ~21 s (18 MB), the teacher in ~38 s more; later calls return at once (~30 ms).
+    Returns a :class:`DefaultData` without a teacher. Measured on an idle 2-core CPU: the default
+    1200 + 400 clips in ~21 s (18 MB); later calls return at once (~30 ms).
     """
     for name, v, lo in (
         ("num_train", num_train, 1),
@@ -361,23 +359,18 @@ def ensure_default_dataset(
         ("size", size, 16),
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"ensure_default_dataset: {name} must be an int >= {lo}, got {v!r}")
+            raise ValueError(f"ensure_default_clips: {name} must be an int >= {lo}, got {v!r}")
     if size % 2:
-        raise ValueError(f"ensure_default_dataset: size must be even (yuv420p video), got {size}")
+        raise ValueError(f"ensure_default_clips: size must be even (yuv420p video), got {size}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"ensure_default_dataset: seed must be an int >= 0, got {seed!r}")
+        raise ValueError(f"ensure_default_clips: seed must be an int >= 0, got {seed!r}")
     root = Path(root).expanduser() if root is not None else default_cache_root()
     config = _config(num_train, num_val, frames, size, seed)
     config_hash = _config_hash(config)
-    with _lock(root.parent / f".{root.name}.lock"):
+    with cache_lock(root):
         if not _complete(root, config_hash):
             _generate(root, config, config_hash, workers if workers is not None else min(os.cpu_count() or 1, 8))
-    if teacher:
-        from invnext.data.teacher_pretrain import ensure_teacher
-
-        with _lock(root.parent / f".{root.name}.lock"):
-            ensure_teacher(root, steps=teacher_steps, seed=seed)
-    return _data(root, config, teacher)
+    return _data(root, config)
 
 
 def _generate(root: Path, config: Mapping, config_hash: str, workers: int) -> None:

@@ -375,9 +375,9 @@ def run_probe(
         raise ValueError(f"run_probe: lr must be > 0 and weight_decay >= 0, got {hp['lr']}, {hp['weight_decay']}")
     view_spec, train_spec = parse_views(views), parse_views(train_views)
     if train is None or val is None:
-        from invnext.data.bundled import ensure_default_dataset
+        from invnext.data.bundled import ensure_default_clips
 
-        data = ensure_default_dataset(teacher=False)
+        data = ensure_default_clips()
         train = data.train_index if train is None else train
         val = data.val_index if val is None else val
     if label is not None:  # fail before any encoding

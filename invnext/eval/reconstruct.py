@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from invnext import ops
+from invnext.checkpoint_layout import resolve_weights
 from invnext.config import Stage1Config, from_dict
 from invnext.models.decoder import DiffusionDecoder
 from invnext.models.encoder import Encoder
@@ -89,20 +90,9 @@ def grid_image(rows: list[np.ndarray], gap: int = GAP) -> np.ndarray:
 
 def _weights_file(checkpoint: str | os.PathLike) -> Path:
     try:
-        from invnext.train.checkpoint import resolve_weights
-    except ImportError:  # pragma: no cover - the trainer package is part of invnext
-        resolve_weights = None
-    if resolve_weights is not None:
-        try:
-            return Path(resolve_weights(checkpoint))
-        except FileNotFoundError as exc:
-            raise ValueError(f"reconstruct: checkpoint: {exc}") from None
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"reconstruct: checkpoint {str(path)!r} does not exist")
-    return path
+        return Path(resolve_weights(checkpoint))
+    except FileNotFoundError as exc:
+        raise ValueError(f"reconstruct: checkpoint: {exc}") from None
 
 
 def _load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, where: Path) -> None:
@@ -143,7 +133,7 @@ def _find_teacher(cfg: Stage1Config, state: dict[str, torch.Tensor], teacher: st
         return from_state(own, str(weights)), f"{weights} (teacher.*)"
     if cfg.teacher.kind == "tiny":
         from invnext.data.bundled import default_cache_root
-        from invnext.data.teacher_pretrain import load_default_teacher
+        from invnext.teacher_pretrain import load_default_teacher
 
         root = default_cache_root()
         try:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from invnext.checkpoint_layout import resolve_weights
 from invnext.config import to_dict
 from invnext.models.encoder import Encoder
 from invnext.models.teacher import teacher_input
@@ -167,8 +168,7 @@ def register_source(prefix: str, factory: Callable[[str], FeatureSource]) -> Non
 def _bundled_teacher(spec: str) -> FeatureSource:
     if spec != "default":
         raise ValueError(f"teacher:{spec}: unknown teacher; known: teacher:default (the bundled default teacher)")
-    from invnext.data.bundled import ensure_default_dataset
-    from invnext.data.teacher_pretrain import load_default_teacher
+    from invnext.teacher_pretrain import ensure_default_dataset, load_default_teacher
 
     return TeacherSource(load_default_teacher(ensure_default_dataset(teacher=True)), name="teacher:default")
 
@@ -197,8 +197,6 @@ def resolve_source(
     from invnext.loading import load_encoder
 
     if os.path.isdir(text):  # a stage folder, a checkpoint folder or a checkpoints root: its model weights
-        from invnext.train.checkpoint import resolve_weights
-
         try:
             text = os.fspath(resolve_weights(text))
         except FileNotFoundError:

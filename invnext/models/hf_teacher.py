@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from invnext.models.layers import l2norm
-from invnext.models.teacher import TeacherOutput
+from invnext.models.teacher_interface import TeacherOutput
 
 __all__ = ["SiglipTeacher", "read_preprocessor_stats"]
 

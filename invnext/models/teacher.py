@@ -1,4 +1,5 @@
-"""The frozen image teacher of Stage 1: its interface and a small bundled implementation.
+"""The frozen image teacher of Stage 1: a small bundled implementation of its interface
+(:mod:`.teacher_interface`).
 
 A teacher sees every frame as an image and returns (method.md "Teacher"):
 
@@ -21,7 +22,6 @@ SigLIP2 tower the same way.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,36 +31,7 @@ from invnext import ops
 from invnext.config import TeacherConfig
 from invnext.models.layers import init_linear_trunc_normal, l2norm, patchify, sincos_3d, uniform_cu_seqlens
 from invnext.models.switches import OpsUser
-
-
-class TeacherOutput(NamedTuple):
-    features: torch.Tensor  # [B, K, T, S, Ct], L2-normalised
-    pooled: torch.Tensor  # [B, T, Cp], L2-normalised
-    attn: torch.Tensor  # [B, T, S], rows sum to 1
-
-
-@runtime_checkable
-class ImageTeacher(Protocol):
-    """What Stage 1 needs from a teacher (any frozen image model can implement it).
-
-    Attributes:
-        layers: the K block indices (0-based) whose outputs ``features`` holds, in order.
-        feature_dim: Ct.  pooled_dim: Cp.
-        img_size, patch_size: the square input size it expects and its patch (grid = img_size // patch_size).
-        mean, std: per-channel constants its input is normalised with.
-    """
-
-    layers: tuple[int, ...]
-    feature_dim: int
-    pooled_dim: int
-    img_size: int
-    patch_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __call__(self, video: torch.Tensor) -> TeacherOutput:
-        """``video[B, 3, T, img_size, img_size]`` (normalised with mean/std) -> :class:`TeacherOutput`."""
-        ...
+from invnext.models.teacher_interface import ImageTeacher, TeacherOutput
 
 
 # Channels of ConvPatchEmbed's two hidden stages (fixed: part of the stem's definition).

@@ -25,12 +25,18 @@ from __future__ import annotations
 import torch
 
 from invnext import native
+from invnext.common.mask_geometry import (
+    boxes_on,
+    check_num_prefix,
+    hidden_count,
+    multiblock_boxes,
+    multiblock_hidden_counts,
+)
 from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
 from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
 from invnext.native._launch import ptr as _ptr
 from invnext.native._launch import stream as _stream
-from invnext.ops.masks import _check_num_prefix, boxes_on, hidden_count, multiblock_boxes, multiblock_hidden_counts
 
 # csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
 MASK_KEY_BYTES = 45056
@@ -67,7 +73,7 @@ def _outputs(op: str, B: int, N: int, P: int | None, device: torch.device) -> tu
     hidden = torch.empty(B, N, dtype=torch.bool, device=device)
     if P is None:
         return hidden, None
-    P = _check_num_prefix(op, P)
+    P = check_num_prefix(op, P)
     if B * (N + P) > _MAX_INT32:
         raise ValueError(f"{op}: cu_seqlens would overflow int32: B * (N + P) = {B * (N + P)}")
     return hidden, torch.empty(B + 1, dtype=torch.int32, device=device)

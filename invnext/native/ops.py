@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 
 from invnext import native
+from invnext.common.token_custom_ops import define_token_ops
 from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
 from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
 from invnext.native._launch import ptr as _ptr
 from invnext.native._launch import stream as _stream
-from invnext.ops._token_custom_ops import define_token_ops
 
 # Places per partial row of the d mask_token reduction (one fp32 row of C per chunk).
 _CHUNK_ROWS = 256

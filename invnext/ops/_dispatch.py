@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from functools import lru_cache
 from typing import Callable
 
 import torch
+
+from invnext.common.interpreter import triton_interpreter
 
 BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER_DEFAULT = ("cuda", "triton", "torch")
@@ -69,10 +70,6 @@ def register_reference(op: str):
 
 def ops() -> list[str]:
     return sorted(_ACCELERATED)
-
-
-def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @lru_cache(maxsize=None)

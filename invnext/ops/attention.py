@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from invnext.ops import _validate as V
+from invnext.common import validate as V
 from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops.rope import COORD_DTYPES, apply_rope_3d, check_rope
 

@@ -24,8 +24,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from invnext.ops._dispatch import dispatch, register_reference
-from invnext.ops._validate import (
+from invnext.common.diffusion_schedule import DiffusionSchedule, make_schedule, space_timesteps
+from invnext.common.diffusion_steps import (
+    compute_dtype,
+    denoise,
+    model_posterior,
+    noise_for_step,
+    row,
+)
+from invnext.common.diffusion_steps import ddim_step_ref as _ddim_step_ref
+from invnext.common.diffusion_steps import p_sample_step_ref as _p_sample_step_ref
+from invnext.common.validate import (
     FLOAT_DTYPES,
     check_alloc,
     check_backend,
@@ -35,7 +44,7 @@ from invnext.ops._validate import (
     check_shape,
     check_tensor,
 )
-from invnext.ops.diffusion_schedule import DiffusionSchedule, make_schedule, space_timesteps
+from invnext.ops._dispatch import dispatch, register_reference
 
 __all__ = [
     "DiffusionSchedule",
@@ -61,23 +70,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float32, or float64 when any input is float64 (bf16/fp16 promote to float32)."""
-    dt = torch.float32
-    for x in tensors:
-        if x is not None:
-            dt = torch.promote_types(dt, x.dtype)
-    return dt
-
-
 def _device(op: str, **args: object) -> torch.device:
     """The common device of the tensor arguments (non-tensors are rejected later, by name)."""
     return check_same_device(op, **{k: v for k, v in args.items() if isinstance(v, torch.Tensor)})
-
-
-def _row(schedule: DiffusionSchedule, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``table[t]`` as a ``[M, 1]`` column in ``dtype``'s table precision."""
-    return schedule.table(name, dtype).index_select(0, t).unsqueeze(1)
 
 
 def _check_schedule(op: str, schedule: object, device: torch.device) -> DiffusionSchedule:
@@ -123,19 +118,6 @@ def _check_float(op: str, name: str, value: object, *, low: float | None = None)
     return float(value)
 
 
-def _model_posterior(eps, v, x_t, t, schedule, dt):
-    """(x0_pred, mean, logvar) of p(x_{t-1} | x_t), all ``[M, C]`` in ``dt``."""
-    x0_pred = _row(schedule, "sqrt_recip_alphas_cumprod", t, dt) * x_t - _row(
-        schedule, "sqrt_recipm1_alphas_cumprod", t, dt
-    ) * eps
-    mean = _row(schedule, "posterior_mean_coef1", t, dt) * x0_pred + _row(schedule, "posterior_mean_coef2", t, dt) * x_t
-    frac = (v + 1.0) * 0.5
-    logvar = frac * _row(schedule, "log_betas", t, dt) + (1.0 - frac) * _row(
-        schedule, "posterior_log_variance_clipped", t, dt
-    )
-    return x0_pred, mean, logvar
-
-
 def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     # The tanh approximation of Phi (the one improved-DDPM's bits/dim numbers use), not erf.
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
@@ -147,9 +129,9 @@ def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 @register_reference("q_sample")
 def _q_sample_ref(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise
-    dt = _compute_dtype(x0, noise)
-    a = _row(schedule, "sqrt_alphas_cumprod", t, dt)
-    s = _row(schedule, "sqrt_one_minus_alphas_cumprod", t, dt)
+    dt = compute_dtype(x0, noise)
+    a = row(schedule, "sqrt_alphas_cumprod", t, dt)
+    s = row(schedule, "sqrt_one_minus_alphas_cumprod", t, dt)
     return (a * x0.to(dt) + s * noise.to(dt)).to(x0.dtype)
 
 
@@ -194,7 +176,7 @@ def _diffusion_loss_ref(
     # loss = mean_c (noise - eps)^2 + vb / ln 2, vb from the posterior with eps detached:
     #   t > 0: KL(q(x_{t-1}|x_t,x0) || p) = 0.5 (-1 + lv - lv_q + exp(lv_q - lv) + (mu_q - mu)^2 exp(-lv))
     #   t = 0: -log P(x0's 8-bit bin | mu, lv), bins of width 2/255, open-ended past +-0.999
-    dt = _compute_dtype(model_out, x0, x_t, noise)
+    dt = compute_dtype(model_out, x0, x_t, noise)
     channels = x_t.shape[1]
     out = model_out.to(dt)
     eps, v = out[:, :channels], out[:, channels:]
@@ -202,9 +184,9 @@ def _diffusion_loss_ref(
 
     mse = (noise - eps).square().mean(1)
 
-    _, mean, logvar = _model_posterior(eps.detach(), v, x_t, t, schedule, dt)
-    mean_q = _row(schedule, "posterior_mean_coef1", t, dt) * x0 + _row(schedule, "posterior_mean_coef2", t, dt) * x_t
-    logvar_q = _row(schedule, "posterior_log_variance_clipped", t, dt)
+    _, mean, logvar = model_posterior(eps.detach(), v, x_t, t, schedule, dt)
+    mean_q = row(schedule, "posterior_mean_coef1", t, dt) * x0 + row(schedule, "posterior_mean_coef2", t, dt) * x_t
+    logvar_q = row(schedule, "posterior_log_variance_clipped", t, dt)
     kl = 0.5 * (-1.0 + logvar - logvar_q + torch.exp(logvar_q - logvar) + (mean_q - mean).square() * torch.exp(-logvar))
 
     first = (t == 0).unsqueeze(1)
@@ -278,22 +260,8 @@ def diffusion_loss(
 # ----------------------------------------------------------------------------- reverse steps
 
 
-@register_reference("p_sample_step")
-def _p_sample_step_ref(
-    model_out: torch.Tensor,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    schedule: DiffusionSchedule,
-    noise: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    # x_{t-1} = mean + [t > 0] exp(logvar / 2) noise temperature
-    dt = _compute_dtype(model_out, x_t, noise)
-    channels = x_t.shape[1]
-    out, xt = model_out.to(dt), x_t.to(dt)
-    _, mean, logvar = _model_posterior(out[:, :channels], out[:, channels:], xt, t, schedule, dt)
-    live = (t != 0).to(dt).unsqueeze(1)
-    return (mean + live * torch.exp(0.5 * logvar) * (noise.to(dt) * temperature)).to(x_t.dtype)
+# The reference step is the Triton sampler's too (invnext.common.diffusion_steps).
+register_reference("p_sample_step")(_p_sample_step_ref)
 
 
 def p_sample_step(
@@ -335,34 +303,7 @@ def p_sample_step(
     return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, temperature)
 
 
-@register_reference("ddim_step")
-def _ddim_step_ref(
-    model_out: torch.Tensor,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    schedule: DiffusionSchedule,
-    noise: torch.Tensor | None,
-    eta: float,
-) -> torch.Tensor:
-    # sigma   = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)
-    # x_prev  = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + [t > 0] sigma noise
-    dt = _compute_dtype(model_out, x_t, noise)
-    channels = x_t.shape[1]
-    out, xt = model_out.to(dt), x_t.to(dt)
-    eps = out[:, :channels]
-    x0_pred = _row(schedule, "sqrt_recip_alphas_cumprod", t, dt) * xt - _row(
-        schedule, "sqrt_recipm1_alphas_cumprod", t, dt
-    ) * eps
-    abar = _row(schedule, "alphas_cumprod", t, dt)
-    abar_prev = _row(schedule, "alphas_cumprod_prev", t, dt)
-    sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-    # 1 - abar_prev - sigma^2 = (1 - abar_prev)^2 abar / ((1 - abar) abar_prev) >= 0 at eta = 1;
-    # the clamp only absorbs rounding.
-    x_prev = abar_prev.sqrt() * x0_pred + (1.0 - abar_prev - sigma.square()).clamp(min=0.0).sqrt() * eps
-    if noise is not None and eta != 0.0:
-        live = (t != 0).to(dt).unsqueeze(1)
-        x_prev = x_prev + live * sigma * noise.to(dt)
-    return x_prev.to(x_t.dtype)
+register_reference("ddim_step")(_ddim_step_ref)
 
 
 def ddim_step(
@@ -414,7 +355,7 @@ def ddim_step(
 @register_reference("adaln_modulate")
 def _adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     # y = (x - mean_w x) / sqrt(var_w x + eps) * (1 + scale) + shift   (biased variance)
-    dt = _compute_dtype(x, shift, scale)
+    dt = compute_dtype(x, shift, scale)
     y = F.layer_norm(x.to(dt), (x.shape[-1],), eps=eps)
     return (y * (1.0 + scale.to(dt)) + shift.to(dt)).to(x.dtype)
 
@@ -462,21 +403,6 @@ def adaln_modulate(
 # ----------------------------------------------------------------------------- samplers
 
 
-def _denoise(op: str, denoise_fn: Callable, x: torch.Tensor, t: torch.Tensor, cond, schedule) -> torch.Tensor:
-    out = denoise_fn(x, schedule.timestep_map.index_select(0, t), cond)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], 2 * x.shape[1]):
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        want = [x.shape[0], 2 * x.shape[1]]
-        raise ValueError(f"{op}: denoise_fn must return model_out of shape [M, 2*C] = {want}, got {got}")
-    return out
-
-
-def _step_noise(step_noise: torch.Tensor | None, i: int, generator, like: torch.Tensor) -> torch.Tensor:
-    if step_noise is not None:
-        return step_noise[i]
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
 @register_reference("p_sample_loop")
 @torch.no_grad()
 def _p_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator, temperature):
@@ -484,9 +410,9 @@ def _p_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator, t
     rows = x.shape[0]
     for i in reversed(range(schedule.num_steps)):
         t = torch.full((rows,), i, dtype=torch.int64, device=x.device)
-        out = _denoise("p_sample_loop", denoise_fn, x, t, cond, schedule)
+        out = denoise("p_sample_loop", denoise_fn, x, t, cond, schedule)
         # Step 0 adds no noise, so nothing is drawn for it.
-        noise = _step_noise(step_noise, i, generator, x) if i > 0 else torch.zeros_like(x)
+        noise = noise_for_step(step_noise, i, generator, x) if i > 0 else torch.zeros_like(x)
         x = _p_sample_step_ref(out, x, t, schedule, noise, temperature)
     return x
 
@@ -498,8 +424,8 @@ def _ddim_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator
     rows = x.shape[0]
     for i in reversed(range(schedule.num_steps)):
         t = torch.full((rows,), i, dtype=torch.int64, device=x.device)
-        out = _denoise("ddim_sample_loop", denoise_fn, x, t, cond, schedule)
-        noise = _step_noise(step_noise, i, generator, x) if (i > 0 and eta > 0.0) else None
+        out = denoise("ddim_sample_loop", denoise_fn, x, t, cond, schedule)
+        noise = noise_for_step(step_noise, i, generator, x) if (i > 0 and eta > 0.0) else None
         x = _ddim_step_ref(out, x, t, schedule, noise, eta)
     return x
 

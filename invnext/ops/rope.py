@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from invnext.ops._validate import FLOAT_DTYPES, check_shape, check_tensor
+from invnext.common.validate import FLOAT_DTYPES, check_shape, check_tensor
 
 COORD_DTYPES = (torch.int32, torch.int64)
 

@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import _validate as V
+from invnext.common import validate as V
 from ._dispatch import dispatch, register_reference
 
 _HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -42,6 +42,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from invnext.checkpoint_layout import (  # the folder layout, below the trainer: evaluation reads it too
+    MODEL_FILE,
+    STATE_FILE,
+    complete_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    resolve_weights,
+    step_dir_name,
+)
+
 __all__ = [
     "MODEL_FILE",
     "OPTIM_FILE",
@@ -68,43 +78,10 @@ __all__ = [
     "unflatten_optimizer_state",
 ]
 
-MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
 RNG_FILE = "rng.safetensors"
-STATE_FILE = "state.json"
 LATEST = "latest"
-_PREFIX = "step_"
 _TMP = ".tmp-"
-
-
-def step_dir_name(step: int) -> str:
-    return f"{_PREFIX}{step:08d}"
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
-
-
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders under ``root``, oldest first (temp folders never count)."""
-    r = Path(root)
-    if not r.is_dir():
-        return []
-    found = []
-    for p in r.iterdir():
-        if p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit() and _is_complete(p):
-            found.append((int(p.name[len(_PREFIX):]), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root`` (None if there is none).
-
-    That is the folder ``root/latest`` names, unless a kill fell between a folder's rename and the
-    pointer's update, in which case the renamed (complete, fsync'd) folder is newer and wins.
-    """
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 class CheckpointError(ValueError):
@@ -401,7 +378,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint folder's contents: ``model`` (tensors), ``model_metadata``, ``optim`` (name-keyed
     optimizer state dict), ``rng`` (tensors), ``state`` (the JSON)."""
     p = Path(path)
-    if not _is_complete(p):
+    if not is_complete(p):
         raise FileNotFoundError(f"{p} is not a complete checkpoint (needs {MODEL_FILE} and {STATE_FILE})")
     where = p / STATE_FILE
     try:
@@ -522,20 +499,3 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     _fsync_file(tmp)
     os.replace(tmp, d)
     return d
-
-
-def resolve_weights(path: str | os.PathLike) -> Path:
-    """The model weights file a user pointed at: a ``.safetensors`` file, a checkpoint folder, a
-    checkpoints root (its latest), or a stage output folder (its final ``model.safetensors`` or latest)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such checkpoint file or folder")
-    if (p / MODEL_FILE).is_file():
-        return p / MODEL_FILE
-    for root in (p, p / "checkpoints"):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            return latest / MODEL_FILE
-    raise FileNotFoundError(f"{p}: holds no {MODEL_FILE} and no complete checkpoint")

@@ -186,7 +186,7 @@ class BatchConfig(_Checked):
 class DataConfig(_Checked):
     """Training clips.
 
-    ``source``: None = the bundled default dataset (``invnext.data.ensure_default_dataset``); an
+    ``source``: None = the bundled default dataset (``invnext.teacher_pretrain.ensure_default_dataset``); an
     index file / folder that ``invnext.data.VideoDataset`` reads; or ``"synthetic"``: random uint8
     clips (``synthetic_clips`` of them, fixed per index), for smoke tests and throughput runs.
     ``frames`` / ``size`` default to the model's ``encoder.num_frames`` / ``encoder.img_size``.

@@ -134,10 +134,10 @@ def _evaluate(out_dir: Path, cfgs: dict[int, TrainConfig], info) -> None:
     import time
 
     from invnext.data.dataset import read_index
-    from invnext.data.teacher_pretrain import load_default_teacher
     from invnext.eval.reconstruct import reconstruct
     from invnext.eval.sources import TeacherSource
     from invnext.eval.table import evaluate_run, format_table
+    from invnext.teacher_pretrain import load_default_teacher
     from invnext.train.sources import default_data
 
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ __all__ = ["EpochItems", "build_dataset", "build_stage1_teacher", "collate_fn", 
 
 def _data_api(name: str) -> Callable:
     """``invnext.data``'s public function ``name`` (from the package, else the module that defines it)."""
-    for module in ("invnext.data", "invnext.data.bundled", "invnext.data.teacher_pretrain", "invnext.data.dataset"):
+    for module in ("invnext.data", "invnext.data.bundled", "invnext.data.dataset"):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -89,7 +89,8 @@ def default_data(cfg: TrainConfig, info: DistInfo):
     key = (d.default_root, d.default_clips, d.default_teacher_steps)
     if key in _DEFAULT_CACHE:
         return _DEFAULT_CACHE[key]
-    ensure = _data_api("ensure_default_dataset")
+    from invnext.teacher_pretrain import ensure_default_dataset as ensure
+
     kwargs: dict[str, Any] = {}
     if d.default_clips is not None:
         kwargs.update(num_train=d.default_clips, num_val=max(1, d.default_clips // 4))
@@ -127,7 +128,9 @@ def build_stage1_teacher(cfg: TrainConfig, model_cfg: Stage1Config, info: DistIn
     choice = cfg.teacher
     if choice == "default":
         if model_cfg.teacher.kind == "tiny":
-            return _data_api("load_default_teacher")(default_data(cfg, info))
+            from invnext.teacher_pretrain import load_default_teacher
+
+            return load_default_teacher(default_data(cfg, info))
         return build_teacher(model_cfg.teacher)
     teacher = build_teacher(model_cfg.teacher)
     if choice == "random":
