@@ -393,7 +393,9 @@ class Stage1Config(_Checked):
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     mask_ratio: float = 0.8  # paper; the release uses 0.75
-    mask_mode: Literal["topk", "sample"] = "topk"  # paper; the release samples
+    # "topk" (paper) / "sample" (release): semantic masks from the teacher's attention; "tube": the
+    # same ratio at random places, repeated through every frame (VideoMAE's mask, an ablation)
+    mask_mode: Literal["topk", "sample", "tube"] = "topk"
     align_layers: tuple[int, ...] = ()  # student blocks paired with teacher.layers; () = the last K blocks
     align_weight: float = 1.0
     pool_weight: float = 1.0

@@ -90,6 +90,11 @@ def test_reconstruct_semantic_with_the_files_teacher(files, tmp_path):
     assert hidden.flatten(1).logical_not().sum(1).tolist() == [3, 3, 3, 3]
     assert res["hidden_fraction"] == pytest.approx(13 / 16)
     assert np.isfinite(res["psnr_hidden"])
+    # the baseline paints hidden pixels with the clip's mean colour: recompute it from the rows
+    orig = rows["original"].astype(np.float64) / 255.0
+    pix_hidden = hidden.repeat_interleave(8, 1).repeat_interleave(8, 2).numpy()
+    mse = ((orig[pix_hidden] - orig.reshape(-1, 3).mean(0)) ** 2).mean()
+    assert res["psnr_hidden_mean_colour"] == pytest.approx(-10 * np.log10(mse), abs=0.05)
     # same seed, same picture
     again = reconstruct(
         files["with_teacher"], files["video"], steps=5, frames=4, out=tmp_path / "b.png", seed=1, device="cpu"

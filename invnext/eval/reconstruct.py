@@ -234,6 +234,12 @@ def sample_pixels(
     )
 
 
+def _psnr(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """PSNR in dB of patches in [-1, 1], measured on pixels in [0, 1]."""
+    mse = float(((pred - truth) / 2).pow(2).mean())
+    return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
+
+
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """``[3, T, H, W]`` in [-1, 1] -> ``uint8 [T, H, W, 3]``."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
@@ -270,9 +276,11 @@ def reconstruct(
         clip_x0: clip the predicted clean patch to the pixel range at every step
             (:func:`sample_pixels`); False samples exactly as the training objective's model does.
     Returns:
-        ``{"png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "steps", "temperature", "frames",
+        ``{"png", "mask", "teacher", "hidden_fraction", "psnr_hidden", "psnr_hidden_mean_colour", "steps", "temperature", "frames",
         "image_shape", "hidden" (bool [N]), "rows": {"original", "masked", "reconstructed"} (uint8 [F, s, s, 3])}``;
-        ``psnr_hidden`` is the PSNR (dB, pixels in [0, 1]) of the sampled patches against the true ones.
+        ``psnr_hidden`` is the PSNR (dB, pixels in [0, 1]) of the sampled patches against the true ones;
+        ``psnr_hidden_mean_colour`` that of the trivial baseline painting every hidden pixel with the
+        clip's mean colour.
     """
     if mask not in ("auto", "semantic", "tube"):
         raise ValueError(f"reconstruct: mask must be 'auto', 'semantic' or 'tube', got {mask!r}")
@@ -327,8 +335,13 @@ def reconstruct(
     recon, grey = target.clone(), target.clone()
     recon[hidden] = sample.to(recon.dtype)
     grey[hidden] = 0.0
-    mse = float(((sample - target[hidden]) / 2).pow(2).mean())
-    psnr = float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
+    truth = target[hidden]
+    psnr = _psnr(sample, truth)
+    # What no learning gives: every hidden pixel painted with the clip's mean colour.
+    channels = enc_cfg.in_chans
+    mean_colour = target.view(-1, channels, target.shape[-1] // channels).mean(dim=(0, 2))  # [C], in [-1, 1]
+    flat = mean_colour.view(1, channels, 1).expand(truth.shape[0], channels, truth.shape[-1] // channels)
+    psnr_mean_colour = _psnr(flat.reshape(truth.shape), truth)
 
     def as_img(p: torch.Tensor) -> np.ndarray:
         return _to_uint8(unpatchify(p, grid, enc_cfg.patch_size, enc_cfg.tubelet_size)[0])
@@ -347,6 +360,7 @@ def reconstruct(
         "teacher": parts.teacher_from,
         "hidden_fraction": float(hidden.float().mean()),
         "psnr_hidden": psnr,
+        "psnr_hidden_mean_colour": psnr_mean_colour,
         "steps": steps,
         "temperature": temperature,
         "clip_x0": clip_x0,

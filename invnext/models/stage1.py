@@ -156,9 +156,14 @@ class Stage1Model(OpsUser, nn.Module):
 
         keep = kept_per_frame(cfg.mask_ratio, S)
         with record_function("masks"):
-            hidden = ops.semantic_mask(
-                tout.attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
-            )
+            if cfg.mask_mode == "tube":  # the ablation: the same ratio, places drawn at random (no teacher)
+                hidden = ops.tube_mask(
+                    B, grid, cfg.mask_ratio, generator=generator, device=video.device, backend=self.backend_for("tube_mask")
+                )
+            else:
+                hidden = ops.semantic_mask(
+                    tout.attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
+                )
         with record_function("encoder"):
             enc = self.encoder.forward_masked(
                 video, hidden, num_visible=[T * keep] * B, return_layers=self.student_layers

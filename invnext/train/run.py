@@ -152,5 +152,6 @@ def _evaluate(out_dir: Path, cfgs: dict[int, TrainConfig], info) -> None:
     rec = reconstruct(out_dir / "stage1", first_val, steps=20, out=out_dir / "eval" / "reconstruction.png",
                       teacher=str(data.teacher_weights), seed=cfgs[1].seed, device=device)
     print(f"eval: {time.perf_counter() - t0:.0f} s; probe table {result['files']['markdown']}, "
-          f"reconstruction {rec['png']} (hidden-patch PSNR {rec['psnr_hidden']:.1f} dB)")
+          f"reconstruction {rec['png']} (hidden-patch PSNR {rec['psnr_hidden']:.1f} dB; "
+          f"the clip's mean colour gives {rec['psnr_hidden_mean_colour']:.1f} dB)")
     print(format_table(result), flush=True)
