@@ -53,7 +53,7 @@ def test_wrong_types_name_the_path():
 
 
 def test_literals_tuples_and_ranges():
-    with pytest.raises(ValueError, match=r"Stage1Config\.mask_mode: must be one of 'topk', 'sample', got 'top'"):
+    with pytest.raises(ValueError, match=r"Stage1Config\.mask_mode: must be one of 'topk', 'sample', 'tube', got 'top'"):
         from_dict(Stage1Config, {"mask_mode": "top"})
     with pytest.raises(ValueError, match=r"DecoderConfig\.schedule"):
         from_dict(DecoderConfig, {"schedule": "cos"})

@@ -113,6 +113,24 @@ def test_stage1_release_mask_settings():
     assert torch.isfinite(a["loss"])
 
 
+def test_stage1_tube_mask_ablation_ignores_the_teacher():
+    """mask_mode 'tube': the same count per frame as the semantic mask, at places the teacher did not pick."""
+    torch.manual_seed(0)
+    cfg = override(TINY.stage1, {"mask_mode": "tube", "encoder": {"depth": 2}})
+    model = Stage1Model(cfg).eval()
+    video = _video(2, cfg.encoder, seed=5)
+    with torch.no_grad():
+        a = model(video, generator=torch.Generator().manual_seed(0))
+        tout = model.run_teacher(video)
+    T, H, W = cfg.encoder.grid
+    hidden = a["hidden"].view(2, T, H * W)
+    assert (hidden.sum(-1) == H * W - kept_per_frame(cfg.mask_ratio, H * W)).all()
+    assert (hidden == hidden[:, :1]).all()  # a tube: the same places in every frame
+    semantic = ops.semantic_mask(tout.attn, kept_per_frame(cfg.mask_ratio, H * W), "topk").view(2, T, H * W)
+    assert not torch.equal(hidden, semantic)
+    assert torch.isfinite(a["loss"])
+
+
 def test_stage1_rejects_teacher_of_another_grid():
     cfg = override(TINY.stage1, {"encoder": {"depth": 2}, "teacher": {"img_size": 128, "layers": [1, 3]}})
     model = Stage1Model(cfg)
