@@ -129,7 +129,7 @@ def _decoder_rows(dtype: torch.dtype):
     x0 = (torch.rand(ROWS, C, device=dev, generator=gen) * 2 - 1).to(dtype)
     noise = torch.randn(ROWS, C, device=dev, generator=gen, dtype=dtype)
     t = torch.randint(0, 1000, (ROWS,), device=dev, generator=gen)
-    x_t = R._q_sample_ref(x0, noise, t, sched)
+    x_t = R.q_sample_reference(x0, noise, t, sched)
     mo = torch.randn(ROWS, 2 * C, device=dev, generator=gen, dtype=dtype)
     g_row = torch.rand(ROWS, device=dev, generator=gen)
     return gen, sched, x0, noise, t, x_t, mo, g_row
@@ -148,7 +148,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
 
     # q_sample
     timings = {
-        "torch-eager (reference)": _bench(lambda: R._q_sample_ref(x0, noise, t, sched), quick),
+        "torch-eager (reference)": _bench(lambda: R.q_sample_reference(x0, noise, t, sched), quick),
         "invnext-triton": _bench(lambda: kd.q_sample(x0, noise, t, sched), quick),
     }
     if kd._pairable("stream", C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
@@ -166,14 +166,14 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         return run
 
     timings = {
-        "torch-eager (reference)": _bench(loss_step(R._diffusion_loss_ref), quick),
+        "torch-eager (reference)": _bench(loss_step(R.diffusion_loss_reference), quick),
         "invnext-triton": _bench(loss_step(kd.diffusion_loss), quick),
     }
     rows += _bw_rows("diffusion_loss", "fwd+bwd", shape, dtype, 12 * M * C * es + 8 * M, timings, copy_gbps)
 
     # one ancestral reverse step
     timings = {
-        "torch-eager (reference)": _bench(lambda: R._p_sample_step_ref(mo, x_t, t, sched, noise, 1.0), quick),
+        "torch-eager (reference)": _bench(lambda: R.p_sample_step_reference(mo, x_t, t, sched, noise, 1.0), quick),
         "invnext-triton": _bench(lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0), quick),
     }
     if kd._pairable("step", C, (x_t, noise, x_t), mo):
@@ -189,7 +189,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     ashape = f"{M}x{W}"
     with torch.no_grad():
         timings = {
-            "torch-eager (reference)": _bench(lambda: R._adaln_modulate_ref(x, shift, scale, 1e-6), quick),
+            "torch-eager (reference)": _bench(lambda: R.adaln_modulate_reference(x, shift, scale, 1e-6), quick),
             "invnext-triton": _bench(lambda: kd.adaln_modulate(x, shift, scale, 1e-6), quick),
         }
     rows += _bw_rows("adaln_modulate", "fwd", ashape, dtype, 4 * M * W * es + 8 * M, timings, copy_gbps)
@@ -200,7 +200,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
         return lambda: torch.autograd.grad(y, args, dy, retain_graph=True)
 
     timings = {
-        "torch-eager (reference)": _bench(adaln_bwd(R._adaln_modulate_ref), quick),
+        "torch-eager (reference)": _bench(adaln_bwd(R.adaln_modulate_reference), quick),
         "invnext-triton": _bench(adaln_bwd(kd.adaln_modulate), quick),
     }
     rows += _bw_rows("adaln_modulate", "bwd", ashape, dtype, 5 * M * W * es + 8 * M, timings, copy_gbps)
@@ -291,7 +291,7 @@ def bench_train_step(quick: bool) -> list[Row]:
 
         return run
 
-    t_eager = _bench(step(eager, R._q_sample_ref, R._diffusion_loss_ref), quick)
+    t_eager = _bench(step(eager, R.q_sample_reference, R.diffusion_loss_reference), quick)
     t_fused = _bench(step(fused, kd.q_sample, kd.diffusion_loss), quick)
     params = sum(p.numel() for p in eager.parameters())
     flop = 6 * params * M  # matmul FLOPs of fwd + bwd (every parameter is a weight used once per row)
@@ -352,7 +352,7 @@ def bench_sampler(quick: bool) -> list[Row]:
             return torch.Generator(device=dev).manual_seed(3)
 
         def reference(sched=sched):
-            return R._p_sample_loop_ref(eager, cond, sched, x_T, None, seed(), 1.0)
+            return R.p_sample_loop_reference(eager, cond, sched, x_T, None, seed(), 1.0)
 
         def ours(sched=sched, graph=graph):
             return ks.p_sample_loop(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)

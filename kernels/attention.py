@@ -367,10 +367,10 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
 
 def _define_ops():
     ns = torch.ops.invnext
-    if hasattr(ns, "masked_attention_fwd") and hasattr(ns, "masked_attention_bwd"):
-        return ns.masked_attention_fwd, ns.masked_attention_bwd  # a second import of this module
+    if hasattr(ns, "masked_attention_triton_fwd") and hasattr(ns, "masked_attention_triton_bwd"):
+        return ns.masked_attention_triton_fwd, ns.masked_attention_triton_bwd  # a second import of this module
 
-    @torch.library.custom_op("invnext::masked_attention_fwd", mutates_args=())
+    @torch.library.custom_op("invnext::masked_attention_triton_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
         softmax_scale: float, coords: torch.Tensor | None, rope_theta: float, rope_sections: list[int],
@@ -384,7 +384,7 @@ def _define_ops():
         total, heads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
 
-    @torch.library.custom_op("invnext::masked_attention_bwd", mutates_args=())
+    @torch.library.custom_op("invnext::masked_attention_triton_bwd", mutates_args=())
     def bwd_op(
         dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float, coords: torch.Tensor | None,
@@ -416,7 +416,7 @@ def _define_ops():
     return fwd_op, bwd_op
 
 
-masked_attention_fwd, masked_attention_bwd = _define_ops()
+masked_attention_triton_fwd, masked_attention_triton_bwd = _define_ops()
 
 
 # --------------------------------------------------------------------------- public entry
@@ -469,8 +469,8 @@ def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rop
         win = [int(w) for w in window]
     cu = cu_seqlens.contiguous()
     crd = coords.contiguous() if coords is not None else None
-    out, _ = masked_attention_fwd(q, k, v, cu, int(max_seqlen), float(softmax_scale), crd, theta, sections, win,
-                                  int(num_prefix))
+    out, _ = masked_attention_triton_fwd(q, k, v, cu, int(max_seqlen), float(softmax_scale), crd, theta, sections,
+                                         win, int(num_prefix))
     return out
 
 

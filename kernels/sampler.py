@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from invnext.common.diffusion_schedule import DiffusionSchedule
-from invnext.common.diffusion_steps import ddim_step_ref, denoise, noise_for_step, p_sample_step_ref
+from invnext.common.diffusion_steps import ddim_step_reference, denoise, noise_for_step, p_sample_step_reference
 
 from . import diffusion as _kd
 
@@ -51,7 +51,7 @@ def clear_graph_cache() -> None:
 # ----------------------------------------------------------------------------------------
 # one reverse step, shared by the eager loop and the captured graph
 # ----------------------------------------------------------------------------------------
-_REFERENCE_STEP = {"p_sample": p_sample_step_ref, "ddim": ddim_step_ref}
+_REFERENCE_STEP = {"p_sample": p_sample_step_reference, "ddim": ddim_step_reference}
 
 
 def _step(kind: str, model_out, x, t, schedule, noise, coef):

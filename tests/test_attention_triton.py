@@ -453,7 +453,7 @@ def _tiny_args(device, rope=True):
 
 def test_opcheck_custom_op(triton_device):
     args = _tiny_args(triton_device)
-    torch.library.opcheck(kattn.masked_attention_fwd, args,
+    torch.library.opcheck(kattn.masked_attention_triton_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

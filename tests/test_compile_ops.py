@@ -206,7 +206,7 @@ def _diffusion_case(device, M=5, C=6, dtype=torch.float32):
     mo = (torch.randn(M, 2 * C) * 0.5).to(dtype).to(device)
     x0 = (torch.rand(M, C) * 2 - 1).to(dtype).to(device)
     noise = torch.randn(M, C).to(dtype).to(device)
-    x_t = R._q_sample_ref(x0, noise, t, s)
+    x_t = R.q_sample_reference(x0, noise, t, s)
     return s, t, mo, x0, noise, x_t
 
 

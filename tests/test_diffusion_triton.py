@@ -120,8 +120,8 @@ def test_q_sample_forward_and_grads(triton_device, dtype, M, C, respace):
         return out.detach(), a.grad, b.grad
 
     k = run(kd.q_sample, s, lambda z: z.clone())
-    r = run(R._q_sample_ref, s, lambda z: z.clone())
-    f = run(R._q_sample_ref, _truth_schedule(s), lambda z: z.double())
+    r = run(R.q_sample_reference, s, lambda z: z.clone())
+    f = run(R.q_sample_reference, _truth_schedule(s), lambda z: z.double())
     _check("x_t", k[0], r[0], f[0], 2)
     _check("dx0", k[1], r[1], f[1], 3)
     _check("dnoise", k[2], r[2], f[2], 3)
@@ -133,7 +133,7 @@ def test_q_sample_forward_and_grads(triton_device, dtype, M, C, respace):
 def _loss_case(M, C, respace, dtype, device):
     s = _schedule(respace, device)
     mo, x0, noise, t = _batch(M, C, s.num_steps, dtype, device)
-    x_t = R._q_sample_ref(x0, noise, t, s)
+    x_t = R.q_sample_reference(x0, noise, t, s)
     return s, mo, x0, x_t, noise, t
 
 
@@ -149,8 +149,8 @@ def test_diffusion_loss_forward_and_grad(triton_device, dtype, M, C, respace):
         return loss.detach(), m.grad
 
     k = run(kd.diffusion_loss, s, lambda z: z.clone())
-    r = run(R._diffusion_loss_ref, s, lambda z: z.clone())
-    f = run(R._diffusion_loss_ref, _truth_schedule(s), lambda z: z.double())
+    r = run(R.diffusion_loss_reference, s, lambda z: z.clone())
+    f = run(R.diffusion_loss_reference, _truth_schedule(s), lambda z: z.double())
     _check("loss", k[0], r[0], f[0], 2)
     _check("d model_out", k[1], r[1], f[1], 3)
 
@@ -162,7 +162,7 @@ def test_diffusion_loss_t0_branches_and_halves(triton_device):
     mo, x0, noise, _ = _batch(M, C, s.num_steps, torch.float32, triton_device)
     t = torch.zeros(M, dtype=torch.int64, device=triton_device)
     t[-1] = 1
-    x_t = R._q_sample_ref(x0, noise, t, s)
+    x_t = R.q_sample_reference(x0, noise, t, s)
     # Wide and narrow predicted variances: v = +-1 puts logvar on either table exactly.
     mo[0, C:] = 1.0
     mo[1, C:] = -1.0
@@ -170,7 +170,7 @@ def test_diffusion_loss_t0_branches_and_halves(triton_device):
     loss = kd.diffusion_loss(m, x0, x_t, noise, t, s)
     loss.sum().backward()
     f = mo.double().requires_grad_()
-    truth = R._diffusion_loss_ref(f, x0.double(), x_t.double(), noise.double(), t, _truth_schedule(s))
+    truth = R.diffusion_loss_reference(f, x0.double(), x_t.double(), noise.double(), t, _truth_schedule(s))
     truth.sum().backward()
     torch.testing.assert_close(loss.double(), truth, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(m.grad.double(), f.grad, rtol=1e-5, atol=1e-7)
@@ -247,8 +247,8 @@ def test_out_of_range_t_poisons_only_its_row(triton_device):
 def test_p_sample_step(triton_device, dtype, M, C, respace):
     s, mo, _, x_t, noise, t = _loss_case(M, C, respace, dtype, triton_device)
     k = kd.p_sample_step(mo, x_t, t, s, noise, 0.8)
-    r = R._p_sample_step_ref(mo, x_t, t, s, noise, 0.8)
-    f = R._p_sample_step_ref(mo.double(), x_t.double(), t, _truth_schedule(s), noise.double(), 0.8)
+    r = R.p_sample_step_reference(mo, x_t, t, s, noise, 0.8)
+    f = R.p_sample_step_reference(mo.double(), x_t.double(), t, _truth_schedule(s), noise.double(), 0.8)
     _check("x_{t-1}", k, r, f, 2)
 
 
@@ -259,8 +259,10 @@ def test_ddim_step(triton_device, eta, with_noise, dtype, respace):
     s, mo, _, x_t, noise, t = _loss_case(37, 588 if dtype == torch.float32 else 7, respace, dtype, triton_device)
     nz = noise if with_noise else None
     k = kd.ddim_step(mo, x_t, t, s, nz, eta)
-    r = R._ddim_step_ref(mo, x_t, t, s, nz, eta)
-    f = R._ddim_step_ref(mo.double(), x_t.double(), t, _truth_schedule(s), None if nz is None else nz.double(), eta)
+    r = R.ddim_step_reference(mo, x_t, t, s, nz, eta)
+    f = R.ddim_step_reference(
+        mo.double(), x_t.double(), t, _truth_schedule(s), None if nz is None else nz.double(), eta
+    )
     _check("x_prev", k, r, f, 2)
 
 
@@ -270,7 +272,7 @@ def test_steps_read_strided_views_and_update_in_place(triton_device):
     wide = torch.randn(37, 20, device=triton_device)
     wide[:, 3:17] = mo
     view = wide[:, 3:17]
-    expect = R._p_sample_step_ref(mo, x_t, t, s, noise, 1.0)
+    expect = R.p_sample_step_reference(mo, x_t, t, s, noise, 1.0)
     torch.testing.assert_close(kd.p_sample_step(view, x_t, t, s, noise, 1.0), expect, rtol=1e-6, atol=1e-6)
     x = x_t.clone()
     kd.p_sample_step_into(x, view, x, t, s, noise, 1.0)
@@ -339,7 +341,7 @@ def test_steps_under_autograd_are_declined(triton_device, monkeypatch):
     with pytest.raises(ops.BackendUnavailableError, match="autograd"):
         ops.p_sample_step(m, x_t, t, s, noise, backend="triton")
     # auto with the Triton kernel first (as on a GPU): the reference runs, and gradients flow
-    candidates = lambda op, device: iter([("triton", kd.p_sample_step), ("torch", R._p_sample_step_ref)])
+    candidates = lambda op, device: iter([("triton", kd.p_sample_step), ("torch", R.p_sample_step_reference)])
     monkeypatch.setattr(_dispatch, "_candidates", candidates)
     ops.p_sample_step(m, x_t, t, s, noise).sum().backward()
     assert m.grad is not None and torch.isfinite(m.grad).all()
@@ -357,7 +359,7 @@ def test_float64_and_wide_rows_are_declined(triton_device):
     assert ks.p_sample_loop.unsupported(None, None, s, x_t.float(), None, None, 1.0) is None
     with pytest.raises(ops.BackendUnavailableError, match="float64"):
         ops.q_sample(x0, noise, t, s, backend="triton")
-    torch.testing.assert_close(ops.q_sample(x0, noise, t, s), R._q_sample_ref(x0, noise, t, s), rtol=0, atol=0)
+    torch.testing.assert_close(ops.q_sample(x0, noise, t, s), R.q_sample_reference(x0, noise, t, s), rtol=0, atol=0)
     wide = torch.zeros(1, kd._MAX_ADALN_WIDTH + 1, device=triton_device)
     assert "16384" in kd.adaln_modulate.unsupported(wide, wide, wide, 1e-6)
     assert kd.adaln_modulate.unsupported(wide[:, :-1], wide[:, :-1], wide[:, :-1], 1e-6) is None
@@ -385,7 +387,7 @@ def test_adaln_modulate(triton_device, dtype, xs, ps):
     def run(backend, cast):
         args = [cast(z).requires_grad_() for z in (x, shift, scale)]
         if backend == "float64":
-            y = R._adaln_modulate_ref(*(a.expand(x.shape).reshape(-1, x.shape[-1]) for a in args), 1e-6)
+            y = R.adaln_modulate_reference(*(a.expand(x.shape).reshape(-1, x.shape[-1]) for a in args), 1e-6)
             y = y.reshape(x.shape)
         else:
             y = ops.adaln_modulate(*args, eps=1e-6, backend=backend)
@@ -440,8 +442,8 @@ def test_p_sample_loop_matches_reference(triton_device):
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device)
     k = ks.p_sample_loop(fn, cond, s, x_T, step_noise, None, 0.9)
-    r = R._p_sample_loop_ref(fn, cond, s, x_T, step_noise, None, 0.9)
-    f = R._p_sample_loop_ref(
+    r = R.p_sample_loop_reference(fn, cond, s, x_T, step_noise, None, 0.9)
+    f = R.p_sample_loop_reference(
         lambda x, tm, c: fn(x, tm, c).double(), cond, _truth_schedule(s), x_T.double(), step_noise.double(), None, 0.9
     )
     _check("x_0", k, r, f, 2)
@@ -453,7 +455,7 @@ def test_ddim_sample_loop_matches_reference(triton_device, eta):
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device)
     k = ks.ddim_sample_loop(fn, cond, s, x_T, step_noise, None, eta)
-    r = R._ddim_sample_loop_ref(fn, cond, s, x_T, step_noise, None, eta)
+    r = R.ddim_sample_loop_reference(fn, cond, s, x_T, step_noise, None, eta)
     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
 
 
@@ -462,7 +464,7 @@ def test_sampler_takes_the_reference_step_for_a_float64_denoiser(triton_device):
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device, torch.float64)
     k = ks.p_sample_loop(fn, cond, s, x_T, step_noise, None, 0.9)
-    r = R._p_sample_loop_ref(fn, cond, s, x_T, step_noise, None, 0.9)
+    r = R.p_sample_loop_reference(fn, cond, s, x_T, step_noise, None, 0.9)
     assert k.dtype == torch.float32 and torch.equal(k, r)
 
 
@@ -471,7 +473,7 @@ def test_sampler_generator_draws_match_reference(triton_device):
     fn = _denoiser(7, triton_device)
     seed = lambda: torch.Generator(device=triton_device).manual_seed(11)
     k = ks.p_sample_loop(fn, cond, s, x_T, None, seed(), 1.0)
-    r = R._p_sample_loop_ref(fn, cond, s, x_T, None, seed(), 1.0)
+    r = R.p_sample_loop_reference(fn, cond, s, x_T, None, seed(), 1.0)
     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
 
 

@@ -181,7 +181,7 @@ class _EmulatedTokenLib:
         ctypes.memmove(ptr, t.data_ptr(), t.numel() * t.element_size())
 
     def gather_visible_forward(self, out, x, index, cu, pos, prefix, total, B, N, C, Bp, Bq, P, dtype, stream):
-        from invnext.ops.tokens import _gather_visible_torch
+        from invnext.ops.tokens import gather_visible_reference
 
         dt = self._DT[dtype]
         args = (
@@ -191,7 +191,7 @@ class _EmulatedTokenLib:
             self._read(pos, (Bp, N, C), dt) if pos else None,
             self._read(prefix, (Bq, P, C), dt) if prefix else None,
         )  # fmt: skip
-        self._write(out, _gather_visible_torch(*args))
+        self._write(out, gather_visible_reference(*args))
         return 0
 
     def gather_visible_backward(self, dx, inv, dprefix, grad, index, cu, total, B, N, C, Bq, P, dtype, stream):
@@ -210,13 +210,13 @@ class _EmulatedTokenLib:
         return 0
 
     def scatter_tokens_forward(self, out, inv, packed, index, mask_token, pos, total, B, N, C, Bp, dtype, stream):
-        from invnext.ops.tokens import _scatter_tokens_torch
+        from invnext.ops.tokens import scatter_tokens_reference
 
         dt = self._DT[dtype]
         idx = self._read(index, (total,), torch.int64)
         args = (self._read(packed, (total, C), dt), idx, self._read(mask_token, (C,), dt),
                 self._read(pos, (Bp, N, C), dt) if pos else None, B, N)  # fmt: skip
-        self._write(out, _scatter_tokens_torch(*args))
+        self._write(out, scatter_tokens_reference(*args))
         where = torch.full((B * N,), -1, dtype=torch.int32)
         where[idx[idx >= 0]] = torch.arange(total, dtype=torch.int32)[idx >= 0]
         self._write(inv, where)
@@ -253,7 +253,7 @@ def test_token_launchers_pass_what_the_c_api_reads(monkeypatch, dtype, pos_batch
     the buffers it documents: an emulation of the C API over the same pointers gives the
     reference forward and gradients (through the launchers' own sum_batch and partial sums)."""
     from invnext.native import ops as nops
-    from invnext.ops.tokens import _gather_visible_torch, _scatter_tokens_torch, packed_structure
+    from invnext.ops.tokens import gather_visible_reference, scatter_tokens_reference, packed_structure
 
     monkeypatch.setattr(native, "kernels", lambda: _EmulatedTokenLib())
     monkeypatch.setattr(nops, "_on", lambda device: contextlib.nullcontext())
@@ -270,11 +270,11 @@ def test_token_launchers_pass_what_the_c_api_reads(monkeypatch, dtype, pos_batch
     prefix = torch.randn(prefix_batch, P, C).to(dtype)
 
     out = nops._gather_forward(x, index, cu, pos, prefix)
-    assert torch.equal(out, _gather_visible_torch(x, index, cu, pos, prefix))
+    assert torch.equal(out, gather_visible_reference(x, index, cu, pos, prefix))
     grad = torch.randn(total, C).to(dtype)
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, pos, prefix)]
     inputs = [t for t in leaves if t is not None]
-    want = torch.autograd.grad(_gather_visible_torch(leaves[0], index, cu, *leaves[1:]), inputs, grad)
+    want = torch.autograd.grad(gather_visible_reference(leaves[0], index, cu, *leaves[1:]), inputs, grad)
     need_pos = pos is not None
     batches = (pos_batch or 1, prefix.shape[0])
     dx, dpos, dprefix = nops._gather_backward(grad, index, cu, B, N, *batches, P, True, need_pos, True)
@@ -284,11 +284,11 @@ def test_token_launchers_pass_what_the_c_api_reads(monkeypatch, dtype, pos_batch
 
     mask_token = torch.randn(C).to(dtype)
     grid, inv = nops._scatter_forward(out, index, mask_token, pos, B, N)
-    assert torch.equal(grid, _scatter_tokens_torch(out, index, mask_token, pos, B, N))
+    assert torch.equal(grid, scatter_tokens_reference(out, index, mask_token, pos, B, N))
     g2 = torch.randn(B, N, C).to(dtype)
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (out, mask_token, pos)]
     inputs = [t for t in leaves if t is not None]
-    want = torch.autograd.grad(_scatter_tokens_torch(leaves[0], index, leaves[1], leaves[2], B, N), inputs, g2)
+    want = torch.autograd.grad(scatter_tokens_reference(leaves[0], index, leaves[1], leaves[2], B, N), inputs, g2)
     sum_pos = pos is not None and pos.shape[0] == 1
     dpacked, dmask, dpos = nops._scatter_backward(g2, index, inv, True, True, sum_pos)
     torch.testing.assert_close(dpacked, want[0])

@@ -42,7 +42,7 @@ def model_posterior(eps, v, x_t, t, schedule, dt):
     return x0_pred, mean, logvar
 
 
-def p_sample_step_ref(
+def p_sample_step_reference(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -59,7 +59,7 @@ def p_sample_step_ref(
     return (mean + live * torch.exp(0.5 * logvar) * (noise.to(dt) * temperature)).to(x_t.dtype)
 
 
-def ddim_step_ref(
+def ddim_step_reference(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,

@@ -32,8 +32,7 @@ from invnext.common.diffusion_steps import (
     noise_for_step,
     row,
 )
-from invnext.common.diffusion_steps import ddim_step_ref as _ddim_step_ref
-from invnext.common.diffusion_steps import p_sample_step_ref as _p_sample_step_ref
+from invnext.common.diffusion_steps import ddim_step_reference, p_sample_step_reference
 from invnext.common.validate import (
     FLOAT_DTYPES,
     check_alloc,
@@ -127,7 +126,9 @@ def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_reference("q_sample")
-def _q_sample_ref(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+def q_sample_reference(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule
+) -> torch.Tensor:
     # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise
     dt = compute_dtype(x0, noise)
     a = row(schedule, "sqrt_alphas_cumprod", t, dt)
@@ -165,7 +166,7 @@ def q_sample(
 
 
 @register_reference("diffusion_loss")
-def _diffusion_loss_ref(
+def diffusion_loss_reference(
     model_out: torch.Tensor,
     x0: torch.Tensor,
     x_t: torch.Tensor,
@@ -261,7 +262,7 @@ def diffusion_loss(
 
 
 # The reference step is the Triton sampler's too (invnext.common.diffusion_steps).
-register_reference("p_sample_step")(_p_sample_step_ref)
+register_reference("p_sample_step")(p_sample_step_reference)
 
 
 def p_sample_step(
@@ -303,7 +304,7 @@ def p_sample_step(
     return dispatch(op, backend, device, model_out, x_t, t, schedule, noise, temperature)
 
 
-register_reference("ddim_step")(_ddim_step_ref)
+register_reference("ddim_step")(ddim_step_reference)
 
 
 def ddim_step(
@@ -353,7 +354,7 @@ def ddim_step(
 
 
 @register_reference("adaln_modulate")
-def _adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def adaln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     # y = (x - mean_w x) / sqrt(var_w x + eps) * (1 + scale) + shift   (biased variance)
     dt = compute_dtype(x, shift, scale)
     y = F.layer_norm(x.to(dt), (x.shape[-1],), eps=eps)
@@ -405,7 +406,7 @@ def adaln_modulate(
 
 @register_reference("p_sample_loop")
 @torch.no_grad()
-def _p_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator, temperature):
+def p_sample_loop_reference(denoise_fn, cond, schedule, x_T, step_noise, generator, temperature):
     x = x_T
     rows = x.shape[0]
     for i in reversed(range(schedule.num_steps)):
@@ -413,20 +414,20 @@ def _p_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator, t
         out = denoise("p_sample_loop", denoise_fn, x, t, cond, schedule)
         # Step 0 adds no noise, so nothing is drawn for it.
         noise = noise_for_step(step_noise, i, generator, x) if i > 0 else torch.zeros_like(x)
-        x = _p_sample_step_ref(out, x, t, schedule, noise, temperature)
+        x = p_sample_step_reference(out, x, t, schedule, noise, temperature)
     return x
 
 
 @register_reference("ddim_sample_loop")
 @torch.no_grad()
-def _ddim_sample_loop_ref(denoise_fn, cond, schedule, x_T, step_noise, generator, eta):
+def ddim_sample_loop_reference(denoise_fn, cond, schedule, x_T, step_noise, generator, eta):
     x = x_T
     rows = x.shape[0]
     for i in reversed(range(schedule.num_steps)):
         t = torch.full((rows,), i, dtype=torch.int64, device=x.device)
         out = denoise("ddim_sample_loop", denoise_fn, x, t, cond, schedule)
         noise = noise_for_step(step_noise, i, generator, x) if (i > 0 and eta > 0.0) else None
-        x = _ddim_step_ref(out, x, t, schedule, noise, eta)
+        x = ddim_step_reference(out, x, t, schedule, noise, eta)
     return x
 
 

@@ -92,7 +92,7 @@ def packed_structure(
 
 
 @register_reference("gather_visible")
-def _gather_visible_torch(
+def gather_visible_reference(
     x: torch.Tensor,
     index: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -162,7 +162,7 @@ def gather_visible(
 
 
 @register_reference("scatter_tokens")
-def _scatter_tokens_torch(
+def scatter_tokens_reference(
     packed: torch.Tensor,
     index: torch.Tensor,
     mask_token: torch.Tensor,
