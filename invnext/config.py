@@ -280,6 +280,10 @@ class PredictorConfig(_Checked):
     final_norm: bool = True  # ModernBERT's final_norm after the layers
     # A local ModernBERT checkpoint (save_pretrained folder or .safetensors): its last `depth` layers initialise ours.
     init_from: str | None = None
+    # Random init of every Linear: "modernbert" (std 0.02, ModernBERT's, made for width 1024) or "fan_in"
+    # (std 1/sqrt(fan-in)). At width 128, std 0.02 scales each projection by ~0.23 (0.02 x sqrt(128)), so a
+    # gradient from the hidden places reaches the visible tokens a thousandfold smaller (README, finding 2).
+    init: Literal["modernbert", "fan_in"] = "modernbert"
 
     def validate(self) -> None:
         for name in ("width", "depth", "heads", "mlp_hidden", "global_every", "local_window"):
@@ -465,7 +469,8 @@ def _tiny() -> Preset:
         img_size=112, patch_size=16, num_frames=4, width=96, depth=4, heads=4, drop_path=0.1, pool_heads=4
     )
     pred = PredictorConfig(
-        width=128, depth=3, heads=4, mlp_hidden=256, first_layer_id=0, local_window=32, global_rope_theta=10000.0
+        width=128, depth=3, heads=4, mlp_hidden=256, first_layer_id=0, local_window=32, global_rope_theta=10000.0,
+        init="fan_in",
     )
     dec = DecoderConfig(width=128, depth=2, sample_steps=10)
     teacher = TeacherConfig(

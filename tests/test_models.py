@@ -617,3 +617,20 @@ def test_save_load_weights_roundtrip(tmp_path):
     load_weights(b, path)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_predictor_init_scales_with_fan_in_where_configured():
+    """ModernBERT's std 0.02 stays the default; "fan_in" (the tiny preset's) draws each Linear at 1/sqrt(fan-in)."""
+    base = PredictorConfig(width=128, depth=1, heads=4, mlp_hidden=256, first_layer_id=0)
+    grid = (2, 4, 4)
+    assert TINY.stage1.predictor.init == "fan_in" and TINY.stage2.predictor.init == "fan_in"
+    for init in ("modernbert", "fan_in"):
+        torch.manual_seed(0)
+        pred = Predictor(override(base, {"init": init}), 96, grid)
+        for name, m in pred.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                want = m.in_features**-0.5 if init == "fan_in" else 0.02
+                # a normal cut at 2 std keeps 0.88 of its std
+                got = float(m.weight.std())
+                assert got == pytest.approx(0.88 * want, rel=0.1), f"{init}: {name} std {got:.4f}, expected ~{0.88 * want:.4f}"
+                assert float(m.weight.abs().max()) <= 2 * want + 1e-7

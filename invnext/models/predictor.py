@@ -141,10 +141,11 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         return load_modernbert_layers(self, source, verbose=verbose)
 
     def reset_parameters(self) -> None:
-        # ModernBERT's init: truncated normal (std 0.02, cut at 2 std); norms at 1.
+        # Truncated normal cut at 2 std (ModernBERT's: std 0.02; or 1/sqrt(fan-in), cfg.init); norms at 1.
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+                std = m.in_features**-0.5 if self.cfg.init == "fan_in" else 0.02
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
