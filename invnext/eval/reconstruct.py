@@ -338,10 +338,9 @@ def reconstruct(
     truth = target[hidden]
     psnr = _psnr(sample, truth)
     # What no learning gives: every hidden pixel painted with the clip's mean colour.
-    channels = enc_cfg.in_chans
-    mean_colour = target.view(-1, channels, target.shape[-1] // channels).mean(dim=(0, 2))  # [C], in [-1, 1]
-    flat = mean_colour.view(1, channels, 1).expand(truth.shape[0], channels, truth.shape[-1] // channels)
-    psnr_mean_colour = _psnr(flat.reshape(truth.shape), truth)
+    flat = rgb.mean(dim=(2, 3, 4), keepdim=True).expand_as(rgb)
+    flat = patchify(flat * 2.0 - 1.0, enc_cfg.patch_size, enc_cfg.tubelet_size)
+    psnr_mean_colour = _psnr(flat[hidden], truth)
 
     def as_img(p: torch.Tensor) -> np.ndarray:
         return _to_uint8(unpatchify(p, grid, enc_cfg.patch_size, enc_cfg.tubelet_size)[0])
