@@ -401,6 +401,10 @@ class Stage1Config(_Checked):
     # same ratio at random places, repeated through every frame (VideoMAE's mask, an ablation)
     mask_mode: Literal["topk", "sample", "tube"] = "topk"
     align_layers: tuple[int, ...] = ()  # student blocks paired with teacher.layers; () = the last K blocks
+    # A token of a tubelet > 1 spans several frames of the image teacher: "each" aligns it with every
+    # one of them (its head predicts one feature per frame, so the token must keep their order);
+    # "mean" with their mean feature (frame order is lost: it erased all motion in our measurements)
+    align_frames: Literal["each", "mean"] = "each"
     align_weight: float = 1.0
     pool_weight: float = 1.0
     diffusion_weight: float = 1.0
@@ -415,6 +419,7 @@ class Stage1Config(_Checked):
             )
         else:
             self._require(k <= self.encoder.depth, "teacher", f"aligns {k} layers but the encoder has {self.encoder.depth} blocks")
+        self._require(self.align_frames in ("each", "mean"), "align_frames", "must be 'each' or 'mean'")
         for name in ("align_weight", "pool_weight", "diffusion_weight"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
 

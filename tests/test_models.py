@@ -138,6 +138,33 @@ def test_stage1_rejects_teacher_of_another_grid():
         model(_video(1, cfg.encoder))
 
 
+@pytest.mark.parametrize("align_frames", ["each", "mean"])
+def test_stage1_tubelet_tokens_align_with_their_frames(align_frames):
+    """A token spanning 2 frames: its head predicts each frame's teacher feature ("each") or their
+    re-normalised mean ("mean"); the semantic mask reads the frames' mean attention."""
+    torch.manual_seed(0)
+    cfg = override(TINY.stage1, {"encoder": {"depth": 2, "num_frames": 8, "tubelet_size": 2}, "align_frames": align_frames})
+    model = Stage1Model(cfg).eval()
+    video = _video(2, cfg.encoder, seed=6)
+    with torch.no_grad():
+        tout = model.run_teacher(video)
+        targets = model.alignment_targets(tout)
+        out = model(video, generator=torch.Generator().manual_seed(0))
+    T, H, W = cfg.encoder.grid
+    S = H * W
+    assert tout.attn.shape[1] == 8 and T == 4
+    u = 2 if align_frames == "each" else 1
+    assert targets.shape == (2, 2, T * S, u, model.teacher.feature_dim)
+    assert model.align_heads[0].fc2.out_features == u * model.teacher.feature_dim
+    for t, s in ((0, 0), (3, 17), (1, S - 1)):
+        pair = tout.features[:, :, 2 * t : 2 * t + 2, s]  # [B, K, 2, Ct]
+        want = pair if align_frames == "each" else F.normalize(pair.sum(2), dim=-1)[:, :, None]
+        torch.testing.assert_close(targets[:, :, t * S + s], want)
+    semantic = ops.semantic_mask(tout.attn.view(2, T, 2, S).mean(2), kept_per_frame(cfg.mask_ratio, S), "topk")
+    assert torch.equal(out["hidden"], semantic)
+    assert torch.isfinite(out["loss"])
+
+
 def test_stage2_training_step():
     torch.manual_seed(0)
     stage1_encoder = Encoder(TINY.stage1.encoder)

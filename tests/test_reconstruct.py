@@ -163,3 +163,18 @@ def test_cli_reconstruct(files, tmp_path, capsys):
         assert im.size == (4 * S + 5 * GAP, 3 * S + 4 * GAP)
     assert main(argv[:-2] + ["--steps", "1"]) == 2
     assert "steps must be an int in [2, 1000]" in capsys.readouterr().err
+
+
+def test_reconstruct_a_tubelet_encoder_with_the_teachers_frames_averaged(tmp_path, files):
+    """Tubelet 2: the teacher's 4 frames make 2 token steps; frames default to the encoder's."""
+    cfg = _cfg()
+    cfg = Stage1Config(**{**cfg.__dict__, "encoder": EncoderConfig(**{**cfg.encoder.__dict__, "tubelet_size": 2})})
+    torch.manual_seed(0)
+    model = Stage1Model(cfg)
+    path = tmp_path / "tubelet.safetensors"
+    save_weights(model, path, metadata=config_metadata(model.cfg))
+    res = reconstruct(path, files["video"], steps=5, out=tmp_path / "t.png", seed=1, device="cpu")
+    assert res["frames"] == 4 and res["mask"] == "semantic"
+    hidden = res["hidden"].view(2, 4, 4)
+    assert (hidden.flatten(1).sum(1) == hidden[0].sum()).all()  # the same count per token step
+    assert res["rows"]["original"].shape == (4, S, S, 3)

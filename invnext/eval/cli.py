@@ -115,7 +115,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--video", required=True, metavar="FILE", help="the video to reconstruct")
     r.add_argument("--steps", type=int, default=50, help="respaced diffusion sampling steps (default 50)")
     r.add_argument("--temperature", type=float, default=1.0, help="sampler noise temperature (default 1.0)")
-    r.add_argument("--frames", type=int, default=4, help="frames of the clip (default 4)")
+    r.add_argument("--frames", type=int, default=None, help="frames of the clip (default: the encoder's)")
     r.add_argument(
         "--out",
         default=None,

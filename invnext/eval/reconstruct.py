@@ -42,6 +42,7 @@ from invnext.models.layers import patchify
 from invnext.models.predictor import Predictor
 from invnext.models.stage1 import kept_per_frame
 from invnext.models.teacher import teacher_input
+from invnext.models.teacher_interface import per_token
 
 __all__ = ["GAP", "Stage1Parts", "grid_image", "load_stage1", "reconstruct", "unpatchify"]
 
@@ -252,7 +253,7 @@ def reconstruct(
     *,
     steps: int = 50,
     temperature: float = 1.0,
-    frames: int = 4,
+    frames: int | None = None,
     out: str | os.PathLike | None = None,
     mask: str = "auto",
     teacher: str = "auto",
@@ -267,7 +268,7 @@ def reconstruct(
         video: a video file.
         steps: respaced diffusion sampling steps (2 .. the decoder's ``num_steps``).
         temperature: noise scale of the sampler (0: its mean path).
-        frames: frames of the clip (a multiple of the encoder's tubelet).
+        frames: frames of the clip (a multiple of the encoder's tubelet); default the encoder's ``num_frames``.
         out: the PNG to write (default: ``<video stem>_reconstruction.png`` beside the video).
         mask: ``"auto"`` (semantic when a teacher is available, else tube), ``"semantic"`` or ``"tube"``.
         teacher: ``"auto"``, ``"default"``, ``"none"`` or a teacher weights file (:func:`load_stage1`).
@@ -284,7 +285,7 @@ def reconstruct(
     """
     if mask not in ("auto", "semantic", "tube"):
         raise ValueError(f"reconstruct: mask must be 'auto', 'semantic' or 'tube', got {mask!r}")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
         raise ValueError(f"reconstruct: frames must be an int >= 1, got {frames!r}")
     if not temperature >= 0:
         raise ValueError(f"reconstruct: temperature must be >= 0, got {temperature!r}")
@@ -295,6 +296,7 @@ def reconstruct(
     enc_cfg = cfg.encoder
     if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= cfg.decoder.num_steps:
         raise ValueError(f"reconstruct: steps must be an int in [2, {cfg.decoder.num_steps}], got {steps!r}")
+    frames = enc_cfg.num_frames if frames is None else frames
     if frames % enc_cfg.tubelet_size:
         raise ValueError(f"reconstruct: frames={frames} must be a multiple of the tubelet size {enc_cfg.tubelet_size}")
     if mask == "semantic" and parts.teacher is None:
@@ -316,7 +318,7 @@ def reconstruct(
     keep = kept_per_frame(cfg.mask_ratio, S)
     use_semantic = parts.teacher is not None
     if use_semantic:
-        attn = parts.teacher(teacher_input(rgb, parts.teacher)).attn.float()
+        attn = per_token(parts.teacher(teacher_input(rgb, parts.teacher)), enc_cfg.tubelet_size).attn.float()
         if tuple(attn.shape) != (1, T, S):
             raise ValueError(
                 f"reconstruct: the teacher's token grid {list(attn.shape[1:])} differs from the encoder's ({T}, {S})"

@@ -3,7 +3,9 @@
 One step on a clip batch ``video[B, 3, T, H, W]`` (normalised with ``encoder.mean/std``):
 
 1. The frozen teacher (no grad, eval mode) sees every frame: per-layer features, pooled
-   embedding, pooling attention ``attn[B, T, S]``.
+   embedding, pooling attention ``attn[B, frames, S]``. A token of a tubelet spans u frames:
+   the mask reads their mean attention, and alignment (``align_frames``) pairs the token with
+   each of its u frames (the head predicts u features) or with their mean.
 2. Semantic mask: per frame keep the ``keep = S - round(ratio * S)`` tokens the teacher
    attends to most (``"topk"``) or a draw proportional to attention (``"sample"``).
 3. The encoder runs on the visible tokens only (packed, ragged-ready), returning the
@@ -38,6 +40,7 @@ from invnext.models.layers import MLPHead, PositionTable, cosine_loss, grid_rows
 from invnext.models.predictor import Predictor
 from invnext.models.switches import OpsUser
 from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher, teacher_input
+from invnext.models.teacher_interface import per_token
 
 
 def kept_per_frame(ratio: float, frame_tokens: int) -> int:
@@ -72,7 +75,9 @@ class Stage1Model(OpsUser, nn.Module):
             )
         Ct, Cp = self.teacher.feature_dim, self.teacher.pooled_dim
         self.align_pos = PositionTable(enc.width, enc.grid, num_prefix=0)
-        self.align_heads = nn.ModuleList(MLPHead(enc.width, Ct, Ct) for _ in self.student_layers)
+        # frames each alignment head predicts per token (align_frames "each": all of the token's tubelet)
+        self.frames_per_head = enc.tubelet_size if cfg.align_frames == "each" else 1
+        self.align_heads = nn.ModuleList(MLPHead(enc.width, Ct, Ct * self.frames_per_head) for _ in self.student_layers)
         self.pool_head = MLPHead(enc.embed_dim, Cp, Cp)
         self.predictor = Predictor(cfg.predictor, enc.width, enc.grid)
         self.decoder = DiffusionDecoder(cfg.decoder, enc.patch_dim, cfg.predictor.width)
@@ -101,12 +106,23 @@ class Stage1Model(OpsUser, nn.Module):
         return patchify(rgb * 2.0 - 1.0, self.cfg.encoder.patch_size, self.cfg.encoder.tubelet_size)
 
     def run_teacher(self, video: torch.Tensor, teacher_video: torch.Tensor | None = None) -> TeacherOutput:
+        """The frozen teacher's output per frame: ``features[B, K, frames, S, Ct]``, ``attn[B, frames, S]``."""
         with torch.no_grad():
             out = self.teacher(teacher_video if teacher_video is not None else self.teacher_input(video))
         return TeacherOutput(*(t.detach() for t in out))
 
+    def alignment_targets(self, tout: TeacherOutput) -> torch.Tensor:
+        """``[B, K, N, frames_per_head, Ct]``: what head i predicts at each token place (raster t, h, w)."""
+        u = self.cfg.encoder.tubelet_size
+        if self.frames_per_head == 1:
+            features = per_token(tout, u).features  # [B, K, T, S, Ct]
+            return features.flatten(2, 3)[:, :, :, None]
+        B, K, frames, S, Ct = tout.features.shape
+        return tout.features.reshape(B, K, frames // u, u, S, Ct).transpose(3, 4).reshape(B, K, -1, u, Ct)
+
     def alignment_losses(self, enc: EncoderOutput, tout: TeacherOutput) -> torch.Tensor:
-        """float32[K]: loss of pair i = student block ``student_layers[i]`` vs teacher ``layers[i]``, visible tokens."""
+        """float32[K]: loss of pair i = student block ``student_layers[i]`` vs teacher ``layers[i]``, visible tokens
+        (and, for a tubelet with ``align_frames="each"``, every frame of each token, averaged)."""
         T, H, W = enc.grid
         N = T * H * W
         B = enc.pooled.shape[0]
@@ -115,12 +131,12 @@ class Stage1Model(OpsUser, nn.Module):
         place = enc.index[rows]  # b*N + n of every visible token
         _, pos = self.align_pos(enc.grid)
         pos = pos[0].to(enc.tokens.dtype)[place % N]
-        K = len(self.student_layers)
-        teacher = tout.features.reshape(B, K, N, -1)  # (t, s) raster == (t, h, w) raster
+        targets = self.alignment_targets(tout)  # [B, K, N, u, Ct]
+        u, Ct = targets.shape[-2:]
         losses = []
         for i, head in enumerate(self.align_heads):
-            student = head(enc.hidden[i][rows] + pos)
-            target = teacher[:, i].reshape(B * N, -1)[place]
+            student = head(enc.hidden[i][rows] + pos).reshape(-1, u, Ct)
+            target = targets[:, i].reshape(B * N, u, Ct)[place]
             losses.append(cosine_loss(student, target))
         return torch.stack(losses)
 
@@ -148,9 +164,10 @@ class Stage1Model(OpsUser, nn.Module):
         B = video.shape[0]
         with record_function("teacher"):
             tout = self.run_teacher(video, teacher_video)
-        if tuple(tout.attn.shape) != (B, T, S) or tout.features.shape[:4] != (B, len(self.student_layers), T, S):
+        frames = T * cfg.encoder.tubelet_size
+        if tuple(tout.attn.shape) != (B, frames, S) or tout.features.shape[:4] != (B, len(self.student_layers), frames, S):
             raise ValueError(
-                f"Stage1Model: the teacher's grid must match the student's ({T} frames of {H}x{W} tokens); "
+                f"Stage1Model: the teacher's grid must match the student's ({frames} frames of {H}x{W} tokens); "
                 f"got attn {list(tout.attn.shape)}, features {list(tout.features.shape)}"
             )
 
@@ -162,7 +179,7 @@ class Stage1Model(OpsUser, nn.Module):
                 )
             else:
                 hidden = ops.semantic_mask(
-                    tout.attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
+                    per_token(tout, cfg.encoder.tubelet_size).attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
                 )
         with record_function("encoder"):
             enc = self.encoder.forward_masked(

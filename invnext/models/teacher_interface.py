@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 
 class TeacherOutput(NamedTuple):
@@ -38,3 +39,17 @@ class ImageTeacher(Protocol):
     def __call__(self, video: torch.Tensor) -> TeacherOutput:
         """``video[B, 3, T, img_size, img_size]`` (normalised with mean/std) -> :class:`TeacherOutput`."""
         ...
+
+
+def per_token(out: TeacherOutput, tubelet: int) -> TeacherOutput:
+    """The teacher's per-frame output per student token: a token spans ``tubelet`` frames, so its
+    features (re-normalised) and attention are its frames' mean; the pooled embeddings stay per frame.
+    """
+    if tubelet == 1:
+        return out
+    B, K, frames, S, Ct = out.features.shape
+    if frames % tubelet:
+        raise ValueError(f"the teacher saw {frames} frames, not a multiple of the tubelet size {tubelet}")
+    features = F.normalize(out.features.reshape(B, K, frames // tubelet, tubelet, S, Ct).mean(3), dim=-1)
+    attn = out.attn.reshape(B, frames // tubelet, tubelet, S).mean(2)
+    return TeacherOutput(features, out.pooled, attn)
