@@ -44,7 +44,7 @@ def test_gather_visible_matches_reference(kernels_from, dtype, C, layout, tables
         if P:
             prefix = _randn((batch, P, C), dtype, dev, gen).requires_grad_(True)
 
-    out = ops.gather_visible(x, index.to(dev), cu.to(dev), pos, prefix)
+    out = ops.gather_visible_cuda(x, index.to(dev), cu.to(dev), pos, prefix)
     x64, pos64, prefix64 = _leaf64(x), _leaf64(pos), _leaf64(prefix)
     want = _gather_reference(x64, index, cu, pos64, prefix64)
     _assert_same(out, want.detach().to(dtype), "forward")
@@ -78,7 +78,7 @@ def test_gather_visible_misaligned_and_bad_indices(kernels_from, dtype):
     bad[0] = 10**12  # a prefix row: ignored
     bad[2] = B * N  # one past the end
     bad[6] = -5
-    out = ops.gather_visible(x, bad.to(dev), cu.to(dev), pos, prefix)
+    out = ops.gather_visible_cuda(x, bad.to(dev), cu.to(dev), pos, prefix)
     torch.cuda.synchronize()
     good = index.clone()
     good[[2, 6]] = 0

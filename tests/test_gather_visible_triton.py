@@ -122,7 +122,7 @@ def _check_gather(device, dtype, C, P, pos_batch, prefix_batch, counts=COUNTS, n
     pos = None if pos_batch is None else torch.randn(pos_batch, n, C).to(dtype).to(device).requires_grad_(True)
     prefix = None if P == 0 else torch.randn(prefix_batch, P, C).to(dtype).to(device).requires_grad_(True)
 
-    out = tk.gather_visible(x, index, cu, pos, prefix)
+    out = tk.gather_visible_triton(x, index, cu, pos, prefix)
     want = _ref_gather(x.detach().float(), hidden, _fp32(_det(pos)), _fp32(_det(prefix)))
     _assert_same(out, want, dtype, "forward")
 
@@ -168,7 +168,7 @@ def test_gather_grads_for_subsets_of_inputs(triton_device):
     prefix = torch.randn(1, P, C, device=triton_device)
     for pos_batch in (1, B):
         pos = torch.randn(pos_batch, N, C, device=triton_device, requires_grad=True)
-        out = tk.gather_visible(x, index, cu, pos, prefix)
+        out = tk.gather_visible_triton(x, index, cu, pos, prefix)
         g = _dyadic(out.shape, torch.float32, triton_device)
         (dpos,) = torch.autograd.grad(out, pos, g)
         ref = pos.detach().double().requires_grad_(True)
@@ -188,7 +188,7 @@ def _check_scatter(device, dtype, C, P, pos_batch, counts=COUNTS, n=N):
     mask_token = torch.randn(C).to(dtype).to(device).requires_grad_(True)
     pos = None if pos_batch is None else torch.randn(pos_batch, n, C).to(dtype).to(device).requires_grad_(True)
 
-    out = tk.scatter_tokens(packed, index, mask_token, pos, B, n)
+    out = tk.scatter_tokens_triton(packed, index, mask_token, pos, B, n)
     want = _ref_scatter(packed.detach().float(), hidden, P, mask_token.detach().float(), _fp32(_det(pos)))
     _assert_same(out, want, dtype, "forward")
 
@@ -209,12 +209,12 @@ def test_empty_batch(triton_device):
     hidden = torch.ones(B, N, dtype=torch.bool, device=triton_device)
     index, cu = _structure(hidden, 0)
     x = torch.randn(B, N, C, device=triton_device, requires_grad=True)
-    out = tk.gather_visible(x, index, cu, None, None)
+    out = tk.gather_visible_triton(x, index, cu, None, None)
     assert out.shape == (0, C)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
     mask_token = torch.randn(C, device=triton_device)
-    full = tk.scatter_tokens(out.detach(), index, mask_token, None, B, N)
+    full = tk.scatter_tokens_triton(out.detach(), index, mask_token, None, B, N)
     assert torch.equal(full, mask_token.expand(B, N, C))
 
 
@@ -229,12 +229,12 @@ def test_no_host_sync(triton_device):
     pos = torch.randn(1, N, C, device=triton_device, requires_grad=True)
     prefix = torch.randn(1, P, C, device=triton_device, requires_grad=True)
     mask_token = torch.randn(C, device=triton_device, requires_grad=True)
-    tk.gather_visible(x, index, cu, pos, prefix)  # compile outside the checked region
+    tk.gather_visible_triton(x, index, cu, pos, prefix)  # compile outside the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        packed = tk.gather_visible(x, index, cu, pos, prefix)
-        out = tk.scatter_tokens(packed, index, mask_token, pos, B, N)
+        packed = tk.gather_visible_triton(x, index, cu, pos, prefix)
+        out = tk.scatter_tokens_triton(packed, index, mask_token, pos, B, N)
         out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -268,7 +268,7 @@ def test_gather_bad_inputs(triton_device, change, error, match):
     args = _gather_args(triton_device)
     args.update({k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=match):
-        tk.gather_visible(**args)
+        tk.gather_visible_triton(**args)
 
 
 # ----------------------------------------------------------------------------------------

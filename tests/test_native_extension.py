@@ -153,9 +153,9 @@ def test_ops_refuse_cpu_tensors():
     index = torch.zeros(2, dtype=torch.int64)
     cu = torch.tensor([0, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="gather_visible: the CUDA kernels need CUDA tensors; x is on cpu"):
-        ops.gather_visible(x, index, cu, None, None)
+        ops.gather_visible_cuda(x, index, cu, None, None)
     with pytest.raises(ValueError, match="scatter_tokens: the CUDA kernels need CUDA tensors; packed is on cpu"):
-        ops.scatter_tokens(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
+        ops.scatter_tokens_cuda(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
 
 
 class _EmulatedTokenLib:
@@ -507,8 +507,8 @@ def test_runs_on_the_current_stream(kernels_from):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = ops.gather_visible(x, index.cuda(), cu.cuda(), None, None)
-        back = ops.scatter_tokens(out, index.cuda(), torch.zeros(C, dtype=x.dtype, device="cuda"), None, B, N)
+        out = ops.gather_visible_cuda(x, index.cuda(), cu.cuda(), None, None)
+        back = ops.scatter_tokens_cuda(out, index.cuda(), torch.zeros(C, dtype=x.dtype, device="cuda"), None, B, N)
     stream.synchronize()
     hidden = torch.ones(B * N, dtype=torch.bool)
     hidden[index] = False

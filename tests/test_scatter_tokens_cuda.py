@@ -41,7 +41,7 @@ def test_scatter_tokens_matches_reference(kernels_from, dtype, C, layout, pos_ba
     if pos_batch != "none":
         pos = _randn((1 if pos_batch == "batch1" else B, N, C), dtype, dev, gen).requires_grad_(True)
 
-    out = ops.scatter_tokens(packed, index.to(dev), mask_token, pos, B, N)
+    out = ops.scatter_tokens_cuda(packed, index.to(dev), mask_token, pos, B, N)
     packed64, mask64, pos64 = _leaf64(packed), _leaf64(mask_token), _leaf64(pos)
     want = _scatter_reference(packed64, index, mask64, pos64, B, N)
     _assert_same(out, want.detach().to(dtype), "forward")
@@ -67,7 +67,7 @@ def test_scatter_tokens_many_chunks_and_bad_indices(kernels_from):
     index[3] = B * N + 4  # dropped like a prefix row
     packed = _randn((len(index), C), torch.bfloat16, dev, gen).requires_grad_(True)
     mask_token = _randn((C,), torch.bfloat16, dev, gen).requires_grad_(True)
-    out = ops.scatter_tokens(packed, index.to(dev), mask_token, None, B, N)
+    out = ops.scatter_tokens_cuda(packed, index.to(dev), mask_token, None, B, N)
     kept = index.clone()
     kept[3] = -1
     packed64, mask64 = _leaf64(packed), _leaf64(mask_token)

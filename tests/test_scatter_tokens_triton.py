@@ -55,7 +55,7 @@ def test_scatter_grads_for_subsets_of_inputs(triton_device):
             inputs = [packed.clone(), mask_token.clone(), torch.randn(pos_batch, N, C, device=triton_device)]
             inputs[which].requires_grad_(True)
             (got,) = torch.autograd.grad(
-                tk.scatter_tokens(inputs[0], index, inputs[1], inputs[2], B, N), inputs[which], g
+                tk.scatter_tokens_triton(inputs[0], index, inputs[1], inputs[2], B, N), inputs[which], g
             )
             ref = [t.double() for t in inputs]
             ref[which].requires_grad_(True)
@@ -70,8 +70,8 @@ def test_scatter_of_gather_round_trip(triton_device):
     index, cu = _structure(hidden, P)
     x = torch.randn(B, N, C, device=triton_device)
     mask_token = torch.randn(C, device=triton_device)
-    packed = tk.gather_visible(x, index, cu, None, torch.randn(1, P, C, device=triton_device))
-    out = tk.scatter_tokens(packed, index, mask_token, None, B, N)
+    packed = tk.gather_visible_triton(x, index, cu, None, torch.randn(1, P, C, device=triton_device))
+    out = tk.scatter_tokens_triton(packed, index, mask_token, None, B, N)
     assert torch.equal(out, torch.where(hidden[..., None], mask_token.expand(B, N, C), x))
 
 
@@ -101,4 +101,4 @@ def test_scatter_bad_inputs(triton_device, change, error, match):
     args.update(change)
     args = {k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(error, match=match):
-        tk.scatter_tokens(**args)
+        tk.scatter_tokens_triton(**args)
