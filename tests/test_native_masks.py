@@ -13,9 +13,9 @@ equals the reference's bit for bit on many seeds and awkward grids (ties, ratio 
 one-token frames, 8190-position frames); cu_seqlens from the sampler equal mask_counts; no
 host synchronisation (sync debug mode, CUDA-graph capture); bad arguments give error codes;
 inputs the kernels decline fall back to the reference. The statistics tests of
-tests/test_tube_mask.py, test_multiblock_mask.py and test_semantic_mask.py are re-run with the
-samplers on the GPU, for the reference on the GPU and for the cuda backend. Each sampler's
-exactness against its reference is in tests/test_<op>_cuda.py.
+tests/test_{tube,multiblock,semantic}_mask_reference.py are re-run with the samplers on the
+GPU, for the reference on the GPU and for the cuda backend. Each sampler's exactness against
+its reference is in tests/test_<op>_cuda.py.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import test_multiblock_mask  # tests/ is on sys.path under pytest's default import mode
-import test_semantic_mask
-import test_tube_mask
+import test_multiblock_mask_reference  # tests/ is on sys.path under pytest's default import mode
+import test_semantic_mask_reference
+import test_tube_mask_reference
 import torch
 
 from invnext import native
@@ -436,13 +436,13 @@ def test_declined_inputs_fall_back_to_the_reference(kernels_from):
 
 
 STAT_TESTS = {
-    test_tube_mask: (
+    test_tube_mask_reference: (
         "test_tube_exact_count_and_constant_in_time",
         "test_tube_position_frequency_uniform",
         "test_tube_follows_documented_rng_layout",
         "test_tube_seeds_and_generators",
     ),
-    test_multiblock_mask: (
+    test_multiblock_mask_reference: (
         "test_multiblock_coverage_matches_geometry",
         "test_multiblock_temporal_extent_consecutive_and_uniform",
         "test_multiblock_sizes_and_aspect_within_range",
@@ -450,7 +450,7 @@ STAT_TESTS = {
         "test_multiblock_stage2_views",
         "test_multiblock_seeds",
     ),
-    test_semantic_mask: (
+    test_semantic_mask_reference: (
         "test_semantic_topk_picks_top_k",
         "test_semantic_topk_ties_lowest_index",
         "test_semantic_topk_keep_all_and_one_token",
