@@ -416,11 +416,11 @@ def _check_agreement(case: Case) -> None:
     prefix = torch.randn(1, P, C, device=dev, dtype=torch.bfloat16)
     mask_token = torch.randn(C, device=dev, dtype=torch.bfloat16)
     index, cu = derive_index(case.hidden, P)
-    packed = tk.gather_visible(x, index, cu, pos, prefix)
+    packed = tk.gather_visible_triton(x, index, cu, pos, prefix)
     want = gather_boolean(x.float(), case.hidden, pos.float(), prefix.float()).to(torch.bfloat16)
     if not torch.equal(packed, want):
         raise SystemExit("bench_gather: the Triton gather disagrees with the eager formulation")
-    full = tk.scatter_tokens(packed, index, mask_token, pos, case.B, case.N)
+    full = tk.scatter_tokens_triton(packed, index, mask_token, pos, case.B, case.N)
     want = scatter_boolean(packed.float(), index, case.hidden, mask_token.float(), pos.float()).to(torch.bfloat16)
     if not torch.equal(full, want):
         raise SystemExit("bench_gather: the Triton scatter disagrees with the eager formulation")

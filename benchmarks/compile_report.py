@@ -251,7 +251,7 @@ def _attention_cases(all_variants: bool):
 
 def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> None:
     import torch
-    from invnext_kernels.attention import masked_attention
+    from invnext_kernels.attention import masked_attention_triton
 
     lens = [1000, 1028]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
@@ -267,14 +267,14 @@ def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> No
         qkv = torch.randn(total, 3, heads, d, dtype=dtype, requires_grad=True)
         q, k, v = qkv.unbind(1)
         sections = (d // 4 // 2 * 2, d // 4 // 2 * 2 + 2, d // 4 // 2 * 2 - 2) if d >= 32 else (4, 4, 4)
-        out = masked_attention(q, k, v, cu, max(lens), None, coords,
+        out = masked_attention_triton(q, k, v, cu, max(lens), None, coords,
                                (10000.0, sections) if rope else None, (3, 5, 5) if window else None, 1)
         out.backward(torch.ones_like(out))
 
 
 def compile_tokens(rec: _Recorder, dtypes=None) -> None:
     import torch
-    from invnext_kernels.tokens import gather_visible, scatter_tokens
+    from invnext_kernels.tokens import gather_visible_triton, scatter_tokens_triton
 
     B, N, C, P = 2, 512, 768, 1
     keep = torch.rand(B, N).argsort(1)[:, : N // 5].sort(1).values
@@ -286,12 +286,12 @@ def compile_tokens(rec: _Recorder, dtypes=None) -> None:
         x = torch.randn(B, N, C, dtype=dtype, requires_grad=True)
         pos = torch.randn(1, N, C, dtype=dtype, requires_grad=True)
         prefix = torch.randn(1, P, C, dtype=dtype, requires_grad=True)
-        packed = gather_visible(x, index, cu, pos, prefix)
+        packed = gather_visible_triton(x, index, cu, pos, prefix)
         packed.backward(torch.ones_like(packed))
         rec.variant = f"{name} C={C} mask token pos"
         rows = torch.randn(index.shape[0], C, dtype=dtype, requires_grad=True)
         token = torch.randn(C, dtype=dtype, requires_grad=True)
-        grid = scatter_tokens(rows, index, token, pos, B, N)
+        grid = scatter_tokens_triton(rows, index, token, pos, B, N)
         grid.backward(torch.ones_like(grid))
 
 

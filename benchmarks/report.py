@@ -93,7 +93,7 @@ def _step_section(rows: list[dict], quick: bool) -> str:
              "padding the batch would exceed the reference's budget (`_PADDED_ELEMENTS` in "
              "`invnext/ops/attention.py`; at the base preset's sizes that is every attention of the step), calls "
              "SDPA once per sample in a Python loop. The speedup "
-             "includes those costs; `bench_attention` compares the kernel with padded bf16 SDPA. Stage 1's teacher "
+             "includes those costs; `bench_masked_attention` compares the kernel with padded bf16 SDPA. Stage 1's teacher "
              "is a randomly initialised stand-in of SigLIP2-giant's shape that runs the same way (`ops_backend=auto`) "
              "in both paths, as the real (transformers) teacher would.\n")
     return text

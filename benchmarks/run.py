@@ -11,7 +11,7 @@
    and the suite goes on. A module whose file is missing is skipped with a line saying so.
 3. Renders ``<out>/REPORT_<gpu>_<date>.md`` with its plots (``benchmarks.report``) from every
    result file of this card and date in ``--out`` (so results of a module run separately the
-   same day, e.g. ``bench_attention`` by ``scripts/gpu_check.sh``, are in the report too).
+   same day, e.g. ``bench_masked_attention`` by ``scripts/gpu_check.sh``, are in the report too).
 
 Without a GPU only the CPU-meaningful parts run: the step benchmark's reference path on the
 tiny preset and the pytest-benchmark micro-benchmarks of the CPU references
@@ -19,7 +19,7 @@ tiny preset and the pytest-benchmark micro-benchmarks of the CPU references
 
 Time caps (seconds; ``--quick`` / full). ``--quick`` on a GPU is budgeted to fit a short slot
 together with the extension build (``scripts/gpu_check.sh``: under 8 minutes in all):
-peaks ~5, attention 150 / 1800, step 120 / 2400 (it starts no new variant after 85% of its
+peaks ~5, masked_attention 150 / 1800, step 120 / 2400 (it starts no new variant after 85% of its
 cap), gather 30 / 600, diffusion 35 / 900, masks 20 / 300, cpu_micro 90 / 300 (CPU).
 ``--budget-s S`` shares S seconds among the modules still to run in proportion to their
 caps (a module that finishes early leaves its time to the rest).
@@ -65,7 +65,7 @@ class Entry:
 
 
 REGISTRY: tuple[Entry, ...] = (
-    Entry("attention", "benchmarks.bench_attention", "gpu", (150, 1800), max_seconds=True),
+    Entry("masked_attention", "benchmarks.bench_masked_attention", "gpu", (150, 1800), max_seconds=True),
     # The end-to-end step is issue #9's headline: first after attention, so a short budget cuts the kernels' tail.
     Entry("step", "benchmarks.bench_step", "any", (120, 2400), max_seconds=True),
     Entry("gather", "benchmarks.bench_gather", "gpu", (30, 600)),

@@ -1,4 +1,4 @@
-"""Make the Triton layer importable as ``invnext_kernels``.
+"""Map folder ``kernels/`` to package ``invnext_kernels`` (the name ``kernels`` is Hugging Face's package).
 
 The repository keeps the Triton kernels in ``kernels/`` (the layout users asked for);
 installed, that folder is the top-level package ``invnext_kernels`` (``setup.py`` maps

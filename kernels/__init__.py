@@ -1,10 +1,10 @@
-"""invnext's Triton kernels, importable as ``invnext_kernels``.
+"""Triton kernels: folder ``kernels/``, imported as ``invnext_kernels`` (``kernels`` is Hugging Face's package).
 
-The folder is ``kernels/`` in the repository; ``setup.py`` installs it as the top-level
-package ``invnext_kernels`` (the bare name ``kernels`` belongs to Hugging Face's PyPI package,
-which transformers imports). Nothing here is imported by ``import invnext``: ``invnext.ops``
-loads a kernel module the first time an op runs with ``backend="triton"`` (or ``"auto"`` on a
-CUDA tensor).
+``setup.py`` installs this folder as the top-level package ``invnext_kernels`` (the bare name
+``kernels`` belongs to Hugging Face's PyPI package, which transformers imports); run from a
+source checkout, ``invnext._kernels_path`` maps it to the same name at first use. Nothing
+here is imported by ``import invnext``: ``invnext.ops`` loads a kernel module the first time
+an op runs with ``backend="triton"`` (or ``"auto"`` on a CUDA tensor).
 
 Run from the repository root (``python -m pytest``, ``python -m invnext``, ``torchrun -m
 invnext``), the root is on ``sys.path`` and ``import kernels`` would find this folder before

@@ -61,7 +61,7 @@ from ._attention_common import head_dim_padded, log2e, rope_tables, window_geome
 from ._attention_fwd import attn_fwd_kernel
 from ._attention_rope import attn_rope_kernel
 
-__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention"]
+__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
@@ -441,7 +441,7 @@ def _check(q, k, v, cu_seqlens, coords, rope, window) -> None:
         raise ValueError(f"{_OP} (triton): coords must be int32 [total, 3] with rope or a 3D window")
 
 
-def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix):
+def masked_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix):
     """Canonical implementation of ``invnext.ops.masked_attention`` (arguments already validated).
 
     Args:
@@ -484,4 +484,4 @@ def _unsupported(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, w
     return None
 
 
-masked_attention.unsupported = _unsupported
+masked_attention_triton.unsupported = _unsupported

@@ -580,9 +580,11 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
 
 
 # ----------------------------------------------------------------------------------------
-# public entries (canonical signatures)
+# public entries (canonical signatures). Named ``<op>_triton``: they take the packed
+# structure (index, cu_seqlens) that ``invnext.ops.gather_visible`` builds from the mask, so
+# they are not that op's signature and must not pass for it.
 # ----------------------------------------------------------------------------------------
-def gather_visible(
+def gather_visible_triton(
     x: torch.Tensor,
     index: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -621,7 +623,7 @@ def gather_visible(
     )
 
 
-def scatter_tokens(
+def scatter_tokens_triton(
     packed: torch.Tensor,
     index: torch.Tensor,
     mask_token: torch.Tensor,

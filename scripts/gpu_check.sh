@@ -7,11 +7,11 @@
 #   2. the CUDA extension build, all cores                  cap 150 s [CAP_BUILD]
 #      invnext doctor --selftest: every kernel vs reference   cap 60 s  [CAP_SELFTEST]
 #   3. the attention GPU tests                              cap 60 s  [CAP_ATTN_TESTS]
-#   4. benchmarks.bench_attention --quick (issue #6)        cap 130 s [CAP_ATTN_BENCH] (no new shape after 105 s)
+#   4. benchmarks.bench_masked_attention --quick (issue #6) cap 130 s [CAP_ATTN_BENCH] (no new shape after 105 s)
 #   5. the other GPU tests (requires_cuda or triton)        cap 70 s  [CAP_TESTS]
-#   6. python -m benchmarks.run --quick --skip attention    whatever is left (--budget-s): peaks,
+#   6. python -m benchmarks.run --quick --skip masked_attention: whatever is left (--budget-s): peaks,
 #      the end-to-end step, gather, diffusion, masks; it renders REPORT_<gpu>_<date>.md from every
-#      result of the day, bench_attention's included
+#      result of the day, bench_masked_attention's included
 # Results land in benchmarks/results/ and, with the logs, in $OUT/results.tar.gz.
 # Optional baselines (xformers): run scripts/fetch_gpu_wheels.sh here first and carry .whl.
 # From a session with the device tool:  bash scripts/fetch_gpu_wheels.sh, then
@@ -50,21 +50,26 @@ log "selftest: every kernel on this card against its reference (small inputs)"
 INVNEXT_ATTN_AUTOTUNE=0 timeout "$(cap "$CAP_SELFTEST")" python3 -m invnext doctor --selftest > "$OUT/selftest.txt" 2>&1  # one config: correctness only
 echo "selftest rc=$?"; sed -n '/^selftest on/,$p' "$OUT/selftest.txt"
 
-ATTN_TESTS="tests/test_attention_triton.py tests/test_attention_ref.py"
+ATTN_TESTS="tests/test_masked_attention_triton.py tests/test_masked_attention_reference.py"
 log "attention GPU tests"
 # --maxfail, not -x: a first GPU run should show every way it fails, within the cap.
 timeout "$(cap "$CAP_ATTN_TESTS")" python3 -m pytest -q --maxfail=8 -m "requires_cuda or triton" -p no:cacheprovider $ATTN_TESTS > "$OUT/pytest_attention.log" 2>&1
 echo "attention pytest rc=$?"; tail -5 "$OUT/pytest_attention.log"
 
-log "benchmark bench_attention (issue #6 headline)"
+log "benchmark bench_masked_attention (issue #6 headline)"
 acap=$(cap "$CAP_ATTN_BENCH")
-timeout "$acap" python3 -m benchmarks.bench_attention $QUICK --max-seconds $(( acap > 35 ? acap - 25 : 10 )) > "$OUT/bench_attention.log" 2>&1
-echo "bench_attention rc=$?"; tail -30 "$OUT/bench_attention.log"
+timeout "$acap" python3 -m benchmarks.bench_masked_attention $QUICK --max-seconds $(( acap > 35 ? acap - 25 : 10 )) > "$OUT/bench_masked_attention.log" 2>&1
+echo "bench_masked_attention rc=$?"; tail -30 "$OUT/bench_masked_attention.log"
 
 log "other GPU tests"
 # Never-run-on-a-GPU code first (CUDA masks, then the native tokens, Triton tokens and diffusion),
 # so the cap cuts the least informative tail: files run in the order given.
-FIRST="tests/test_masks_native.py tests/test_native.py tests/test_tokens_triton.py tests/test_diffusion_triton.py"
+FIRST="tests/test_native_masks.py tests/test_tube_mask_cuda.py tests/test_multiblock_mask_cuda.py \
+tests/test_semantic_mask_cuda.py tests/test_native_extension.py tests/test_gather_visible_cuda.py \
+tests/test_scatter_tokens_cuda.py tests/test_gather_visible_triton.py tests/test_scatter_tokens_triton.py \
+tests/test_diffusion_loss_triton.py tests/test_q_sample_triton.py tests/test_p_sample_step_triton.py \
+tests/test_ddim_step_triton.py tests/test_adaln_modulate_triton.py tests/test_diffusion_kernels_triton.py \
+tests/test_p_sample_loop_triton.py tests/test_ddim_sample_loop_triton.py"
 REST=$(for f in tests/test_*.py; do case " $FIRST $ATTN_TESTS " in *" $f "*) ;; *) printf '%s ' "$f" ;; esac; done)
 timeout "$(cap "$CAP_TESTS")" python3 -m pytest -q --maxfail=20 -m "requires_cuda or triton" -p no:cacheprovider $FIRST $REST > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
@@ -72,7 +77,7 @@ echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
 left=$(( BUDGET - ($(date +%s) - t0) - 15 ))
 (( left < 30 )) && left=30  # overran: still measure the peaks, the first steps and render the report
 log "benchmark suite (${left} s budget): step, gather, diffusion, masks; report"
-timeout $(( left + 15 )) python3 -m benchmarks.run $QUICK --skip attention --budget-s "$left" > "$OUT/suite.log" 2>&1
+timeout $(( left + 15 )) python3 -m benchmarks.run $QUICK --skip masked_attention --budget-s "$left" > "$OUT/suite.log" 2>&1
 echo "suite rc=$?"; grep -E "^(suite:|report:|[a-z_]+: (ok|failed|timed out|skipped|running))" "$OUT/suite.log"
 
 tar czf "$OUT/results.tar.gz" benchmarks/results "$OUT"/*.log "$OUT"/*.txt 2>/dev/null

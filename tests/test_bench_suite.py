@@ -336,9 +336,9 @@ def test_bench_masks_cases_run_on_the_reference():
         assert (case.device_share is not None) == (case.op == "multiblock_mask"), case.name
 
 
-@pytest.mark.parametrize("script", ["bench_attention", "bench_gather", "bench_diffusion", "bench_masks"])
+@pytest.mark.parametrize("script", ["bench_masked_attention", "bench_gather", "bench_diffusion", "bench_masks"])
 def test_gpu_benchmarks_run_by_path_and_say_they_need_a_gpu(script):
-    # The issue names them as files (`benchmarks/bench_attention.py`), so a user runs them by
+    # The issue names them as files (`benchmarks/bench_masked_attention.py`), so a user runs them by
     # path from the repo root: that must import and exit cleanly on a CPU, not die on `benchmarks`.
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

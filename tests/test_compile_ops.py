@@ -127,7 +127,7 @@ def test_gather_visible_compiles(triton_device, dtype):
     prefix = torch.randn(B, P, C).to(dtype).to(dev)
 
     def f(x, pos, prefix, index, cu):
-        return tk.gather_visible(x, index, cu, pos, prefix)
+        return tk.gather_visible_triton(x, index, cu, pos, prefix)
 
     def with_mask(index, cu):
         return lambda x, pos, prefix: f(x, pos, prefix, index, cu)
@@ -153,7 +153,7 @@ def test_scatter_tokens_compiles(triton_device):
     pos = torch.randn(B, N, C, device=dev)  # per-sample table: dpos is the gradient itself
 
     def f(packed, mask_token, pos):
-        return tk.scatter_tokens(packed, index, mask_token, pos, B, N)
+        return tk.scatter_tokens_triton(packed, index, mask_token, pos, B, N)
 
     _, graphs = _eager_vs_compiled(f, (packed, mask_token, pos), [torch.randn(B, N, C, device=dev)])
     _assert_in_graphs(graphs, "scatter_tokens_triton_fwd", "scatter_tokens_triton_bwd")
@@ -168,8 +168,8 @@ def test_gather_then_scatter_is_one_graph(triton_device):
     inputs = (torch.randn(B, N, C, device=dev), torch.randn(1, P, C, device=dev), torch.randn(C, device=dev))
 
     def f(x, prefix, mask_token):
-        packed = tk.gather_visible(x, index, cu, None, prefix)
-        return tk.scatter_tokens(torch.tanh(packed), index, mask_token, None, B, N)
+        packed = tk.gather_visible_triton(x, index, cu, None, prefix)
+        return tk.scatter_tokens_triton(torch.tanh(packed), index, mask_token, None, B, N)
 
     _, graphs = _eager_vs_compiled(f, inputs, [torch.randn(B, N, C, device=dev)])
     for op in ("gather_visible", "scatter_tokens"):
@@ -345,8 +345,8 @@ def test_native_ops_opcheck_and_compile():
     _opcheck(ops.scatter_tokens_cuda_bwd, (torch.randn(B, N, C, device=dev), index, inv, True, True, True))
 
     def f(x, pos, prefix, mask_token):
-        packed = ops.gather_visible(x, index, cu, pos, prefix)
-        return ops.scatter_tokens(torch.tanh(packed), index, mask_token, pos, B, N)
+        packed = ops.gather_visible_cuda(x, index, cu, pos, prefix)
+        return ops.scatter_tokens_cuda(torch.tanh(packed), index, mask_token, pos, B, N)
 
     _, graphs = _eager_vs_compiled(f, (x, pos, prefix, mask_token), [torch.randn(B, N, C, device=dev)])
     for op in ("gather_visible", "scatter_tokens"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attention_ref import make_coords, make_cu
+from test_masked_attention_reference import make_coords, make_cu
 
 from invnext import nn as inn
 from invnext import ops

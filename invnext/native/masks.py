@@ -38,7 +38,7 @@ from invnext.native._launch import on as _on
 from invnext.native._launch import ptr as _ptr
 from invnext.native._launch import stream as _stream
 
-# csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
+# csrc/invnext_native.h (tests/test_native_masks.py checks that they agree).
 MASK_KEY_BYTES = 45056
 MASK_MAX_BLOCKS = 1024
 MODES = {"topk": 0, "sample": 1}

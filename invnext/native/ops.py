@@ -178,9 +178,11 @@ _OP_NAMES = ("gather_visible_cuda_fwd", "gather_visible_cuda_bwd", "scatter_toke
 
 
 # ----------------------------------------------------------------------------------------
-# public entries (canonical signatures)
+# public entries (canonical signatures). Named ``<op>_cuda``: they take the packed structure
+# (index, cu_seqlens) that ``invnext.ops.gather_visible`` builds from the mask, so they are
+# not that op's signature and must not pass for it.
 # ----------------------------------------------------------------------------------------
-def gather_visible(
+def gather_visible_cuda(
     x: torch.Tensor,
     index: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -211,7 +213,7 @@ def gather_visible(
     )
 
 
-def scatter_tokens(
+def scatter_tokens_cuda(
     packed: torch.Tensor,
     index: torch.Tensor,
     mask_token: torch.Tensor,

@@ -26,14 +26,14 @@ _AUTO_ORDER_DEFAULT = ("cuda", "triton", "torch")
 # op name -> backend -> "module:function". The reference lives beside the public op
 # and registers itself with ``register_reference``.
 _ACCELERATED: dict[str, dict[str, str]] = {
-    "masked_attention": {"triton": "invnext_kernels.attention:masked_attention"},
+    "masked_attention": {"triton": "invnext_kernels.attention:masked_attention_triton"},
     "gather_visible": {
-        "cuda": "invnext.native.ops:gather_visible",
-        "triton": "invnext_kernels.tokens:gather_visible",
+        "cuda": "invnext.native.ops:gather_visible_cuda",
+        "triton": "invnext_kernels.tokens:gather_visible_triton",
     },
     "scatter_tokens": {
-        "cuda": "invnext.native.ops:scatter_tokens",
-        "triton": "invnext_kernels.tokens:scatter_tokens",
+        "cuda": "invnext.native.ops:scatter_tokens_cuda",
+        "triton": "invnext_kernels.tokens:scatter_tokens_triton",
     },
     "diffusion_loss": {"triton": "invnext_kernels.diffusion:diffusion_loss"},
     "q_sample": {"triton": "invnext_kernels.diffusion:q_sample"},

@@ -181,7 +181,7 @@ def multiblock_mask(
     ``H - h + 1`` valid placements, the last one included. In-frame placement still hides
     border positions less often than central ones, by geometry: with ``h`` fixed, row ``y``
     is covered with probability ``(min(y, H-h) - max(0, y-h+1) + 1) / (H-h+1)``, which is
-    ``1/(H-h+1)`` for the first and last rows. tests/test_masks.py checks the empirical
+    ``1/(H-h+1)`` for the first and last rows. tests/test_multiblock_mask_reference.py checks the empirical
     frequency of every position against this exact value.
 
     The boxes (six ints per block) are always drawn on the host; a backend only paints them

@@ -376,7 +376,7 @@ def test_half_inputs_round_once(dtype, unit):
 # size budget); float64 keeps the per-sample explicit softmax, the oracle here. Tolerance rule (kernels.md): the
 # padded path's max error against the float64 oracle is at most 2x (output) / 3x (gradients)
 # the error of the same-dtype PyTorch computation, i.e. plain attention as PyTorch runs it in
-# the input dtype (as in test_attention_triton.py). Since the reference upcasts 16-bit inputs,
+# the input dtype (as in test_masked_attention_triton.py). Since the reference upcasts 16-bit inputs,
 # that bound is loose for bfloat16, so the padded path must also stay within the same factors
 # of the per-sample loop it replaces (same upcast, same dtype).
 

@@ -4,9 +4,10 @@ CPU tests check the loader's reasons (it never raises, and loads nothing at impo
 install-time build decision of setup.py, that the CUDA sources stay torch-free and
 consistent with the Python side, and (through a ctypes emulation of the C API over the raw
 pointers) that the launchers pass the arguments and buffers the header documents.
-``requires_cuda`` tests compare both ops, forward and every
-gradient, bit for bit against a float64 torch formulation rounded once, for the compiled
-extension and the CuPy/NVRTC path.
+``requires_cuda`` tests here check the plumbing (error codes, streams, the public ops on the
+cuda backend); each op's comparison, forward and every gradient, bit for bit against a float64
+torch formulation rounded once, for the compiled extension and the CuPy/NVRTC path, is in
+test_gather_visible_cuda.py and test_scatter_tokens_cuda.py (with the helpers here).
 
 Exactness: forward values are single adds of two values of the dtype (exact in fp32, so the
 kernel's fp32 add rounded once equals float64 rounded once); upstream gradients lie on the
@@ -152,9 +153,9 @@ def test_ops_refuse_cpu_tensors():
     index = torch.zeros(2, dtype=torch.int64)
     cu = torch.tensor([0, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="gather_visible: the CUDA kernels need CUDA tensors; x is on cpu"):
-        ops.gather_visible(x, index, cu, None, None)
+        ops.gather_visible_cuda(x, index, cu, None, None)
     with pytest.raises(ValueError, match="scatter_tokens: the CUDA kernels need CUDA tensors; packed is on cpu"):
-        ops.scatter_tokens(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
+        ops.scatter_tokens_cuda(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
 
 
 class _EmulatedTokenLib:
@@ -479,141 +480,6 @@ def _assert_same(got, want, what):
 _LAYOUTS = [([7, 1, 0], 16, 2), ([1], 5, 0), ([40, 113], 113, 0), ([3, 0, 9, 1], 12, 1)]
 
 
-# ----------------------------------------------------------------------------- GPU: gather_visible
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("C", [768, 13])
-@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
-@pytest.mark.parametrize("tables", ["none", "batch1", "batchB"])
-def test_gather_visible_matches_reference(kernels_from, dtype, C, layout, tables):
-    from invnext.native import ops
-
-    counts, N, P = _LAYOUTS[layout]
-    P = P if tables != "none" else 0  # prefix rows exist only with a prefix table
-    B = len(counts)
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(1000 * layout + C)
-    index, cu = _packing(counts, N, P, gen)
-    x = _randn((B, N, C), dtype, dev, gen).requires_grad_(True)
-    pos = prefix = None
-    if tables != "none":
-        batch = 1 if tables == "batch1" else B
-        pos = _randn((batch, N, C), dtype, dev, gen).requires_grad_(True)
-        if P:
-            prefix = _randn((batch, P, C), dtype, dev, gen).requires_grad_(True)
-
-    out = ops.gather_visible(x, index.to(dev), cu.to(dev), pos, prefix)
-    x64, pos64, prefix64 = _leaf64(x), _leaf64(pos), _leaf64(prefix)
-    want = _gather_reference(x64, index, cu, pos64, prefix64)
-    _assert_same(out, want.detach().to(dtype), "forward")
-
-    grad = _grid_values(tuple(out.shape), dtype, dev, gen)
-    out.backward(grad)
-    want.backward(grad.cpu().to(torch.float64))
-    _assert_same(x.grad, x64.grad.to(dtype), "d x")
-    if pos is not None:
-        _assert_same(pos.grad, pos64.grad.to(dtype), "d pos")
-    if prefix is not None:
-        _assert_same(prefix.grad, prefix64.grad.to(dtype), "d prefix")
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
-def test_gather_visible_misaligned_and_bad_indices(kernels_from, dtype):
-    """A 16-byte row size but misaligned pointers takes the scalar path; out-of-range indices
-    give zero rows (and zero grads), prefix rows never read their index."""
-    from invnext.native import ops
-
-    B, N, C, P = 2, 9, 64, 1
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(7)
-    index, cu = _packing([4, 3], N, P, gen)
-    x = _randn((B, N, C), dtype, dev, gen, misaligned=True).requires_grad_(True)
-    pos = _randn((1, N, C), dtype, dev, gen, misaligned=True)
-    prefix = _randn((B, P, C), dtype, dev, gen, misaligned=True)
-    assert x.data_ptr() % 16 != 0
-    bad = index.clone()
-    bad[0] = 10**12  # a prefix row: ignored
-    bad[2] = B * N  # one past the end
-    bad[6] = -5
-    out = ops.gather_visible(x, bad.to(dev), cu.to(dev), pos, prefix)
-    torch.cuda.synchronize()
-    good = index.clone()
-    good[[2, 6]] = 0
-    want = _gather_reference(x.detach().cpu().double(), good, cu, pos.cpu().double(), prefix.cpu().double())
-    want[[2, 6]] = 0
-    _assert_same(out, want.to(dtype), "forward")
-    grad = _grid_values(tuple(out.shape), dtype, dev, gen)
-    out.backward(grad)
-    dx = torch.zeros(B * N, C, dtype=dtype)
-    rows = [r for r in range(len(index)) if r not in (0, 2, 5, 6)]  # prefix rows 0 and 5, bad rows 2 and 6
-    dx[index[rows]] = grad.cpu()[rows]
-    _assert_same(x.grad, dx.view(B, N, C), "d x")
-
-
-# ----------------------------------------------------------------------------- GPU: scatter_tokens
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("C", [768, 13])
-@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
-@pytest.mark.parametrize("pos_batch", ["none", "batch1", "batchB"])
-def test_scatter_tokens_matches_reference(kernels_from, dtype, C, layout, pos_batch):
-    from invnext.native import ops
-
-    counts, N, P = _LAYOUTS[layout]
-    B = len(counts)
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(2000 * layout + C)
-    index, _ = _packing(counts, N, P, gen)
-    packed = _randn((len(index), C), dtype, dev, gen).requires_grad_(True)
-    mask_token = _randn((C,), dtype, dev, gen).requires_grad_(True)
-    pos = None
-    if pos_batch != "none":
-        pos = _randn((1 if pos_batch == "batch1" else B, N, C), dtype, dev, gen).requires_grad_(True)
-
-    out = ops.scatter_tokens(packed, index.to(dev), mask_token, pos, B, N)
-    packed64, mask64, pos64 = _leaf64(packed), _leaf64(mask_token), _leaf64(pos)
-    want = _scatter_reference(packed64, index, mask64, pos64, B, N)
-    _assert_same(out, want.detach().to(dtype), "forward")
-
-    grad = _grid_values((B, N, C), dtype, dev, gen)
-    out.backward(grad)
-    want.backward(grad.cpu().to(torch.float64))
-    _assert_same(packed.grad, packed64.grad.to(dtype), "d packed")
-    _assert_same(mask_token.grad, mask64.grad.to(dtype), "d mask_token")
-    if pos is not None:
-        _assert_same(pos.grad, pos64.grad.to(dtype), "d pos")
-
-
-@pytest.mark.requires_cuda
-def test_scatter_tokens_many_chunks_and_bad_indices(kernels_from):
-    """d mask_token over more places than one reduction chunk; out-of-range rows are dropped."""
-    from invnext.native import ops
-
-    B, N, C = 3, 700, 24
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(11)
-    index, _ = _packing([50, 0, 699], N, 0, gen)
-    index[3] = B * N + 4  # dropped like a prefix row
-    packed = _randn((len(index), C), torch.bfloat16, dev, gen).requires_grad_(True)
-    mask_token = _randn((C,), torch.bfloat16, dev, gen).requires_grad_(True)
-    out = ops.scatter_tokens(packed, index.to(dev), mask_token, None, B, N)
-    kept = index.clone()
-    kept[3] = -1
-    packed64, mask64 = _leaf64(packed), _leaf64(mask_token)
-    want = _scatter_reference(packed64, kept, mask64, None, B, N)
-    _assert_same(out, want.detach().to(torch.bfloat16), "forward")
-    grad = _grid_values((B, N, C), torch.bfloat16, dev, gen)
-    out.backward(grad)
-    want.backward(grad.cpu().double())
-    _assert_same(packed.grad, packed64.grad.to(torch.bfloat16), "d packed")
-    _assert_same(mask_token.grad, mask64.grad.to(torch.bfloat16), "d mask_token")
-
-
 # ----------------------------------------------------------------------------- GPU: plumbing
 
 
@@ -641,8 +507,8 @@ def test_runs_on_the_current_stream(kernels_from):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = ops.gather_visible(x, index.cuda(), cu.cuda(), None, None)
-        back = ops.scatter_tokens(out, index.cuda(), torch.zeros(C, dtype=x.dtype, device="cuda"), None, B, N)
+        out = ops.gather_visible_cuda(x, index.cuda(), cu.cuda(), None, None)
+        back = ops.scatter_tokens_cuda(out, index.cuda(), torch.zeros(C, dtype=x.dtype, device="cuda"), None, B, N)
     stream.synchronize()
     hidden = torch.ones(B * N, dtype=torch.bool)
     hidden[index] = False

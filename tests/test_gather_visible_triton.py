@@ -1,4 +1,5 @@
-"""Triton gather_visible / scatter_tokens vs a per-sample torch formulation, bit for bit.
+"""Triton gather_visible vs a per-sample torch formulation, bit for bit (scatter_tokens: its own
+file, test_scatter_tokens_triton.py, with the helpers here; the round trips stay here).
 
 Forward values are copies or one add: the reference adds in fp32 and rounds once, as the
 kernels must, so outputs are compared with ``torch.equal``. Gradients are copies or sums:
@@ -8,7 +9,6 @@ and any summation order gives the float64 reference's value; equality is again e
 Runs on the CPU interpreter here (keep shapes small) and compiled on a GPU with
 TRITON_INTERPRET=0.
 """
-
 from __future__ import annotations
 
 import importlib
@@ -122,7 +122,7 @@ def _check_gather(device, dtype, C, P, pos_batch, prefix_batch, counts=COUNTS, n
     pos = None if pos_batch is None else torch.randn(pos_batch, n, C).to(dtype).to(device).requires_grad_(True)
     prefix = None if P == 0 else torch.randn(prefix_batch, P, C).to(dtype).to(device).requires_grad_(True)
 
-    out = tk.gather_visible(x, index, cu, pos, prefix)
+    out = tk.gather_visible_triton(x, index, cu, pos, prefix)
     want = _ref_gather(x.detach().float(), hidden, _fp32(_det(pos)), _fp32(_det(prefix)))
     _assert_same(out, want, dtype, "forward")
 
@@ -168,7 +168,7 @@ def test_gather_grads_for_subsets_of_inputs(triton_device):
     prefix = torch.randn(1, P, C, device=triton_device)
     for pos_batch in (1, B):
         pos = torch.randn(pos_batch, N, C, device=triton_device, requires_grad=True)
-        out = tk.gather_visible(x, index, cu, pos, prefix)
+        out = tk.gather_visible_triton(x, index, cu, pos, prefix)
         g = _dyadic(out.shape, torch.float32, triton_device)
         (dpos,) = torch.autograd.grad(out, pos, g)
         ref = pos.detach().double().requires_grad_(True)
@@ -188,7 +188,7 @@ def _check_scatter(device, dtype, C, P, pos_batch, counts=COUNTS, n=N):
     mask_token = torch.randn(C).to(dtype).to(device).requires_grad_(True)
     pos = None if pos_batch is None else torch.randn(pos_batch, n, C).to(dtype).to(device).requires_grad_(True)
 
-    out = tk.scatter_tokens(packed, index, mask_token, pos, B, n)
+    out = tk.scatter_tokens_triton(packed, index, mask_token, pos, B, n)
     want = _ref_scatter(packed.detach().float(), hidden, P, mask_token.detach().float(), _fp32(_det(pos)))
     _assert_same(out, want, dtype, "forward")
 
@@ -203,68 +203,18 @@ def _check_scatter(device, dtype, C, P, pos_batch, counts=COUNTS, n=N):
             _assert_same(got, ref.grad, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("C", [13, 64])
-@pytest.mark.parametrize("P", [0, 4])
-@pytest.mark.parametrize("pos_batch", [1, "B"])
-def test_scatter_forward_and_grads(triton_device, dtype, C, P, pos_batch):
-    _check_scatter(triton_device, dtype, C, P, len(COUNTS) if pos_batch == "B" else 1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_scatter_without_pos(triton_device, dtype):
-    _check_scatter(triton_device, dtype, 13, 4, None)
-
-
-def test_scatter_wide_rows(triton_device):
-    _check_scatter(triton_device, torch.bfloat16, 1100, 2, 1, counts=[3, 0, 6, 1], n=6)
-
-
-def test_scatter_grads_for_subsets_of_inputs(triton_device):
-    # Each input alone needing a gradient takes a different specialisation of the backward kernel.
-    B, C, P = len(COUNTS), 64, 4
-    hidden = _hidden(COUNTS, N, triton_device)
-    index, _ = _structure(hidden, P)
-    packed = torch.randn(index.numel(), C, device=triton_device)
-    mask_token = torch.randn(C, device=triton_device)
-    g = _dyadic((B, N, C), torch.float32, triton_device)
-    for which in range(3):
-        for pos_batch in (1, B):
-            inputs = [packed.clone(), mask_token.clone(), torch.randn(pos_batch, N, C, device=triton_device)]
-            inputs[which].requires_grad_(True)
-            (got,) = torch.autograd.grad(
-                tk.scatter_tokens(inputs[0], index, inputs[1], inputs[2], B, N), inputs[which], g
-            )
-            ref = [t.double() for t in inputs]
-            ref[which].requires_grad_(True)
-            (want,) = torch.autograd.grad(_ref_scatter(ref[0], hidden, P, ref[1], ref[2]), ref[which], g.double())
-            _assert_same(got, want, torch.float32, f"grad of input {which} (Bp={pos_batch})")
-
-
-def test_scatter_of_gather_round_trip(triton_device):
-    # Encoder -> predictor path: visible places get their token back, hidden ones the mask token.
-    B, C, P = len(COUNTS), 64, 4
-    hidden = _hidden(COUNTS, N, triton_device)
-    index, cu = _structure(hidden, P)
-    x = torch.randn(B, N, C, device=triton_device)
-    mask_token = torch.randn(C, device=triton_device)
-    packed = tk.gather_visible(x, index, cu, None, torch.randn(1, P, C, device=triton_device))
-    out = tk.scatter_tokens(packed, index, mask_token, None, B, N)
-    assert torch.equal(out, torch.where(hidden[..., None], mask_token.expand(B, N, C), x))
-
-
 def test_empty_batch(triton_device):
     # Every sample fully hidden and no prefix: zero packed rows, no kernel touches memory.
     B, C = 3, 8
     hidden = torch.ones(B, N, dtype=torch.bool, device=triton_device)
     index, cu = _structure(hidden, 0)
     x = torch.randn(B, N, C, device=triton_device, requires_grad=True)
-    out = tk.gather_visible(x, index, cu, None, None)
+    out = tk.gather_visible_triton(x, index, cu, None, None)
     assert out.shape == (0, C)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
     mask_token = torch.randn(C, device=triton_device)
-    full = tk.scatter_tokens(out.detach(), index, mask_token, None, B, N)
+    full = tk.scatter_tokens_triton(out.detach(), index, mask_token, None, B, N)
     assert torch.equal(full, mask_token.expand(B, N, C))
 
 
@@ -279,12 +229,12 @@ def test_no_host_sync(triton_device):
     pos = torch.randn(1, N, C, device=triton_device, requires_grad=True)
     prefix = torch.randn(1, P, C, device=triton_device, requires_grad=True)
     mask_token = torch.randn(C, device=triton_device, requires_grad=True)
-    tk.gather_visible(x, index, cu, pos, prefix)  # compile outside the checked region
+    tk.gather_visible_triton(x, index, cu, pos, prefix)  # compile outside the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        packed = tk.gather_visible(x, index, cu, pos, prefix)
-        out = tk.scatter_tokens(packed, index, mask_token, pos, B, N)
+        packed = tk.gather_visible_triton(x, index, cu, pos, prefix)
+        out = tk.scatter_tokens_triton(packed, index, mask_token, pos, B, N)
         out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -318,36 +268,7 @@ def test_gather_bad_inputs(triton_device, change, error, match):
     args = _gather_args(triton_device)
     args.update({k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=match):
-        tk.gather_visible(**args)
-
-
-@pytest.mark.parametrize(
-    "change, error, match",
-    [
-        ({"packed": torch.randn(7)}, ValueError, "packed must have 2 dimensions"),
-        ({"index": torch.zeros(6, dtype=torch.int64)}, ValueError, "index must have shape"),
-        ({"mask_token": torch.zeros(5)}, ValueError, "mask_token must have shape"),
-        ({"mask_token": torch.zeros(4, dtype=torch.float16)}, TypeError, "mask_token must have dtype"),
-        ({"pos": torch.randn(1, 4, 4)}, ValueError, "pos must have shape"),
-        ({"batch_size": 0}, ValueError, "batch_size must be a positive int"),
-        ({"N": 2.5}, ValueError, "N must be a positive int"),
-    ],
-)
-def test_scatter_bad_inputs(triton_device, change, error, match):
-    hidden = _hidden([2, 3], 5, triton_device)
-    index, _ = _structure(hidden, 1)
-    args = {
-        "packed": torch.randn(7, 4),
-        "index": index,
-        "mask_token": torch.zeros(4),
-        "pos": None,
-        "batch_size": 2,
-        "N": 5,
-    }
-    args.update(change)
-    args = {k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    with pytest.raises(error, match=match):
-        tk.scatter_tokens(**args)
+        tk.gather_visible_triton(**args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,20 +13,21 @@ equals the reference's bit for bit on many seeds and awkward grids (ties, ratio 
 one-token frames, 8190-position frames); cu_seqlens from the sampler equal mask_counts; no
 host synchronisation (sync debug mode, CUDA-graph capture); bad arguments give error codes;
 inputs the kernels decline fall back to the reference. The statistics tests of
-tests/test_masks.py are re-run with the samplers on the GPU, for the reference on the GPU and
-for the cuda backend.
+tests/test_{tube,multiblock,semantic}_mask_reference.py are re-run with the samplers on the
+GPU, for the reference on the GPU and for the cuda backend. Each sampler's exactness against
+its reference is in tests/test_<op>_cuda.py.
 """
-
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import test_masks as stats  # tests/ is on sys.path under pytest's default import mode
+import test_multiblock_mask_reference  # tests/ is on sys.path under pytest's default import mode
+import test_semantic_mask_reference
+import test_tube_mask_reference
 import torch
 
 from invnext import native
@@ -274,22 +275,6 @@ def _assert_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert diff.numel() == 0, f"{what}: {diff.shape[0]} positions differ, first {diff[:5].tolist()}"
 
 
-# ----------------------------------------------------------------------------- GPU: exactness
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize(
-    "B,grid", [(1, (1, 1, 1)), (5, (3, 7, 5)), (16, (16, 14, 14)), (4, (4, 64, 64)), (3, (2, 90, 91)), (2, (1, 1, 37))]
-)
-def test_tube_equals_reference(kernels_from, B, grid):
-    for ratio, seed in itertools.product((0.0, 1 / 3, 0.5, 0.9, 0.999), SEEDS):
-        got = ops_masks.tube_mask(B, grid, ratio, seed=seed, device=CUDA, backend="cuda")
-        what = f"tube B={B} grid={grid} ratio={ratio} seed={seed}"
-        _assert_equal(got, ops_masks.tube_mask(B, grid, ratio, seed=seed, device=CUDA, backend="torch"), what)
-        if seed in SEEDS[:2]:
-            _assert_equal(got, ops_masks.tube_mask(B, grid, ratio, seed=seed), what + " (CPU reference)")
-
-
 MULTIBLOCK_CASES = [
     (1, (1, 1, 1), 1, (0.0, 0.0), (1.0, 1.0), (0.0, 0.0)),
     (5, (3, 7, 5), 3, (0.05, 0.6), (0.3, 3.0), (0.2, 1.0)),
@@ -299,17 +284,6 @@ MULTIBLOCK_CASES = [
     (4, (4, 64, 64), 33, (0.0, 1.0), (0.01, 100.0), (0.0, 1.0)),
     (3, (7, 1, 13), 4, (0.2, 0.9), (0.5, 2.0), (0.1, 0.6)),
 ]
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("B,grid,J,s,a,t", MULTIBLOCK_CASES)
-def test_multiblock_equals_reference(kernels_from, B, grid, J, s, a, t):
-    for seed in SEEDS:
-        got = ops_masks.multiblock_mask(B, grid, J, s, a, t, seed=seed, device=CUDA, backend="cuda")
-        what = f"multiblock B={B} grid={grid} J={J} seed={seed}"
-        want = ops_masks.multiblock_mask(B, grid, J, s, a, t, seed=seed, device=CUDA, backend="torch")
-        _assert_equal(got, want, what)
-        _assert_equal(got, ops_masks.multiblock_mask(B, grid, J, s, a, t, seed=seed), what + " (CPU reference)")
 
 
 def _attn_values(kind: str, shape, dtype, gen) -> torch.Tensor:
@@ -322,34 +296,6 @@ def _attn_values(kind: str, shape, dtype, gen) -> torch.Tensor:
         positive = torch.rand(shape, generator=gen, dtype=torch.float64)
         x = torch.where(torch.rand(shape, generator=gen) < 0.1, positive, x)
     return x.to(dtype)
-
-
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("mode", ["topk", "sample"])
-def test_semantic_equals_reference(kernels_from, dtype, mode):
-    gen = torch.Generator().manual_seed(7)
-    shapes = [(1, 1, 1), (2, 3, 7), (3, 5, 256), (2, 2, 1024), (1, 3, 5000)]
-    for (B, T, S), kind in itertools.product(shapes, ("rand", "ties", "zeros")):
-        attn = _attn_values(kind, (B, T, S), dtype, gen)
-        for keep in sorted({1, max(1, S // 3), max(1, S - 1), S}):
-            for seed in SEEDS[:3] if mode == "sample" else (0,):
-                what = f"semantic {mode} {dtype} shape={(B, T, S)} {kind} keep={keep} seed={seed}"
-                got = ops_masks.semantic_mask(attn.to(CUDA), keep, mode, seed=seed, backend="cuda")
-                want = ops_masks.semantic_mask(attn.to(CUDA), keep, mode, seed=seed, backend="torch")
-                _assert_equal(got, want, what)
-                if S <= 256:
-                    _assert_equal(got, ops_masks.semantic_mask(attn, keep, mode, seed=seed), what + " (CPU reference)")
-
-
-@pytest.mark.requires_cuda
-def test_semantic_strided_input_and_long_topk_rows(kernels_from):
-    gen = torch.Generator().manual_seed(3)
-    base = torch.rand(2, 8192, 4, generator=gen).to(CUDA)
-    attn = base.transpose(1, 2)  # [2, 4, 8192], not contiguous; 8192 fp32 keys fit the shared-memory sort
-    for keep in (1, 1638, 8191):
-        got = ops_masks.semantic_mask(attn, keep, "topk", backend="cuda")
-        _assert_equal(got, ops_masks.semantic_mask(attn, keep, "topk", backend="torch"), f"topk keep={keep}")
 
 
 # ----------------------------------------------------------------------------- GPU: counts, syncs, streams
@@ -489,32 +435,42 @@ def test_declined_inputs_fall_back_to_the_reference(kernels_from):
 # ----------------------------------------------------------------------------- GPU: the statistics suite
 
 
-STAT_TESTS = (
-    "test_tube_exact_count_and_constant_in_time",
-    "test_tube_position_frequency_uniform",
-    "test_tube_follows_documented_rng_layout",
-    "test_tube_seeds_and_generators",
-    "test_multiblock_coverage_matches_geometry",
-    "test_multiblock_temporal_extent_consecutive_and_uniform",
-    "test_multiblock_sizes_and_aspect_within_range",
-    "test_multiblock_mask_is_union_of_boxes",
-    "test_multiblock_stage2_views",
-    "test_multiblock_seeds",
-    "test_semantic_topk_picks_top_k",
-    "test_semantic_topk_ties_lowest_index",
-    "test_semantic_topk_keep_all_and_one_token",
-    "test_semantic_sample_frequencies_proportional_keep1",
-    "test_semantic_sample_without_replacement_keep2",
-    "test_semantic_sample_fills_with_zero_attention_in_index_order",
-    "test_semantic_sample_follows_documented_rng_layout",
-    "test_semantic_seeds_and_generator_use",
-)
+STAT_TESTS = {
+    test_tube_mask_reference: (
+        "test_tube_exact_count_and_constant_in_time",
+        "test_tube_position_frequency_uniform",
+        "test_tube_follows_documented_rng_layout",
+        "test_tube_seeds_and_generators",
+    ),
+    test_multiblock_mask_reference: (
+        "test_multiblock_coverage_matches_geometry",
+        "test_multiblock_temporal_extent_consecutive_and_uniform",
+        "test_multiblock_sizes_and_aspect_within_range",
+        "test_multiblock_mask_is_union_of_boxes",
+        "test_multiblock_stage2_views",
+        "test_multiblock_seeds",
+    ),
+    test_semantic_mask_reference: (
+        "test_semantic_topk_picks_top_k",
+        "test_semantic_topk_ties_lowest_index",
+        "test_semantic_topk_keep_all_and_one_token",
+        "test_semantic_sample_frequencies_proportional_keep1",
+        "test_semantic_sample_without_replacement_keep2",
+        "test_semantic_sample_fills_with_zero_attention_in_index_order",
+        "test_semantic_sample_follows_documented_rng_layout",
+        "test_semantic_seeds_and_generator_use",
+    ),
+}
+
+
+def _stat_module(name: str):
+    return next(module for module, names in STAT_TESTS.items() if name in names)
 
 
 def _stat_cases():
     """(name, kwargs) for every case of the listed tests, read from their parametrize marks."""
-    for name in STAT_TESTS:
-        fn = getattr(stats, name)
+    for name in (n for names in STAT_TESTS.values() for n in names):
+        fn = getattr(_stat_module(name), name)
         combos = [{}]
         for mark in getattr(fn, "pytestmark", []):
             if mark.name != "parametrize":
@@ -562,7 +518,9 @@ def gpu_backend(request, monkeypatch):
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("name,kwargs", list(_stat_cases()))
 def test_statistics_on_gpu(gpu_backend, monkeypatch, name, kwargs):
-    monkeypatch.setattr(stats, "tube_mask", _sampler_on_gpu(ops_masks.tube_mask, gpu_backend, False))
-    monkeypatch.setattr(stats, "multiblock_mask", _sampler_on_gpu(ops_masks.multiblock_mask, gpu_backend, False))
-    monkeypatch.setattr(stats, "semantic_mask", _sampler_on_gpu(ops_masks.semantic_mask, gpu_backend, True))
-    getattr(stats, name)(**kwargs)
+    module = _stat_module(name)
+    # Each test module calls its own sampler by name: that name is the one to swap.
+    for sampler, takes_tensor in (("tube_mask", False), ("multiblock_mask", False), ("semantic_mask", True)):
+        if hasattr(module, sampler):
+            monkeypatch.setattr(module, sampler, _sampler_on_gpu(getattr(ops_masks, sampler), gpu_backend, takes_tensor))
+    getattr(module, name)(**kwargs)

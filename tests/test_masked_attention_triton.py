@@ -255,14 +255,14 @@ def test_loose_max_seqlen_is_taken_as_total(triton_device, monkeypatch):
     lengths = [20, 9]
     cu = make_cu(lengths, triton_device)
     q, k, v = (torch.randn(29, 1, 32, device=triton_device) for _ in range(3))
-    seen, real = [], kattn.masked_attention
+    seen, real = [], kattn.masked_attention_triton
 
     def spy(*args):
         seen.append(args[4])
         assert args[4] <= 29, "the kernel would be launched for the loose bound"
         return real(*args)
 
-    monkeypatch.setattr(kattn, "masked_attention", spy)
+    monkeypatch.setattr(kattn, "masked_attention_triton", spy)
     loose = masked_attention(q, k, v, cu, 10**12, backend="triton")
     tight = masked_attention(q, k, v, cu, 20, backend="triton")
     assert seen == [29, 20] and torch.equal(loose, tight)
@@ -462,7 +462,7 @@ def test_compile_traces_through_op(triton_device):
 
     def f(q, k, v):
         # the kernel entry (the public op's value checks read CPU tensors on the host)
-        return kattn.masked_attention(q, k, v, cu, ms, sc, coords, (10.0, (4, 4, 4)), (1, 3, 3), 1).sum()
+        return kattn.masked_attention_triton(q, k, v, cu, ms, sc, coords, (10.0, (4, 4, 4)), (1, 3, 3), 1).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = compiled(q, k, v)

@@ -1,4 +1,4 @@
-"""bench_attention's implementations run the op they claim to (CPU interpreter, tiny shape).
+"""bench_masked_attention's implementations run the op they claim to (CPU interpreter, tiny shape).
 
 The benchmark itself needs a GPU; these check its makers: the RoPE in-loop row really switches
 the kernel to the inline mode (same results bit for bit, the environment restored after), and
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import bench_attention as ba
+from benchmarks import bench_masked_attention as ba
 from invnext._kernels_path import ensure_kernels_importable
 
 ensure_kernels_importable()

@@ -1,7 +1,7 @@
 """Masked attention on ragged packed batches: invnext's Triton kernel against the baselines
 available in the same run, bf16, forward / backward / forward+backward.
 
-    python -m benchmarks.bench_attention [--quick] [--max-seconds S]
+    python -m benchmarks.bench_masked_attention [--quick] [--max-seconds S]
 
 FLOPs count real tokens only: forward ``4 * D * H * (allowed query-key pairs)`` (two matmuls,
 2 flops per multiply-add; ``L^2`` pairs per sample without a window, the exact count of
@@ -23,7 +23,7 @@ Baselines (each skipped with a note when missing or failing):
   every step).
 * ``xformers`` (BlockDiagonalMask) and ``flash-attn`` varlen, when importable.
 
-Results: ``benchmarks/results/bench_attention_<gpu>_<date>.{json,md}``, rewritten after every
+Results: ``benchmarks/results/bench_masked_attention_<gpu>_<date>.{json,md}``, rewritten after every
 shape so a run cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from benchmarks.common import Row, do_bench, gpu_name, measured_peaks, need_gpu, write_results
 
 DTYPE = torch.bfloat16
-NAME = "bench_attention"
+NAME = "bench_masked_attention"
 DEVICE = "cuda"  # a module constant so the harness can be smoke-run elsewhere
 
 
