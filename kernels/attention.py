@@ -55,6 +55,8 @@ import os
 import torch
 import triton
 
+from invnext.common.registry import implements
+
 from . import _attention_plans as plans
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
@@ -441,6 +443,7 @@ def _check(q, k, v, cu_seqlens, coords, rope, window) -> None:
         raise ValueError(f"{_OP} (triton): coords must be int32 [total, 3] with rope or a 3D window")
 
 
+@implements("masked_attention", "triton")
 def masked_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix):
     """Canonical implementation of ``invnext.ops.masked_attention`` (arguments already validated).
 

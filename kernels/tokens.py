@@ -54,6 +54,7 @@ import triton.language as tl
 
 from invnext.common import validate as V
 from invnext.common.interpreter import triton_interpreter
+from invnext.common.registry import implements
 from invnext.common.token_custom_ops import define_token_ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -582,6 +583,7 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
 # ----------------------------------------------------------------------------------------
 # public entries (canonical signatures)
 # ----------------------------------------------------------------------------------------
+@implements("gather_visible", "triton")
 def gather_visible(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -621,6 +623,7 @@ def gather_visible(
     )
 
 
+@implements("scatter_tokens", "triton")
 def scatter_tokens(
     packed: torch.Tensor,
     index: torch.Tensor,

@@ -24,6 +24,7 @@ import torch
 
 from invnext import native
 from invnext.common.token_custom_ops import define_token_ops
+from invnext.common.registry import implements
 from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
 from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
@@ -180,6 +181,7 @@ _OP_NAMES = ("gather_visible_cuda_fwd", "gather_visible_cuda_bwd", "scatter_toke
 # ----------------------------------------------------------------------------------------
 # public entries (canonical signatures)
 # ----------------------------------------------------------------------------------------
+@implements("gather_visible", "cuda")
 def gather_visible(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -211,6 +213,7 @@ def gather_visible(
     )
 
 
+@implements("scatter_tokens", "cuda")
 def scatter_tokens(
     packed: torch.Tensor,
     index: torch.Tensor,
