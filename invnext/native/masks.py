@@ -38,11 +38,9 @@ from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
 from invnext.native._launch import ptr as _ptr
 from invnext.native._launch import stream as _stream
+from invnext.native.c_api import MASK_KEY_BYTES, MASK_MAX_BLOCKS
+from invnext.native.c_api import MASK_MODES as MODES
 
-# csrc/invnext_native.h (tests/test_masks_native.py checks that they agree).
-MASK_KEY_BYTES = 45056
-MASK_MAX_BLOCKS = 1024
-MODES = {"topk": 0, "sample": 1}
 _MAX_INT32 = 2**31 - 1
 
 
