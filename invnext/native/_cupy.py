@@ -61,6 +61,11 @@ def _sizes_ok(total: int, B: int, N: int, C: int) -> bool:
     return total >= 0 and B >= 1 and N >= 1 and C >= 0 and total <= _MAX_INT32 and B * N <= _MAX_INT32
 
 
+def _bad_token_args(a, *launcher_checks: bool) -> bool:
+    """The checks every token launcher of csrc/token_ops.cu makes (dtype code, sizes), or any of its own."""
+    return a.dtype not in _DTYPES or not _sizes_ok(a.total, a.B, a.N, a.C) or any(launcher_checks)
+
+
 def _mask_threads(n: int) -> int:
     """csrc/mask_ops.cu block_threads: a multiple of 32 covering n, at most MASK_THREADS."""
     return min(MASK_THREADS, max(32, (n + 31) // 32 * 32))
@@ -117,6 +122,13 @@ class CupyKernels:
         with self._stream(stream):
             fn(grid, block, args, shared_mem=shared_mem)
 
+    def _rows(self, kind: str, dtype: int, C: int, rows: int, vector_ptrs, args, stream: int, per_thread: int = 1):
+        """A row kernel of ``kind`` over ``rows`` rows of C elements: 16-byte accesses where C and
+        every pointer in ``vector_ptrs`` allow them (csrc/token_launch.cuh decides the same way)."""
+        fn, vec = self._kernel(kind, dtype, _vector_ok(_DTYPES[dtype][1], C, *vector_ptrs))
+        grid, block = _row_launch(rows, C // vec, per_thread)
+        self._launch(fn, grid, block, args, stream)
+
     def _mask_fn(self, name: str):
         if self._mask_module is None:
             self._mask_module = self._cupy.RawModule(code=mask_source_text(), options=("--std=c++17",))
@@ -148,99 +160,80 @@ class CupyKernels:
 
     @c_function
     def gather_visible_forward(self, a):
-        if (
-            a.dtype not in _DTYPES
-            or not _sizes_ok(a.total, a.B, a.N, a.C)
-            or a.P < 0
-            or (a.P > 0 and (not a.prefix or a.Bq not in (1, a.B)))
-            or (a.pos and a.Bp not in (1, a.B))
-            or (a.total > 0 and a.C > 0 and not (a.out and a.x and a.index and a.cu_seqlens))
+        if _bad_token_args(
+            a,
+            a.P < 0,
+            (a.P > 0 and (not a.prefix or a.Bq not in (1, a.B))),
+            (a.pos and a.Bp not in (1, a.B)),
+            (a.total > 0 and a.C > 0 and not (a.out and a.x and a.index and a.cu_seqlens)),
         ):
             return _BAD_ARG
         if a.total == 0 or a.C == 0:
             return _OK
-        itemsize = _DTYPES[a.dtype][1]
-        fn, vec = self._kernel("gather_visible_fwd", a.dtype, _vector_ok(itemsize, a.C, a.out, a.x, a.pos, a.prefix))
-        grid, block = _row_launch(a.total, a.C // vec, _GATHER_ROWS)
         args = (_p(a.out), _p(a.x), _p(a.index), _p(a.cu_seqlens), _p(a.pos), _p(a.prefix), _i(a.total), _i(a.B),
                 _i(a.N), _i(a.C), _i(a.Bp if a.pos else 1), _i(a.Bq if a.P > 0 else 1), _i(a.P))
-        self._launch(fn, grid, block, args, a.stream)
+        vector_ptrs = (a.out, a.x, a.pos, a.prefix)
+        self._rows("gather_visible_fwd", a.dtype, a.C, a.total, vector_ptrs, args, a.stream, _GATHER_ROWS)
         return _OK
 
     @c_function
     def gather_visible_backward(self, a):
-        if (
-            a.dtype not in _DTYPES
-            or not _sizes_ok(a.total, a.B, a.N, a.C)
-            or a.P < 0
-            or (a.dprefix and a.P > 0 and a.Bq not in (1, a.B))
-            or (a.dx and not a.inv)
-            or (a.total > 0 and a.C > 0 and not (a.grad and a.index and a.cu_seqlens))
+        if _bad_token_args(
+            a,
+            a.P < 0,
+            (a.dprefix and a.P > 0 and a.Bq not in (1, a.B)),
+            (a.dx and not a.inv),
+            (a.total > 0 and a.C > 0 and not (a.grad and a.index and a.cu_seqlens)),
         ):
             return _BAD_ARG
         if a.C == 0:
             return _OK
-        itemsize = _DTYPES[a.dtype][1]
         BN = a.B * a.N
         if a.dx:
             self._build_inverse(a.inv, a.index, a.cu_seqlens, a.total, a.B, BN, a.P, a.stream)
-            fn, vec = self._kernel("expand_rows", a.dtype, _vector_ok(itemsize, a.C, a.dx, a.grad))
-            grid, block = _row_launch(BN, a.C // vec)
             args = (_p(a.dx), _p(a.inv), _p(a.grad), _p(0), _p(0), _i(a.total), _i(BN), _i(a.N), _i(a.C), _i(1))
-            self._launch(fn, grid, block, args, a.stream)
+            self._rows("expand_rows", a.dtype, a.C, BN, (a.dx, a.grad), args, a.stream)
         if a.dprefix and a.P > 0:
-            fn, vec = self._kernel("prefix_grad", a.dtype, _vector_ok(itemsize, a.C, a.dprefix, a.grad))
-            grid, block = _row_launch(a.Bq * a.P, a.C // vec)
             args = (_p(a.dprefix), _p(a.grad), _p(a.cu_seqlens), _i(a.total), _i(a.B), _i(a.P), _i(a.Bq), _i(a.C))
-            self._launch(fn, grid, block, args, a.stream)
+            self._rows("prefix_grad", a.dtype, a.C, a.Bq * a.P, (a.dprefix, a.grad), args, a.stream)
         return _OK
 
     @c_function
     def scatter_tokens_forward(self, a):
-        if (
-            a.dtype not in _DTYPES
-            or not _sizes_ok(a.total, a.B, a.N, a.C)
-            or not a.inv
-            or (a.pos and a.Bp not in (1, a.B))
-            or (a.C > 0 and not (a.out and a.mask_token))
-            or (a.total > 0 and not (a.index and a.packed))
+        if _bad_token_args(
+            a,
+            not a.inv,
+            (a.pos and a.Bp not in (1, a.B)),
+            (a.C > 0 and not (a.out and a.mask_token)),
+            (a.total > 0 and not (a.index and a.packed)),
         ):
             return _BAD_ARG
         BN = a.B * a.N
         self._build_inverse(a.inv, a.index, 0, a.total, a.B, BN, 0, a.stream)
         if a.C == 0:
             return _OK
-        itemsize = _DTYPES[a.dtype][1]
-        fn, vec = self._kernel(
-            "expand_rows", a.dtype, _vector_ok(itemsize, a.C, a.out, a.packed, a.mask_token, a.pos)
-        )
-        grid, block = _row_launch(BN, a.C // vec)
         args = (_p(a.out), _p(a.inv), _p(a.packed), _p(a.mask_token), _p(a.pos), _i(a.total), _i(BN), _i(a.N),
                 _i(a.C), _i(a.Bp if a.pos else 1))
-        self._launch(fn, grid, block, args, a.stream)
+        self._rows("expand_rows", a.dtype, a.C, BN, (a.out, a.packed, a.mask_token, a.pos), args, a.stream)
         return _OK
 
     @c_function
     def scatter_tokens_backward(self, a):
-        if (
-            a.dtype not in _DTYPES
-            or not _sizes_ok(a.total, a.B, a.N, a.C)
-            or (a.C > 0 and not a.grad)
-            or (a.dpacked and a.total > 0 and not a.index)
-            or (a.partial and (not a.inv or a.chunk_rows < 1))
+        if _bad_token_args(
+            a,
+            (a.C > 0 and not a.grad),
+            (a.dpacked and a.total > 0 and not a.index),
+            (a.partial and (not a.inv or a.chunk_rows < 1)),
         ):
             return _BAD_ARG
         if a.C == 0:
             return _OK
-        itemsize = _DTYPES[a.dtype][1]
         BN = a.B * a.N
         if a.dpacked and a.total > 0:
-            fn, vec = self._kernel("gather_rows", a.dtype, _vector_ok(itemsize, a.C, a.dpacked, a.grad))
-            grid, block = _row_launch(a.total, a.C // vec)
             args = (_p(a.dpacked), _p(a.grad), _p(a.index), _i(a.total), _i(BN), _i(a.C))
-            self._launch(fn, grid, block, args, a.stream)
+            self._rows("gather_rows", a.dtype, a.C, a.total, (a.dpacked, a.grad), args, a.stream)
         if a.partial:
-            fn, vec = self._kernel("masked_colsum", a.dtype, _vector_ok(itemsize, a.C, a.grad))
+            fn, vec = self._kernel("masked_colsum", a.dtype, _vector_ok(_DTYPES[a.dtype][1], a.C, a.grad))
             pieces = a.C // vec
             bx = min(_THREADS, (pieces + 31) // 32 * 32)
             chunks = (BN + a.chunk_rows - 1) // a.chunk_rows
@@ -255,9 +248,8 @@ class CupyKernels:
             return _BAD_ARG
         if a.M == 0 or a.C == 0:
             return _OK
-        fn, vec = self._kernel("sum_batch", a.dtype, _vector_ok(_DTYPES[a.dtype][1], a.C, a.out, a.inp))
-        grid, block = _row_launch(a.M, a.C // vec)
-        self._launch(fn, grid, block, (_p(a.out), _p(a.inp), _i(a.B), _i(a.M), _i(a.C)), a.stream)
+        args = (_p(a.out), _p(a.inp), _i(a.B), _i(a.M), _i(a.C))
+        self._rows("sum_batch", a.dtype, a.C, a.M, (a.out, a.inp), args, a.stream)
         return _OK
 
     # Mask samplers (csrc/mask_ops.cu, same checks and launch shapes).
