@@ -99,8 +99,8 @@ class ScatterTokens(FusedOp):
         *, mask_token: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         if (mask_token is None) == (self.mask_token is None):
-            held = "holds a learned mask token: pass none" if self.mask_token is not None else "holds no mask token: pass one"
-            raise ValueError(f"ScatterTokens: this module {held}")
+            held = "no mask token: pass one" if self.mask_token is None else "a learned mask token: pass none"
+            raise ValueError(f"ScatterTokens: this module holds {held}")
         token = self.mask_token if mask_token is None else mask_token
         return ops.scatter_tokens(
             packed, index, token.to(packed.dtype), pos, N, batch_size=batch_size, backend=self.backend

@@ -211,8 +211,8 @@ OPS_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def op_backend(backend: str, op: str) -> str:
-    """The backend argument for ``op`` under the model-wide choice ``backend``
-    (:func:`invnext.models.switches.set_ops_backend`).
+    """The backend argument for ``op`` under a module's choice ``backend`` (``invnext.nn``'s
+    modules; :func:`invnext.models.switches.set_ops_backend` sets it model-wide).
 
     "auto" and "torch" pass through; "triton" / "cuda" pass through for an op that declares
     such an implementation and become "auto" for one that does not.
@@ -221,11 +221,3 @@ def op_backend(backend: str, op: str) -> str:
         return backend
     return "auto"
 
-
-class OpsUser:
-    """Mixin of a module that calls ``invnext.ops``: ``ops_backend`` is the model-wide choice."""
-
-    ops_backend: str = "auto"
-
-    def backend_for(self, op: str) -> str:
-        return op_backend(self.ops_backend, op)
