@@ -66,7 +66,6 @@ __all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
-_OP = "masked_attention"
 
 # Tile shapes (BLOCK_M query rows, BLOCK_N key rows) per kernel. Fixed per head-dim class so
 # that window tile lists built on the host match the kernel; only warps/stages are tuned
