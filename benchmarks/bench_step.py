@@ -300,9 +300,9 @@ def _shape(stage: int, preset: str, runner: StepRunner) -> str:
 
 
 def _teacher_backend(model) -> str | None:
-    from invnext.models.switches import OpsUser
+    from invnext.nn import FusedOp
 
-    return next((m.ops_backend for m in model.teacher.modules() if isinstance(m, OpsUser)), None)
+    return next((m.ops_backend for m in model.teacher.modules() if isinstance(m, FusedOp)), None)
 
 
 def step_row(stage, preset, backend, compiled, ckpt, runner, timing, peak_flops) -> Row:

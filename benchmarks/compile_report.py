@@ -267,7 +267,7 @@ def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> No
         qkv = torch.randn(total, 3, heads, d, dtype=dtype, requires_grad=True)
         q, k, v = qkv.unbind(1)
         sections = (d // 4 // 2 * 2, d // 4 // 2 * 2 + 2, d // 4 // 2 * 2 - 2) if d >= 32 else (4, 4, 4)
-        out = masked_attention_triton(q, k, v, cu, max(lens), None, coords,
+        out = masked_attention_triton(q, k, v, cu, max(lens), d**-0.5, coords,
                                (10000.0, sections) if rope else None, (3, 5, 5) if window else None, 1)
         out.backward(torch.ones_like(out))
 

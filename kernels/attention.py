@@ -49,11 +49,12 @@ fp32 softmax; fp32 inputs run them in full fp32 (``input_precision="ieee"``, no 
 PyTorch does by default. RoPE angles, cos/sin and the rotation run in fp32; the rotated tile
 is rounded to the input dtype before its matmul, as a PyTorch RoPE-then-attention would be.
 """
-import math
 import os
 
 import torch
 import triton
+
+from invnext.common.registry import implements
 
 from . import _attention_plans as plans
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
@@ -65,7 +66,6 @@ __all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
-_OP = "masked_attention"
 
 # Tile shapes (BLOCK_M query rows, BLOCK_N key rows) per kernel. Fixed per head-dim class so
 # that window tile lists built on the host match the kernel; only warps/stages are tuned
@@ -277,6 +277,17 @@ class _Prep:
             "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig,
         }
 
+    def launcher(self, kind: str, kernel, rows: str):
+        """``kernel`` ready to launch over this batch: ``(ceil(max_seqlen / meta[rows]), H, B)``
+        programs, with its tuned (or first) config and the tile sizes ``lists(kind)`` was built for."""
+        fn = _launcher(kind, kernel, *self.variant)
+        meta = _meta(kind, *self.variant)
+
+        def grid(m):
+            return (triton.cdiv(self.max_seqlen, m[rows]), self.heads, self.batch)
+
+        return lambda *args, **kwargs: fn[grid](*args, **kwargs, **meta)
+
     def rotated(self, q, k):
         """``(q, k)`` as the tile loops read them: rotated by the pre-pass, or as given (inline / no RoPE)."""
         if not self.rope_prepass:
@@ -293,14 +304,10 @@ class _Prep:
         return qr, kr
 
 
-def _grid(prep: _Prep, rows_key: str):
-    def grid(meta):
-        return (triton.cdiv(prep.max_seqlen, meta[rows_key]), prep.heads, prep.batch)
-
-    return grid
-
-
 def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
+    """The forward launch: ``(out, lse)``. Shapes, RoPE tables and window geometry (``_Prep``),
+    the layout the kernel's constant head strides need, the RoPE pre-pass, the window's tile
+    lists, then one program per (query block, head, sample)."""
     prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((prep.heads, prep.total), dtype=torch.float32, device=q.device)
@@ -309,17 +316,18 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
     q, k, v = _tile_layout(q), _tile_layout(k), _tile_layout(v)
     q, k = prep.rotated(q, k)
     (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
-    fn = _launcher("fwd", attn_fwd_kernel, *prep.variant)
-    fn[_grid(prep, "BLOCK_M")](
+    prep.launcher("fwd", attn_fwd_kernel, rows="BLOCK_M")(
         q, k, v, out, lse, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, fi, fc, pi, pc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(), **_meta("fwd", *prep.variant),
+        list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(),
     )
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
               window, num_prefix):
+    """The backward launches: ``(dq, dk, dv)`` from the delta pre-pass, then dk/dv (programs own
+    key blocks) and dq (programs own query blocks), each over its own window tile lists."""
     prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -344,18 +352,16 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
                dout.stride(0), dout.stride(1))
 
     (fi, fc, pi, pc), nq, nk = prep.lists("dkdv")
-    fn = _launcher("dkdv", attn_bwd_dkdv_kernel, *prep.variant)
-    fn[_grid(prep, "BLOCK_N")](
+    prep.launcher("dkdv", attn_bwd_dkdv_kernel, rows="BLOCK_N")(
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
         fi, fc, pi, pc, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        list_nk=nk, list_nq=nq, **common, **prep.flags(), **_meta("dkdv", *prep.variant),
+        list_nk=nk, list_nq=nq, **common, **prep.flags(),
     )
     (fi, fc, pi, pc), nq, nk = prep.lists("dq")
-    fn = _launcher("dq", attn_bwd_dq_kernel, *prep.variant)
-    fn[_grid(prep, "BLOCK_M")](
+    prep.launcher("dq", attn_bwd_dq_kernel, rows="BLOCK_M")(
         q, k, v, dout, dq, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
         fi, fc, pi, pc, *strides, dq.stride(0), dq.stride(1),
-        list_nq=nq, list_nk=nk, **common, **prep.flags(), **_meta("dq", *prep.variant),
+        list_nq=nq, list_nk=nk, **common, **prep.flags(),
     )
     return dq, dk, dv
 
@@ -422,29 +428,12 @@ masked_attention_triton_fwd, masked_attention_triton_bwd = _define_ops()
 # --------------------------------------------------------------------------- public entry
 
 
-def _check(q, k, v, cu_seqlens, coords, rope, window) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{_OP} (triton): {name} has dtype {t.dtype}; the kernel supports float16, bfloat16 and float32 "
-                f"(use backend='torch' for float64)"
-            )
-        if t.dim() != 3 or t.shape != q.shape:
-            raise ValueError(f"{_OP} (triton): {name} must have q's shape [total, H, D], got {list(t.shape)}")
-    lo, hi = HEAD_DIM_RANGE
-    if not lo <= q.shape[-1] <= hi:
-        raise ValueError(f"{_OP} (triton): head dim D={q.shape[-1]} is outside the kernel's range [{lo}, {hi}]")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{_OP} (triton): cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    needs_coords = rope is not None or (window is not None and not isinstance(window, int))
-    if needs_coords and (coords is None or coords.dtype != torch.int32 or coords.shape != (q.shape[0], 3)):
-        raise ValueError(f"{_OP} (triton): coords must be int32 [total, 3] with rope or a 3D window")
-
-
+@implements("masked_attention", "triton")
 def masked_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix):
     """Canonical implementation of ``invnext.ops.masked_attention`` (arguments already validated).
 
-    Args:
+    Args (checked by the public op; dtypes and head dims outside the kernel's are declined by
+    ``masked_attention.unsupported`` before this runs):
         q, k, v: ``[total, H, D]`` float16/bfloat16/float32, unit stride on D (may be views of a
             packed ``qkv[total, 3, H, D]``); ``16 <= D <= 128``.
         cu_seqlens: int32 ``[B+1]``; max_seqlen: int >= every sample length.
@@ -457,9 +446,7 @@ def masked_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coor
     Returns:
         ``[total, H, D]`` in q's dtype, differentiable in q, k, v (backward: Triton kernels).
     """
-    _check(q, k, v, cu_seqlens, coords, rope, window)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    # The custom op's schema takes flat lists: no rope is an empty section list, no window an empty one.
     theta, sections = (0.0, []) if rope is None else (float(rope[0]), [int(s) for s in rope[1]])
     if window is None:
         win: list[int] = []

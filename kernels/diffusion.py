@@ -42,6 +42,7 @@ import triton
 from torch import Tensor
 
 from invnext.common.diffusion_schedule import DiffusionSchedule
+from invnext.common.registry import implements
 
 from . import _diffusion_adaln as _ka
 from . import _diffusion_loss as _kl
@@ -454,11 +455,13 @@ _DDIM_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alp
 # ----------------------------------------------------------------------------------------
 # public entries (canonical signatures)
 # ----------------------------------------------------------------------------------------
+@implements("q_sample", "triton")
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
     return q_sample_triton_fwd(x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
+@implements("diffusion_loss", "triton")
 def diffusion_loss(
     model_out: torch.Tensor,
     x0: torch.Tensor,
@@ -476,6 +479,7 @@ def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> 
     return _p_sample_launch(out, model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, temperature)
 
 
+@implements("p_sample_step", "triton")
 def p_sample_step(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
@@ -493,6 +497,7 @@ def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor
     return _ddim_launch(out, model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, eta)
 
 
+@implements("ddim_step", "triton")
 def ddim_step(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
@@ -505,6 +510,7 @@ def ddim_step(
     return ddim_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, float(eta))
 
 
+@implements("adaln_modulate", "triton")
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
     y, _, _ = adaln_modulate_triton_fwd(x, shift, scale, float(eps))

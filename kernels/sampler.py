@@ -36,6 +36,7 @@ import torch
 
 from invnext.common.diffusion_schedule import DiffusionSchedule
 from invnext.common.diffusion_steps import ddim_step_reference, denoise, noise_for_step, p_sample_step_reference
+from invnext.common.registry import implements
 
 from . import diffusion as _kd
 
@@ -225,6 +226,7 @@ def _sample(kind, denoise_fn, cond, schedule, x_T, step_noise, generator, coef, 
     return graph.run(cond, x_T, step_noise, generator)
 
 
+@implements("p_sample_loop", "triton")
 def p_sample_loop(
     denoise_fn: Callable,
     cond,
@@ -245,6 +247,7 @@ def p_sample_loop(
     return _sample("p_sample", denoise_fn, cond, schedule, x_T, step_noise, generator, float(temperature), use_graph)
 
 
+@implements("ddim_sample_loop", "triton")
 def ddim_sample_loop(
     denoise_fn: Callable,
     cond,

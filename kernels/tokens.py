@@ -54,6 +54,7 @@ import triton.language as tl
 
 from invnext.common import validate as V
 from invnext.common.interpreter import triton_interpreter
+from invnext.common.registry import implements
 from invnext.common.token_custom_ops import define_token_ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -584,6 +585,7 @@ def _scatter_backward(grad, index, inv, need_packed, need_mask, need_pos_sum):
 # structure (index, cu_seqlens) that ``invnext.ops.gather_visible`` builds from the mask, so
 # they are not that op's signature and must not pass for it.
 # ----------------------------------------------------------------------------------------
+@implements("gather_visible", "triton")
 def gather_visible_triton(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -623,6 +625,7 @@ def gather_visible_triton(
     )
 
 
+@implements("scatter_tokens", "triton")
 def scatter_tokens_triton(
     packed: torch.Tensor,
     index: torch.Tensor,

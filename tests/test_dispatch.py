@@ -65,10 +65,31 @@ def test_missing_triton_is_reported(monkeypatch):
 
 
 def test_missing_implementation_module_is_reported(monkeypatch):
-    monkeypatch.setitem(_dispatch._ACCELERATED, "q_sample", {"triton": "invnext_kernels.no_such_module:q_sample"})
+    from invnext.common import registry
+
+    monkeypatch.setitem(_dispatch._BACKEND_MODULES, "triton", ("invnext_kernels.no_such_module",))
+    monkeypatch.setitem(registry._IMPLEMENTATIONS, "q_sample", {})
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ok, why = availability("q_sample", "triton", "cpu")
+    _dispatch._import_failures.cache_clear()
+    try:
+        ok, why = availability("q_sample", "triton", "cpu")
+    finally:
+        _dispatch._import_failures.cache_clear()
     assert not ok and "invnext_kernels.no_such_module is not present" in why
+
+
+def test_declared_backends_are_the_registered_ones(monkeypatch):
+    """What dispatch declares per op (known without importing a backend) is what the backends'
+    modules register when imported."""
+    from invnext.common import registry
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch._import_failures("triton") == ()
+    pytest.importorskip("invnext.native.ops")
+    assert _dispatch._import_failures("cuda") == ()
+    registered = {(op, b) for op, impls in registry._IMPLEMENTATIONS.items() for b in impls}
+    declared = {(op, b) for op, backends in _dispatch._ACCELERATED.items() for b in backends}
+    assert registered == declared
 
 
 def test_unknown_op_and_backend():

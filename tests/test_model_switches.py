@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from invnext import ops
 from invnext.config import ConfigError
+from invnext.nn import FusedOp
 from invnext.models import Stage1Model, Stage2Model, set_grad_checkpointing, set_ops_backend, switches
 from invnext.models.switches import op_backend
 from invnext.ops import attention, diffusion, masks, tokens
@@ -101,7 +102,8 @@ def dispatch_log(monkeypatch) -> list[tuple[str, str]]:
 
 def test_ops_backend_reaches_every_op_call(dispatch_log):
     s1 = set_ops_backend(_model(1), "torch")
-    assert all(m.ops_backend == "torch" for m in s1.modules() if isinstance(m, switches.OpsUser))
+    fused = [m for m in s1.modules() if isinstance(m, FusedOp)]
+    assert fused and all(m.ops_backend == "torch" for m in fused)
     with torch.no_grad():
         s1(_video(2), generator=torch.Generator().manual_seed(0))
         s1.decoder.sample(torch.randn(3, 32), num_steps=2, generator=torch.Generator().manual_seed(0))

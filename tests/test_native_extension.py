@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from invnext import native
+from invnext.native.c_api import c_function
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -181,69 +182,76 @@ class _EmulatedTokenLib:
         t = t.contiguous()  # held: memmove reads it after data_ptr()
         ctypes.memmove(ptr, t.data_ptr(), t.numel() * t.element_size())
 
-    def gather_visible_forward(self, out, x, index, cu, pos, prefix, total, B, N, C, Bp, Bq, P, dtype, stream):
+    # Argument lists from invnext.native.c_api (the header's, as data); ``a`` holds their values.
+
+    @c_function
+    def gather_visible_forward(self, a):
         from invnext.ops.tokens import gather_visible_reference
 
-        dt = self._DT[dtype]
+        dt, B, N, C = self._DT[a.dtype], a.B, a.N, a.C
         args = (
-            self._read(x, (B, N, C), dt),
-            self._read(index, (total,), torch.int64),
-            self._read(cu, (B + 1,), torch.int32),
-            self._read(pos, (Bp, N, C), dt) if pos else None,
-            self._read(prefix, (Bq, P, C), dt) if prefix else None,
+            self._read(a.x, (B, N, C), dt),
+            self._read(a.index, (a.total,), torch.int64),
+            self._read(a.cu_seqlens, (B + 1,), torch.int32),
+            self._read(a.pos, (a.Bp, N, C), dt) if a.pos else None,
+            self._read(a.prefix, (a.Bq, a.P, C), dt) if a.prefix else None,
         )  # fmt: skip
-        self._write(out, gather_visible_reference(*args))
+        self._write(a.out, gather_visible_reference(*args))
         return 0
 
-    def gather_visible_backward(self, dx, inv, dprefix, grad, index, cu, total, B, N, C, Bq, P, dtype, stream):
-        dt = self._DT[dtype]
-        g = self._read(grad, (total, C), dt)
-        idx = self._read(index, (total,), torch.int64)
-        if dx:
+    @c_function
+    def gather_visible_backward(self, a):
+        dt, B, N, C, P = self._DT[a.dtype], a.B, a.N, a.C, a.P
+        g = self._read(a.grad, (a.total, C), dt)
+        idx = self._read(a.index, (a.total,), torch.int64)
+        if a.dx:
             d = torch.zeros(B * N, C, dtype=dt)
             d[idx[idx >= 0]] = g[idx >= 0]
-            self._write(dx, d)
-        if dprefix:
-            starts = self._read(cu, (B + 1,), torch.int32)[:-1].long()
+            self._write(a.dx, d)
+        if a.dprefix:
+            starts = self._read(a.cu_seqlens, (B + 1,), torch.int32)[:-1].long()
             rows = g[(starts[:, None] + torch.arange(P)).reshape(-1)].view(B, P, C)
             acc = torch.float64 if dt == torch.float64 else torch.float32
-            self._write(dprefix, rows if Bq == B else rows.to(acc).sum(0, keepdim=True).to(dt))
+            self._write(a.dprefix, rows if a.Bq == B else rows.to(acc).sum(0, keepdim=True).to(dt))
         return 0
 
-    def scatter_tokens_forward(self, out, inv, packed, index, mask_token, pos, total, B, N, C, Bp, dtype, stream):
+    @c_function
+    def scatter_tokens_forward(self, a):
         from invnext.ops.tokens import scatter_tokens_reference
 
-        dt = self._DT[dtype]
-        idx = self._read(index, (total,), torch.int64)
-        args = (self._read(packed, (total, C), dt), idx, self._read(mask_token, (C,), dt),
-                self._read(pos, (Bp, N, C), dt) if pos else None, B, N)  # fmt: skip
-        self._write(out, scatter_tokens_reference(*args))
+        dt, B, N, C, total = self._DT[a.dtype], a.B, a.N, a.C, a.total
+        idx = self._read(a.index, (total,), torch.int64)
+        args = (self._read(a.packed, (total, C), dt), idx, self._read(a.mask_token, (C,), dt),
+                self._read(a.pos, (a.Bp, N, C), dt) if a.pos else None, B, N)  # fmt: skip
+        self._write(a.out, scatter_tokens_reference(*args))
         where = torch.full((B * N,), -1, dtype=torch.int32)
         where[idx[idx >= 0]] = torch.arange(total, dtype=torch.int32)[idx >= 0]
-        self._write(inv, where)
+        self._write(a.inv, where)
         return 0
 
-    def scatter_tokens_backward(self, dpacked, partial, grad, index, inv, total, B, N, C, chunk_rows, dtype, stream):
-        dt = self._DT[dtype]
-        g = self._read(grad, (B * N, C), dt)
-        idx = self._read(index, (total,), torch.int64)
-        if dpacked:
+    @c_function
+    def scatter_tokens_backward(self, a):
+        dt, B, N, C, total, chunk_rows = self._DT[a.dtype], a.B, a.N, a.C, a.total, a.chunk_rows
+        g = self._read(a.grad, (B * N, C), dt)
+        idx = self._read(a.index, (total,), torch.int64)
+        if a.dpacked:
             d = torch.zeros(total, C, dtype=dt)
             d[idx >= 0] = g[idx[idx >= 0]]
-            self._write(dpacked, d)
-        if partial:
+            self._write(a.dpacked, d)
+        if a.partial:
             acc = torch.float64 if dt == torch.float64 else torch.float32
-            unfilled = (self._read(inv, (B * N,), torch.int32) < 0)[:, None]
+            unfilled = (self._read(a.inv, (B * N,), torch.int32) < 0)[:, None]
             chunks = -(-(B * N) // chunk_rows)
             padded = torch.zeros(chunks * chunk_rows, C, dtype=acc)
             padded[: B * N] = torch.where(unfilled, g.to(acc), 0)
-            self._write(partial, padded.view(chunks, chunk_rows, C).sum(1))
+            self._write(a.partial, padded.view(chunks, chunk_rows, C).sum(1))
         return 0
 
-    def sum_batch(self, out, inp, B, M, C, dtype, stream):
-        dt = self._DT[dtype]
+    @c_function
+    def sum_batch(self, a):
+        dt = self._DT[a.dtype]
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        self._write(out, self._read(inp, (B, M, C), dt).to(acc).sum(0).to(dt))
+        self._write(a.out, self._read(a.inp, (a.B, a.M, a.C), dt).to(acc).sum(0).to(dt))
         return 0
 
 
@@ -342,6 +350,45 @@ def test_python_side_matches_the_c_api():
             for width in (vec, 1):
                 assert f"invnext_{kind}_{suffix}_v{width}" in defined
     assert "invnext_build_inverse(" in kernels
+
+
+def test_header_and_bindings_match_the_c_api_table():
+    """csrc/invnext_native.h declares every launcher of invnext.native.c_api with its typed
+    arguments in order, and csrc/bindings.cpp binds each under its name with those argument names
+    (the Python twins take theirs from the table: tests/test_cupy_launches.py, the emulations here)."""
+    from invnext.native import c_api
+
+    header = (CSRC / "invnext_native.h").read_text()
+    declared = {m.group(1): " ".join(m.group(0).split()).replace("( ", "(")
+                for m in re.finditer(r"int invnext_(\w+)\(([^)]*)\);", header)}  # fmt: skip
+    launchers = {name: text for name, text in declared.items() if name not in ("runtime_info", "abi_version")}
+    assert launchers == {name: c_api.c_declaration(name) for name in c_api.FUNCTIONS}
+    bindings = (CSRC / "bindings.cpp").read_text()
+    for name in c_api.FUNCTIONS:
+        body = re.search(rf'm\.def\(\s*"{name}",(.*?)nogil\);', bindings, re.S)
+        assert body, name
+        assert tuple(re.findall(r'py::arg\("(\w+)"\)', body.group(1))) == c_api.argument_names(name), name
+    defines = dict(re.findall(r"#define INVNEXT_(\w+) (\d+)", header))
+    assert int(defines["NATIVE_ABI"]) == c_api.ABI
+    assert (c_api.MASK_THREADS, c_api.MASK_KEY_BYTES, c_api.MASK_MAX_BLOCKS) == tuple(
+        int(defines[k]) for k in ("MASK_THREADS", "MASK_KEY_BYTES", "MASK_MAX_BLOCKS")
+    )
+
+
+def test_c_function_binds_by_the_table():
+    from invnext.native.c_api import FUNCTIONS, argument_names
+
+    class Lib:
+        @c_function
+        def sum_batch(self, a):
+            return a
+
+    names = argument_names("sum_batch")
+    assert names == ("out", "inp", "B", "M", "C", "dtype", "stream") and len(FUNCTIONS["sum_batch"]) == 7
+    assert vars(Lib().sum_batch(*range(7))) == dict(zip(names, range(7)))
+    assert vars(Lib().sum_batch(0, 1, 2, 3, 4, dtype=5, stream=6)) == dict(zip(names, range(7)))
+    with pytest.raises(TypeError):
+        Lib().sum_batch(0, 1, 2)
 
 
 def test_cupy_row_launch_mirrors_the_c_launcher():

@@ -31,6 +31,8 @@ import test_tube_mask_reference
 import torch
 
 from invnext import native
+from invnext.common.registry import implementation
+from invnext.native.c_api import c_function
 from invnext.ops import masks as ops_masks
 from invnext.ops._dispatch import _ACCELERATED, BackendUnavailableError, availability
 from invnext.ops.philox import philox_bits
@@ -157,7 +159,7 @@ def test_python_side_matches_the_c_api():
     for op in ("tube_mask", "multiblock_mask", "semantic_mask"):
         assert f'"{op}"' in bindings and callable(getattr(_cupy.CupyKernels, op))
         assert f"int invnext_{op}(" in HEADER
-        assert _ACCELERATED[op]["cuda"] == f"invnext.native.masks:{op}"
+        assert "cuda" in _ACCELERATED[op] and implementation(op, "cuda") is getattr(nm, op)
     assert "csrc/mask_ops.cu" in (ROOT / "CMakeLists.txt").read_text()
 
 
@@ -201,24 +203,29 @@ class _EmulatedMaskLib:
             ctypes.memmove(cu_seqlens, prefix_sums.data_ptr(), 4 * prefix_sums.numel())
         return 0
 
-    def tube_mask(self, hidden, cu_seqlens, B, T, H, W, num_hidden, seed, P, stream):
+    # Argument lists from invnext.native.c_api (the header's, as data); ``a`` holds their values.
+
+    @c_function
+    def tube_mask(self, a):
         # per sample the num_hidden positions with the smallest philox_bits(seed, 1, b*S + p), every frame
-        S = H * W
-        keys = philox_bits(seed, 1, torch.arange(B * S, dtype=torch.int64)).view(B, S)
+        B, S = a.B, a.H * a.W
+        keys = philox_bits(a.seed, 1, torch.arange(B * S, dtype=torch.int64)).view(B, S)
         order = torch.sort(keys, dim=1, stable=True).indices
-        frame = torch.zeros(B, S, dtype=torch.bool).scatter_(1, order[:, :num_hidden], True)
-        return self._write(frame.repeat(1, T), hidden, cu_seqlens, P)
+        frame = torch.zeros(B, S, dtype=torch.bool).scatter_(1, order[:, : a.num_hidden], True)
+        return self._write(frame.repeat(1, a.T), a.hidden, a.cu_seqlens, a.P)
 
-    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
-        box = self._read(boxes, B * num_blocks * 6, torch.int32).view(B, num_blocks, 6)
-        mask = ops_masks.multiblock_mask_reference(box.long(), (T, H, W), torch.device("cpu"))
-        return self._write(mask, hidden, cu_seqlens, P)
+    @c_function
+    def multiblock_mask(self, a):
+        box = self._read(a.boxes, a.B * a.num_blocks * 6, torch.int32).view(a.B, a.num_blocks, 6)
+        mask = ops_masks.multiblock_mask_reference(box.long(), (a.T, a.H, a.W), torch.device("cpu"))
+        return self._write(mask, a.hidden, a.cu_seqlens, a.P)
 
-    def semantic_mask(self, hidden, cu_seqlens, attn, B, T, S, keep, mode, dtype, seed, P, stream):
-        dt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}[dtype]
-        scores = self._read(attn, B * T * S, dt).view(B, T, S)
-        mask = ops_masks.semantic_mask_reference(scores, keep, ("topk", "sample")[mode], seed)
-        return self._write(mask, hidden, cu_seqlens, P)
+    @c_function
+    def semantic_mask(self, a):
+        dt = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}[a.dtype]
+        scores = self._read(a.attn, a.B * a.T * a.S, dt).view(a.B, a.T, a.S)
+        mask = ops_masks.semantic_mask_reference(scores, a.keep, ("topk", "sample")[a.mode], a.seed)
+        return self._write(mask, a.hidden, a.cu_seqlens, a.P)
 
 
 def test_mask_wrappers_pass_what_the_c_api_reads(monkeypatch):

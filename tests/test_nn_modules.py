@@ -71,6 +71,29 @@ def test_gather_and_scatter_modules_own_their_tokens():
     assert inn.GatherVisible(C).prefix is None and list(inn.GatherVisible(C).parameters()) == []
 
 
+def test_token_modules_take_their_models_tokens_per_call():
+    """Without learned tokens of their own, the modules place the ones given per call (an encoder's
+    class tokens plus positions, a predictor's embedded mask token); one source at a time."""
+    torch.manual_seed(4)
+    B, N, C, P = 2, 6, 4, 1
+    x, pos, prefix = torch.randn(B, N, C), torch.randn(1, N, C), torch.randn(1, P, C)
+    hidden = torch.rand(B, N) < 0.5
+    packed = inn.GatherVisible(C)(x, hidden, pos, prefix=prefix)
+    want = ops.gather_visible(x, hidden, pos, prefix)
+    assert torch.equal(packed.tokens, want.tokens) and torch.equal(packed.index, want.index)
+    token = torch.randn(C)
+    scatter = inn.ScatterTokens(C, learned_token=False)
+    assert list(scatter.parameters()) == []
+    got = scatter(packed.tokens, packed.index, N, B, pos, mask_token=token)
+    assert torch.equal(got, ops.scatter_tokens(packed.tokens, packed.index, token, pos, N, batch_size=B))
+    with pytest.raises(ValueError, match="GatherVisible: this module places its own learned prefix"):
+        inn.GatherVisible(C, num_prefix=P)(x, hidden, prefix=prefix)
+    with pytest.raises(ValueError, match="ScatterTokens: this module holds no mask token: pass one"):
+        scatter(packed.tokens, packed.index, N, B)
+    with pytest.raises(ValueError, match="ScatterTokens: this module holds a learned mask token: pass none"):
+        inn.ScatterTokens(C)(packed.tokens, packed.index, N, B, mask_token=token)
+
+
 def test_diffusion_modules_are_the_ops():
     torch.manual_seed(2)
     sched = ops.make_schedule(1000, "cosine", respace=50)
@@ -116,8 +139,14 @@ def test_sample_loop_modules_are_the_ops_and_own_the_denoiser():
     want = ops.ddim_sample_loop(den, cond, sched, channels=C, noise=x_T, eta=0.0)
     assert torch.equal(ddim(cond, x_T), want)
     assert "denoise_fn.proj.weight" in dict(loop.named_parameters())  # moves with the sampler
+    # A schedule and temperature for one call (a model choosing its respacing per call).
+    other = ops.make_schedule(1000, "cosine", respace=4)
+    want = ops.p_sample_loop(den, cond, other, channels=C, noise=x_T, step_noise=step_noise[:4], temperature=0.5)
+    assert torch.equal(loop(cond, x_T, step_noise[:4], schedule=other, temperature=0.5), want)
     with pytest.raises(TypeError, match="PSampleLoop: give noise, or cond as a tensor"):
         loop([cond], None)
+    with pytest.raises(TypeError, match=r"PSampleLoop: unexpected keyword\(s\) \['eta'\]"):
+        loop(cond, x_T, eta=0.5)
 
 
 def test_mask_modules_are_the_ops():
@@ -131,6 +160,11 @@ def test_mask_modules_are_the_ops():
     attn = torch.rand(2, 3, 36)
     for mode in ("topk", "sample"):
         assert torch.equal(inn.SemanticMask(9, mode)(attn, seed=1), ops.semantic_mask(attn, 9, mode, seed=1))
+        assert torch.equal(inn.SemanticMask(None, mode)(attn, keep=9, seed=1), ops.semantic_mask(attn, 9, mode, seed=1))
+    with pytest.raises(ValueError, match="SemanticMask: this module needs keep per call"):
+        inn.SemanticMask(None)(attn, seed=1)
+    with pytest.raises(ValueError, match="SemanticMask: this module keeps 9 per frame: pass keep=None"):
+        inn.SemanticMask(9)(attn, keep=4, seed=1)
     tokens = torch.randn(2, 3, 36, 5)
     assert torch.equal(inn.MotionMask(0.5)(tokens), ops.motion_mask(tokens, 0.5))
     with pytest.raises(ValueError, match="multiblock_mask: spatial_scale"):

@@ -9,6 +9,7 @@ all need, so that none of them imports another's private names.
 * :mod:`.philox`: the counter-based RNG every mask draws from.
 * :mod:`.mask_geometry`: hidden counts and multi-block boxes, drawn on the host for every backend.
 * :mod:`.token_custom_ops`: the ``torch.library`` glue of the token-op backends.
+* :mod:`.registry`: where each backend's modules register the ops they implement.
 
 Modules here import torch, numpy and each other, never another part of invnext
 (tests/test_layers.py checks it).

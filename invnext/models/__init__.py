@@ -2,9 +2,9 @@
 
 ``SiglipTeacher`` (a local SigLIP / SigLIP2 tower) imports transformers only when constructed.
 
-Every attention, token gather/scatter, mask and diffusion step goes through the public ops of
-:mod:`invnext.ops`, so accelerated backends drop in without touching the models;
-:func:`set_ops_backend` picks the backend model-wide ("torch": the plain-PyTorch baseline) and
+Every attention, token gather/scatter, mask and diffusion step is an :mod:`invnext.nn` module
+calling a public op of :mod:`invnext.ops`, so accelerated backends drop in without touching the
+models; :func:`set_ops_backend` picks the backend of all those modules at once ("torch": the plain-PyTorch baseline) and
 :func:`set_grad_checkpointing` turns on activation checkpointing per block.
 """
 from invnext.models.decoder import DiffusionDecoder

@@ -19,38 +19,39 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from invnext import nn as inn
 from invnext import ops
 from invnext.config import DecoderConfig
-from invnext.models.switches import CheckpointedBlocks, OpsUser
+from invnext.models.switches import CheckpointedBlocks
 
 
-class AdaLNBlock(OpsUser, nn.Module):
+class AdaLNBlock(nn.Module):
     def __init__(self, width: int, eps: float):
         super().__init__()
         self.eps = eps
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.modulate = inn.AdaLNModulate(eps)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(y).chunk(3, dim=-1)
-        h = ops.adaln_modulate(x, shift, scale, eps=self.eps, backend=self.backend_for("adaln_modulate"))
-        return x + gate * self.mlp(h)
+        return x + gate * self.mlp(self.modulate(x, shift, scale))
 
 
-class FinalLayer(OpsUser, nn.Module):
+class FinalLayer(nn.Module):
     def __init__(self, width: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, out_dim)
+        self.modulate = inn.AdaLNModulate(eps)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(y).chunk(2, dim=-1)
-        h = ops.adaln_modulate(x, shift, scale, eps=self.eps, backend=self.backend_for("adaln_modulate"))
-        return self.linear(h)
+        return self.linear(self.modulate(x, shift, scale))
 
 
-class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
+class DiffusionDecoder(CheckpointedBlocks, nn.Module):
     """``DiffusionDecoder(cfg, target_dim, cond_dim)``: the denoiser plus its training loss and sampler."""
 
     def __init__(self, cfg: DecoderConfig, target_dim: int, cond_dim: int):
@@ -65,6 +66,12 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(W, cfg.norm_eps) for _ in range(cfg.depth))
         self.final = FinalLayer(W, 2 * target_dim, cfg.norm_eps)
         self._schedules: dict = {}
+        train_schedule = self.schedule(torch.device("cpu"))
+        self.q_sample = inn.QSample(train_schedule)
+        self.diffusion_loss = inn.DiffusionLoss(train_schedule, reduction="mean")
+        # The bound method, not the module: a submodule would nest the decoder inside itself.
+        # ``sample`` passes its respaced schedule and temperature per call.
+        self.sampler = inn.PSampleLoop(self._denoise_fp32, train_schedule, target_dim, temperature=cfg.temperature)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,6 +95,9 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
         if key not in self._schedules:
             self._schedules[key] = ops.make_schedule(self.cfg.num_steps, self.cfg.schedule, respace=respace, device=device)
         return self._schedules[key]
+
+    def _denoise_fp32(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, t, c).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``x_t[M, target_dim]``, ``t int64[M]`` (original timesteps), ``cond[M, cond_dim]`` -> ``[M, 2*target_dim]``."""
@@ -117,7 +127,6 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
             cond = cond.repeat(self.cfg.batch_mul, 1)
             target = target.repeat(self.cfg.batch_mul, 1)
         device = cond.device
-        sched = self.schedule(device)
         M = target.shape[0]
         if generator is not None and generator.device != device:
             # Drawing M x target_dim normals on the host and copying them costs more than the
@@ -125,14 +134,12 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
             # instead (still deterministic given it; reading a CPU tensor does not sync the GPU).
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             generator = torch.Generator(device).manual_seed(seed)
-        t = torch.randint(0, sched.num_steps, (M,), generator=generator, device=device)
+        t = torch.randint(0, self.q_sample.schedule.num_steps, (M,), generator=generator, device=device)
         x0 = target.float()
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        x_t = ops.q_sample(x0, noise, t, sched, backend=self.backend_for("q_sample"))
+        x_t = self.q_sample(x0, noise, t)
         out = self.forward(x_t, t, cond).float()
-        return ops.diffusion_loss(
-            out, x0, x_t, noise, t, sched, reduction="mean", backend=self.backend_for("diffusion_loss")
-        )
+        return self.diffusion_loss(out, x0, x_t, noise, t)
 
     @torch.no_grad()
     def sample(
@@ -154,9 +161,7 @@ class DiffusionDecoder(OpsUser, CheckpointedBlocks, nn.Module):
         sched = self.schedule(cond.device, respace=steps)
         if noise is None and generator is not None:
             noise = torch.randn((cond.shape[0], self.target_dim), generator=generator, device=generator.device).to(cond.device)
-        return ops.p_sample_loop(
-            lambda x, t, c: self.forward(x, t, c).float(),
-            cond, sched, channels=self.target_dim, noise=noise,
-            generator=generator if generator is not None and generator.device == cond.device else None,
-            temperature=temp, backend=self.backend_for("p_sample_loop"),
+        same_device = generator is not None and generator.device == cond.device
+        return self.sampler(
+            cond, noise=noise, generator=generator if same_device else None, schedule=sched, temperature=temp
         )

@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from invnext import ops
+from invnext import nn as inn
 from invnext.config import EncoderConfig
 from invnext.models.layers import (
     LayerScale,
@@ -36,7 +36,7 @@ from invnext.models.layers import (
     resize_grid_table,
     uniform_cu_seqlens,
 )
-from invnext.models.switches import CheckpointedBlocks, OpsUser
+from invnext.models.switches import CheckpointedBlocks
 
 # ImageNet statistics (InternVideo2/UMT convention): preprocess() maps uint8 RGB frames to
 # (x / 255 - mean) / std per channel.
@@ -88,26 +88,24 @@ class PatchEmbed(nn.Module):
         return self.post_norm(self.proj(self.pre_norm(x)))
 
 
-class Attention(OpsUser, nn.Module):
-    def __init__(self, width: int, heads: int, eps: float):
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, eps: float, rope, num_prefix: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.q_norm = nn.RMSNorm(width, eps=eps)
         self.k_norm = nn.RMSNorm(width, eps=eps)
         self.proj = nn.Linear(width, width)
+        self.attend = inn.MaskedAttention(rope=rope, num_prefix=num_prefix)
 
-    def forward(self, x: torch.Tensor, pack: Packing, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: Packing) -> torch.Tensor:
         total, width = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         shape = (total, self.heads, width // self.heads)
         # q/k norms act on the full width before the head split (InternVideo2's qk_normalization).
         q, k = self.q_norm(q).view(shape), self.k_norm(k).view(shape)
-        out = ops.masked_attention(
-            q, k, v.reshape(shape), pack.cu_seqlens, pack.max_seqlen,
-            coords=pack.coords if rope is not None else None, rope=rope, num_prefix=pack.num_prefix,
-            backend=self.backend_for("masked_attention"),
-        )
+        coords = pack.coords if self.attend.rope is not None else None
+        out = self.attend(q, k, v.reshape(shape), pack.cu_seqlens, pack.max_seqlen, coords)
         return self.proj(out.reshape(total, width))
 
 
@@ -123,18 +121,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: EncoderConfig, drop_path: float):
+    def __init__(self, cfg: EncoderConfig, drop_path: float, rope):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.norm_eps, rope, cfg.num_class_tokens)
         self.ls1 = LayerScale(cfg.width, cfg.layer_scale_init)
         self.norm2 = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_hidden, cfg.activation)
         self.ls2 = LayerScale(cfg.width, cfg.layer_scale_init)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, pack: Packing, rope) -> torch.Tensor:
-        x = x + drop_path_packed(self.ls1(self.attn(self.norm1(x), pack, rope)), self.drop_path, pack, self.training)
+    def forward(self, x: torch.Tensor, pack: Packing) -> torch.Tensor:
+        x = x + drop_path_packed(self.ls1(self.attn(self.norm1(x), pack)), self.drop_path, pack, self.training)
         return x + drop_path_packed(self.ls2(self.mlp(self.norm2(x))), self.drop_path, pack, self.training)
 
 
@@ -178,7 +176,7 @@ class AttentionPool(nn.Module):
         return self.proj(out.reshape(B, C))
 
 
-class Encoder(OpsUser, CheckpointedBlocks, nn.Module):
+class Encoder(CheckpointedBlocks, nn.Module):
     """InternVideo-Next's video ViT (see the module docstring).
 
     Attributes:
@@ -197,12 +195,14 @@ class Encoder(OpsUser, CheckpointedBlocks, nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_tokens = nn.Parameter(torch.zeros(1, cfg.num_class_tokens, cfg.width))
         self.pos_embed = PositionTable(cfg.width, cfg.grid, cfg.num_class_tokens)
+        self.rope = (cfg.rope_theta, rope_sections(cfg.width // cfg.heads)) if cfg.use_rope else None
+        # No learned prefix of its own: it is given the class tokens with their positions added.
+        self.gather = inn.GatherVisible(cfg.width)
         rates = torch.linspace(0.0, cfg.drop_path, cfg.depth, device="cpu").tolist() if cfg.depth > 1 else [cfg.drop_path]
-        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.blocks = nn.ModuleList(Block(cfg, r, self.rope) for r in rates)
         # The authors' released encoders end without a norm (final_norm=False when converting them).
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.pool = AttentionPool(cfg.width, cfg.pool_heads, cfg.embed_dim)
-        self.rope = (cfg.rope_theta, rope_sections(cfg.width // cfg.heads)) if cfg.use_rope else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -282,7 +282,7 @@ class Encoder(OpsUser, CheckpointedBlocks, nn.Module):
         wanted = {i: None for i in return_layers}
         x = tokens
         for i, block in enumerate(self.blocks):
-            x = self.run_block(block, x, pack, self.rope)
+            x = self.run_block(block, x, pack)
             if i in wanted:
                 wanted[i] = x
         x = self.norm(x)
@@ -308,9 +308,7 @@ class Encoder(OpsUser, CheckpointedBlocks, nn.Module):
         grid = self.grid_of(video)
         x = self.patch_embed(video)
         prefix, pos = self.positions(grid, x.dtype)
-        packed = ops.gather_visible(
-            x, hidden, pos, prefix, num_visible=num_visible, backend=self.backend_for("gather_visible")
-        )
+        packed = self.gather(x, hidden, pos, num_visible, prefix=prefix)
         coords = grid_coords(packed.index, grid) if self.rope is not None else None
         return self.forward_packed(
             packed.tokens, packed.cu_seqlens, packed.max_seqlen, coords,

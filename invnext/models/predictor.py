@@ -36,14 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from invnext import nn as inn
 from invnext import ops
 from invnext.config import PredictorConfig
 from invnext.models.layers import MLPHead, PositionTable, grid_coords, uniform_cu_seqlens
 from invnext.models.modernbert import load_modernbert_layers
-from invnext.models.switches import CheckpointedBlocks, OpsUser
+from invnext.models.switches import CheckpointedBlocks
 
 
-class PredictorAttention(OpsUser, nn.Module):
+class PredictorAttention(nn.Module):
     def __init__(self, cfg: PredictorConfig, is_global: bool):
         super().__init__()
         self.heads = cfg.heads
@@ -55,25 +56,21 @@ class PredictorAttention(OpsUser, nn.Module):
             self.window = None
         else:
             self.window = tuple(cfg.local_window_3d) if cfg.local_window_3d is not None else cfg.local_window
+        self.sections = (0, 0, self.head_dim)
+        # A 3D box window reads the (t, h, w) coords, so the 1D RoPE is applied beforehand (module docstring).
+        rope = None if isinstance(self.window, tuple) else (self.theta, self.sections)
+        self.attend = inn.MaskedAttention(rope=rope, window=self.window)
 
     def forward(self, x: torch.Tensor, cu_seqlens, max_seqlen: int, coords_1d, coords_3d) -> torch.Tensor:
         total, width = x.shape
         qkv = self.Wqkv(x).view(total, 3, self.heads, self.head_dim)
-        sections = (0, 0, self.head_dim)
         if isinstance(self.window, tuple):
             q, k, v = qkv.unbind(1)
-            q = ops.apply_rope_3d(q, coords_1d, self.theta, sections)
-            k = ops.apply_rope_3d(k, coords_1d, self.theta, sections)
-            out = ops.masked_attention(
-                q, k, v, cu_seqlens, max_seqlen,
-                coords=coords_3d, window=self.window, backend=self.backend_for("masked_attention"),
-            )
+            q = ops.apply_rope_3d(q, coords_1d, self.theta, self.sections)
+            k = ops.apply_rope_3d(k, coords_1d, self.theta, self.sections)
+            out = self.attend(q, k, v, cu_seqlens, max_seqlen, coords_3d)
         else:
-            out = ops.masked_attention(
-                qkv, None, None, cu_seqlens, max_seqlen,
-                coords=coords_1d, rope=(self.theta, sections), window=self.window,
-                backend=self.backend_for("masked_attention"),
-            )
+            out = self.attend(qkv, None, None, cu_seqlens, max_seqlen, coords_1d)
         return self.Wo(out.reshape(total, width))
 
 
@@ -108,7 +105,7 @@ class PredictorLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
+class Predictor(CheckpointedBlocks, nn.Module):
     """``Predictor(cfg, in_dim, grid)``: encoder tokens (+ mask tokens) -> a latent per grid token.
 
     Args:
@@ -124,6 +121,8 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         self.in_dim = in_dim
         self.embed = MLPHead(in_dim, cfg.width, cfg.width)
         self.mask_token = nn.Parameter(torch.zeros(in_dim))
+        # Its mask token is scattered after the embedding (module docstring): given per call.
+        self.scatter = inn.ScatterTokens(cfg.width, learned_token=False)
         self.pos_embed = PositionTable(cfg.width, grid, num_prefix=0)
         self.layers = nn.ModuleList(PredictorLayer(cfg, cfg.first_layer_id + i) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False) if cfg.final_norm else nn.Identity()
@@ -171,9 +170,7 @@ class Predictor(OpsUser, CheckpointedBlocks, nn.Module):
         x = self.embed(tokens)
         mask = self.embed(self.mask_token.to(tokens.dtype)[None])[0].to(x.dtype)
         _, pos = self.pos_embed(grid)
-        x = ops.scatter_tokens(
-            x, index, mask, pos.to(x.dtype), N, batch_size=batch_size, backend=self.backend_for("scatter_tokens")
-        )
+        x = self.scatter(x, index, N, batch_size, pos.to(x.dtype), mask_token=mask)
         return self.forward_grid(x, grid)
 
     def _structure(self, B: int, grid: tuple[int, int, int], device: torch.device) -> tuple:

@@ -32,13 +32,12 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from invnext import ops
+from invnext import nn as inn
 from invnext.config import Stage1Config
 from invnext.models.decoder import DiffusionDecoder
 from invnext.models.encoder import Encoder, EncoderOutput
 from invnext.models.layers import MLPHead, PositionTable, cosine_loss, grid_rows, patchify, true_positions
 from invnext.models.predictor import Predictor
-from invnext.models.switches import OpsUser
 from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher, teacher_input
 from invnext.models.teacher_interface import per_token
 
@@ -48,7 +47,7 @@ def kept_per_frame(ratio: float, frame_tokens: int) -> int:
     return frame_tokens - min(math.floor(ratio * frame_tokens + 0.5), frame_tokens - 1)
 
 
-class Stage1Model(OpsUser, nn.Module):
+class Stage1Model(nn.Module):
     """Encoder + predictor + diffusion decoder + alignment heads, with a frozen teacher.
 
     Args:
@@ -81,6 +80,9 @@ class Stage1Model(OpsUser, nn.Module):
         self.pool_head = MLPHead(enc.embed_dim, Cp, Cp)
         self.predictor = Predictor(cfg.predictor, enc.width, enc.grid)
         self.decoder = DiffusionDecoder(cfg.decoder, enc.patch_dim, cfg.predictor.width)
+        # The semantic sampler's keep follows each clip's frame size: given per call.
+        tube = cfg.mask_mode == "tube"
+        self.mask_sampler = inn.TubeMask(cfg.mask_ratio) if tube else inn.SemanticMask(None, cfg.mask_mode)
         for head in (*self.align_heads, self.pool_head):
             for m in head.modules():
                 if isinstance(m, nn.Linear):
@@ -174,13 +176,9 @@ class Stage1Model(OpsUser, nn.Module):
         keep = kept_per_frame(cfg.mask_ratio, S)
         with record_function("masks"):
             if cfg.mask_mode == "tube":  # the ablation: the same ratio, places drawn at random (no teacher)
-                hidden = ops.tube_mask(
-                    B, grid, cfg.mask_ratio, generator=generator, device=video.device, backend=self.backend_for("tube_mask")
-                )
+                hidden = self.mask_sampler(B, grid, generator=generator, device=video.device)
             else:
-                hidden = ops.semantic_mask(
-                    per_token(tout, cfg.encoder.tubelet_size).attn.float(), keep, cfg.mask_mode, generator=generator, backend=self.backend_for("semantic_mask")
-                )
+                hidden = self.mask_sampler(per_token(tout, cfg.encoder.tubelet_size).attn.float(), keep=keep, generator=generator)
         with record_function("encoder"):
             enc = self.encoder.forward_masked(
                 video, hidden, num_visible=[T * keep] * B, return_layers=self.student_layers

@@ -23,15 +23,14 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
-from invnext import ops
+from invnext import nn as inn
 from invnext.config import Stage2Config
 from invnext.models.encoder import Encoder
 from invnext.models.layers import MLPHead, cosine_loss, l2norm, true_positions
 from invnext.models.predictor import Predictor
-from invnext.models.switches import OpsUser
 
 
-class Stage2Model(OpsUser, nn.Module):
+class Stage2Model(nn.Module):
     """Student encoder + predictor + head, and the frozen target encoder.
 
     Args:
@@ -53,6 +52,9 @@ class Stage2Model(OpsUser, nn.Module):
         self.target.eval()
         self.predictor = Predictor(cfg.predictor, cfg.encoder.width, cfg.encoder.grid)
         self.head = MLPHead(cfg.predictor.width, cfg.predictor.width, cfg.encoder.width)
+        self.view_samplers = nn.ModuleList(
+            inn.MultiblockMask(v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale) for v in cfg.views
+        )
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
@@ -78,11 +80,8 @@ class Stage2Model(OpsUser, nn.Module):
         come without reading the GPU: the step never waits for the teacher to finish.
         """
         return [
-            ops.multiblock_mask(
-                batch_size, grid, v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale,
-                generator=generator, device=device, backend=self.backend_for("multiblock_mask"), return_counts=True,
-            )
-            for v in self.cfg.views
+            sample(batch_size, grid, generator=generator, device=device, return_counts=True)
+            for sample in self.view_samplers
         ]
 
     def forward(

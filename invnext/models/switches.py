@@ -12,9 +12,10 @@
   memory for roughly one more forward. Only while training with grad enabled; results and
   gradients are those of the plain pass (the RNG state of drop path is replayed).
 
-A module opts in through the mixins below: :class:`OpsUser` (class attribute ``ops_backend``)
-and :class:`CheckpointedBlocks` (class attribute ``grad_checkpointing``); the setters walk
-``module.modules()`` and set the instance attribute wherever the class declares it.
+The models build every fused part from an :mod:`invnext.nn` module (:class:`invnext.nn.FusedOp`,
+attribute ``ops_backend``), and a block stack opts in to checkpointing through the mixin
+:class:`CheckpointedBlocks` (attribute ``grad_checkpointing``); the setters walk
+``module.modules()`` and set the attribute wherever it is declared.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from invnext.ops._dispatch import OPS_BACKENDS, OpsUser, op_backend
+from invnext.nn import FusedOp
+from invnext.ops._dispatch import OPS_BACKENDS, op_backend
 
-__all__ = ["OPS_BACKENDS", "CheckpointedBlocks", "OpsUser", "op_backend", "set_grad_checkpointing", "set_ops_backend"]
+__all__ = ["OPS_BACKENDS", "CheckpointedBlocks", "op_backend", "set_grad_checkpointing", "set_ops_backend"]
 
 
 class CheckpointedBlocks:
@@ -49,7 +51,7 @@ def _check_module(fn: str, module: object) -> None:
 
 
 def set_ops_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Make every submodule of ``module`` that calls an ``invnext.ops`` op use ``backend``.
+    """Make every :mod:`invnext.nn` op module inside ``module`` use ``backend``.
 
     Args:
         module: any module (a model, a wrapped or compiled model: every submodule is reached).
@@ -62,7 +64,7 @@ def set_ops_backend(module: nn.Module, backend: str) -> nn.Module:
         names = ", ".join(map(repr, OPS_BACKENDS))
         raise ValueError(f"set_ops_backend: backend must be one of {names}, got {backend!r}")
     for m in module.modules():
-        if isinstance(m, OpsUser):
+        if isinstance(m, FusedOp):
             m.ops_backend = backend
     return module
 

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invnext import ops
+from invnext import nn as inn
 from invnext.config import TeacherConfig
 from invnext.models.layers import init_linear_trunc_normal, l2norm, patchify, sincos_3d, uniform_cu_seqlens
-from invnext.models.switches import OpsUser
 from invnext.models.teacher_interface import ImageTeacher, TeacherOutput
 
 
@@ -79,7 +78,7 @@ class ConvPatchEmbed(nn.Module):
         return self.feature_map(images).flatten(2).transpose(1, 2)
 
 
-class _TeacherBlock(OpsUser, nn.Module):
+class _TeacherBlock(nn.Module):
     """Pre-LN ViT block (SigLIP style: LayerNorm, qkv with bias, GELU MLP)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float):
@@ -91,11 +90,12 @@ class _TeacherBlock(OpsUser, nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         hidden = round(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.attend = inn.MaskedAttention()
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
         total, width = x.shape
         qkv = self.qkv(self.norm1(x)).view(total, 3, self.heads, width // self.heads)
-        attn = ops.masked_attention(qkv, None, None, cu_seqlens, length, backend=self.backend_for("masked_attention"))
+        attn = self.attend(qkv, None, None, cu_seqlens, length)
         x = x + self.proj(attn.reshape(total, width))
         return x + self.mlp(self.norm2(x))
 

@@ -18,10 +18,11 @@ import os
 import threading
 from typing import Any
 
+from .c_api import ABI  # the extension must report the header's INVNEXT_NATIVE_ABI
+
 NOT_BUILT = "not built (installed without nvcc or with INVNEXT_SKIP_CUDA_BUILD=1)"
 NO_GPU = "no CUDA GPU visible"
 SOURCE_ENV = "INVNEXT_NATIVE_SOURCE"
-ABI = 1  # must equal INVNEXT_NATIVE_ABI in csrc/invnext_native.h
 
 _lock = threading.Lock()
 _state: tuple[Any, str | None, str | None] | None = None  # (backend, source, reason)

@@ -1,7 +1,8 @@
 """The run-time path: ``token_kernels.cuh`` and ``mask_kernels.cuh`` compiled by NVRTC through CuPy.
 
-Used when the prebuilt extension is absent. :class:`CupyKernels` has the same functions,
-arguments and integer error codes as ``invnext.native._C`` (csrc/bindings.cpp), and mirrors
+Used when the prebuilt extension is absent. :class:`CupyKernels` has the same functions and
+integer error codes as ``invnext.native._C`` (csrc/bindings.cpp), with the argument lists of
+``invnext.native.c_api``, and mirrors
 the launch choices of ``csrc/token_launch.cuh`` and ``csrc/mask_ops.cu``: change both together.
 The mask module is compiled at the first mask call. CuPy caches compiled modules on disk, so
 only the first process pays the compile.
@@ -13,15 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from invnext.native.c_api import MASK_KEY_BYTES, MASK_MAX_BLOCKS, MASK_THREADS, c_function
+
 _THREADS = 256
 _MAX_BLOCKS = 1 << 24
 _GATHER_ROWS = 4  # kGatherRows in token_kernels.cuh
 _MAX_INT32 = 2**31 - 1
 _OK, _BAD_ARG = 0, 1  # cudaSuccess, cudaErrorInvalidValue
-# Mask samplers: INVNEXT_MASK_* of csrc/invnext_native.h, launch shapes of csrc/mask_ops.cu.
-MASK_THREADS = 512
-MASK_KEY_BYTES = 45056
-MASK_MAX_BLOCKS = 1024
 _BOX_BYTES = 24  # sizeof(invnext_masks::Box): six ints
 
 # dtype code -> (kernel suffix, element size, elements per 16 bytes)
@@ -60,6 +59,11 @@ def _row_launch(rows: int, pieces: int, rows_per_thread: int = 1) -> tuple[tuple
 
 def _sizes_ok(total: int, B: int, N: int, C: int) -> bool:
     return total >= 0 and B >= 1 and N >= 1 and C >= 0 and total <= _MAX_INT32 and B * N <= _MAX_INT32
+
+
+def _bad_token_args(a, *launcher_checks: bool) -> bool:
+    """The checks every token launcher of csrc/token_ops.cu makes (dtype code, sizes), or any of its own."""
+    return a.dtype not in _DTYPES or not _sizes_ok(a.total, a.B, a.N, a.C) or any(launcher_checks)
 
 
 def _mask_threads(n: int) -> int:
@@ -118,6 +122,13 @@ class CupyKernels:
         with self._stream(stream):
             fn(grid, block, args, shared_mem=shared_mem)
 
+    def _rows(self, kind: str, dtype: int, C: int, rows: int, vector_ptrs, args, stream: int, per_thread: int = 1):
+        """A row kernel of ``kind`` over ``rows`` rows of C elements: 16-byte accesses where C and
+        every pointer in ``vector_ptrs`` allow them (csrc/token_launch.cuh decides the same way)."""
+        fn, vec = self._kernel(kind, dtype, _vector_ok(_DTYPES[dtype][1], C, *vector_ptrs))
+        grid, block = _row_launch(rows, C // vec, per_thread)
+        self._launch(fn, grid, block, args, stream)
+
     def _mask_fn(self, name: str):
         if self._mask_module is None:
             self._mask_module = self._cupy.RawModule(code=mask_source_text(), options=("--std=c++17",))
@@ -145,151 +156,144 @@ class CupyKernels:
             stream,
         )
 
-    # The functions of csrc/bindings.cpp, same argument order.
+    # The functions of csrc/bindings.cpp: argument lists from invnext.native.c_api, ``a`` their values.
 
-    def gather_visible_forward(self, out, x, index, cu_seqlens, pos, prefix, total, B, N, C, Bp, Bq, P, dtype, stream):
-        if (
-            dtype not in _DTYPES
-            or not _sizes_ok(total, B, N, C)
-            or P < 0
-            or (P > 0 and (not prefix or Bq not in (1, B)))
-            or (pos and Bp not in (1, B))
-            or (total > 0 and C > 0 and not (out and x and index and cu_seqlens))
+    @c_function
+    def gather_visible_forward(self, a):
+        if _bad_token_args(
+            a,
+            a.P < 0,
+            (a.P > 0 and (not a.prefix or a.Bq not in (1, a.B))),
+            (a.pos and a.Bp not in (1, a.B)),
+            (a.total > 0 and a.C > 0 and not (a.out and a.x and a.index and a.cu_seqlens)),
         ):
             return _BAD_ARG
-        if total == 0 or C == 0:
+        if a.total == 0 or a.C == 0:
             return _OK
-        itemsize = _DTYPES[dtype][1]
-        fn, vec = self._kernel("gather_visible_fwd", dtype, _vector_ok(itemsize, C, out, x, pos, prefix))
-        grid, block = _row_launch(total, C // vec, _GATHER_ROWS)
-        args = (_p(out), _p(x), _p(index), _p(cu_seqlens), _p(pos), _p(prefix), _i(total), _i(B), _i(N), _i(C),
-                _i(Bp if pos else 1), _i(Bq if P > 0 else 1), _i(P))
-        self._launch(fn, grid, block, args, stream)
+        args = (_p(a.out), _p(a.x), _p(a.index), _p(a.cu_seqlens), _p(a.pos), _p(a.prefix), _i(a.total), _i(a.B),
+                _i(a.N), _i(a.C), _i(a.Bp if a.pos else 1), _i(a.Bq if a.P > 0 else 1), _i(a.P))
+        vector_ptrs = (a.out, a.x, a.pos, a.prefix)
+        self._rows("gather_visible_fwd", a.dtype, a.C, a.total, vector_ptrs, args, a.stream, _GATHER_ROWS)
         return _OK
 
-    def gather_visible_backward(self, dx, inv, dprefix, grad, index, cu_seqlens, total, B, N, C, Bq, P, dtype, stream):
-        if (
-            dtype not in _DTYPES
-            or not _sizes_ok(total, B, N, C)
-            or P < 0
-            or (dprefix and P > 0 and Bq not in (1, B))
-            or (dx and not inv)
-            or (total > 0 and C > 0 and not (grad and index and cu_seqlens))
+    @c_function
+    def gather_visible_backward(self, a):
+        if _bad_token_args(
+            a,
+            a.P < 0,
+            (a.dprefix and a.P > 0 and a.Bq not in (1, a.B)),
+            (a.dx and not a.inv),
+            (a.total > 0 and a.C > 0 and not (a.grad and a.index and a.cu_seqlens)),
         ):
             return _BAD_ARG
-        if C == 0:
+        if a.C == 0:
             return _OK
-        itemsize = _DTYPES[dtype][1]
-        BN = B * N
-        if dx:
-            self._build_inverse(inv, index, cu_seqlens, total, B, BN, P, stream)
-            fn, vec = self._kernel("expand_rows", dtype, _vector_ok(itemsize, C, dx, grad))
-            grid, block = _row_launch(BN, C // vec)
-            args = (_p(dx), _p(inv), _p(grad), _p(0), _p(0), _i(total), _i(BN), _i(N), _i(C), _i(1))
-            self._launch(fn, grid, block, args, stream)
-        if dprefix and P > 0:
-            fn, vec = self._kernel("prefix_grad", dtype, _vector_ok(itemsize, C, dprefix, grad))
-            grid, block = _row_launch(Bq * P, C // vec)
-            args = (_p(dprefix), _p(grad), _p(cu_seqlens), _i(total), _i(B), _i(P), _i(Bq), _i(C))
-            self._launch(fn, grid, block, args, stream)
+        BN = a.B * a.N
+        if a.dx:
+            self._build_inverse(a.inv, a.index, a.cu_seqlens, a.total, a.B, BN, a.P, a.stream)
+            args = (_p(a.dx), _p(a.inv), _p(a.grad), _p(0), _p(0), _i(a.total), _i(BN), _i(a.N), _i(a.C), _i(1))
+            self._rows("expand_rows", a.dtype, a.C, BN, (a.dx, a.grad), args, a.stream)
+        if a.dprefix and a.P > 0:
+            args = (_p(a.dprefix), _p(a.grad), _p(a.cu_seqlens), _i(a.total), _i(a.B), _i(a.P), _i(a.Bq), _i(a.C))
+            self._rows("prefix_grad", a.dtype, a.C, a.Bq * a.P, (a.dprefix, a.grad), args, a.stream)
         return _OK
 
-    def scatter_tokens_forward(self, out, inv, packed, index, mask_token, pos, total, B, N, C, Bp, dtype, stream):
-        if (
-            dtype not in _DTYPES
-            or not _sizes_ok(total, B, N, C)
-            or not inv
-            or (pos and Bp not in (1, B))
-            or (C > 0 and not (out and mask_token))
-            or (total > 0 and not (index and packed))
+    @c_function
+    def scatter_tokens_forward(self, a):
+        if _bad_token_args(
+            a,
+            not a.inv,
+            (a.pos and a.Bp not in (1, a.B)),
+            (a.C > 0 and not (a.out and a.mask_token)),
+            (a.total > 0 and not (a.index and a.packed)),
         ):
             return _BAD_ARG
-        BN = B * N
-        self._build_inverse(inv, index, 0, total, B, BN, 0, stream)
-        if C == 0:
+        BN = a.B * a.N
+        self._build_inverse(a.inv, a.index, 0, a.total, a.B, BN, 0, a.stream)
+        if a.C == 0:
             return _OK
-        itemsize = _DTYPES[dtype][1]
-        fn, vec = self._kernel("expand_rows", dtype, _vector_ok(itemsize, C, out, packed, mask_token, pos))
-        grid, block = _row_launch(BN, C // vec)
-        args = (_p(out), _p(inv), _p(packed), _p(mask_token), _p(pos), _i(total), _i(BN), _i(N), _i(C),
-                _i(Bp if pos else 1))
-        self._launch(fn, grid, block, args, stream)
+        args = (_p(a.out), _p(a.inv), _p(a.packed), _p(a.mask_token), _p(a.pos), _i(a.total), _i(BN), _i(a.N),
+                _i(a.C), _i(a.Bp if a.pos else 1))
+        self._rows("expand_rows", a.dtype, a.C, BN, (a.out, a.packed, a.mask_token, a.pos), args, a.stream)
         return _OK
 
-    def scatter_tokens_backward(self, dpacked, partial, grad, index, inv, total, B, N, C, chunk_rows, dtype, stream):
-        if (
-            dtype not in _DTYPES
-            or not _sizes_ok(total, B, N, C)
-            or (C > 0 and not grad)
-            or (dpacked and total > 0 and not index)
-            or (partial and (not inv or chunk_rows < 1))
+    @c_function
+    def scatter_tokens_backward(self, a):
+        if _bad_token_args(
+            a,
+            (a.C > 0 and not a.grad),
+            (a.dpacked and a.total > 0 and not a.index),
+            (a.partial and (not a.inv or a.chunk_rows < 1)),
         ):
             return _BAD_ARG
-        if C == 0:
+        if a.C == 0:
             return _OK
-        itemsize = _DTYPES[dtype][1]
-        BN = B * N
-        if dpacked and total > 0:
-            fn, vec = self._kernel("gather_rows", dtype, _vector_ok(itemsize, C, dpacked, grad))
-            grid, block = _row_launch(total, C // vec)
-            self._launch(fn, grid, block, (_p(dpacked), _p(grad), _p(index), _i(total), _i(BN), _i(C)), stream)
-        if partial:
-            fn, vec = self._kernel("masked_colsum", dtype, _vector_ok(itemsize, C, grad))
-            pieces = C // vec
+        BN = a.B * a.N
+        if a.dpacked and a.total > 0:
+            args = (_p(a.dpacked), _p(a.grad), _p(a.index), _i(a.total), _i(BN), _i(a.C))
+            self._rows("gather_rows", a.dtype, a.C, a.total, (a.dpacked, a.grad), args, a.stream)
+        if a.partial:
+            fn, vec = self._kernel("masked_colsum", a.dtype, _vector_ok(_DTYPES[a.dtype][1], a.C, a.grad))
+            pieces = a.C // vec
             bx = min(_THREADS, (pieces + 31) // 32 * 32)
-            chunks = (BN + chunk_rows - 1) // chunk_rows
+            chunks = (BN + a.chunk_rows - 1) // a.chunk_rows
             grid = ((pieces + bx - 1) // bx, min(chunks, 65535))
-            args = (_p(partial), _p(grad), _p(inv), _i(BN), _i(total), _i(C), _i(chunk_rows))
-            self._launch(fn, grid, (bx,), args, stream)
+            args = (_p(a.partial), _p(a.grad), _p(a.inv), _i(BN), _i(a.total), _i(a.C), _i(a.chunk_rows))
+            self._launch(fn, grid, (bx,), args, a.stream)
         return _OK
 
-    def sum_batch(self, out, inp, B, M, C, dtype, stream):
-        if dtype not in _DTYPES or B < 1 or M < 0 or C < 0 or (M > 0 and C > 0 and not (out and inp)):
+    @c_function
+    def sum_batch(self, a):
+        if a.dtype not in _DTYPES or a.B < 1 or a.M < 0 or a.C < 0 or (a.M > 0 and a.C > 0 and not (a.out and a.inp)):
             return _BAD_ARG
-        if M == 0 or C == 0:
+        if a.M == 0 or a.C == 0:
             return _OK
-        fn, vec = self._kernel("sum_batch", dtype, _vector_ok(_DTYPES[dtype][1], C, out, inp))
-        grid, block = _row_launch(M, C // vec)
-        self._launch(fn, grid, block, (_p(out), _p(inp), _i(B), _i(M), _i(C)), stream)
+        args = (_p(a.out), _p(a.inp), _i(a.B), _i(a.M), _i(a.C))
+        self._rows("sum_batch", a.dtype, a.C, a.M, (a.out, a.inp), args, a.stream)
         return _OK
 
     # Mask samplers (csrc/mask_ops.cu, same checks and launch shapes).
 
-    def tube_mask(self, hidden, cu_seqlens, B, T, H, W, num_hidden, seed, P, stream):
-        S = H * W
-        if not hidden or not _mask_grid_ok(B, T, H, W, cu_seqlens, P) or S * 4 > MASK_KEY_BYTES:
+    @c_function
+    def tube_mask(self, a):
+        S = a.H * a.W
+        if not a.hidden or not _mask_grid_ok(a.B, a.T, a.H, a.W, a.cu_seqlens, a.P) or S * 4 > MASK_KEY_BYTES:
             return _BAD_ARG
-        if not 0 <= num_hidden <= S:
+        if not 0 <= a.num_hidden <= S:
             return _BAD_ARG
-        args = (_p(hidden), _i(T), np.int32(S), np.int32(num_hidden), np.uint64(seed))
-        self._launch(self._mask_fn("invnext_tube_mask_kernel"), (B,), (_mask_threads(S),), args, stream, S * 4)
-        self._mask_cu_seqlens(cu_seqlens, B, T * (S - num_hidden), P, stream)
+        args = (_p(a.hidden), _i(a.T), np.int32(S), np.int32(a.num_hidden), np.uint64(a.seed))
+        self._launch(self._mask_fn("invnext_tube_mask_kernel"), (a.B,), (_mask_threads(S),), args, a.stream, S * 4)
+        self._mask_cu_seqlens(a.cu_seqlens, a.B, a.T * (S - a.num_hidden), a.P, a.stream)
         return _OK
 
-    def multiblock_mask(self, hidden, cu_seqlens, boxes, B, T, H, W, num_blocks, P, stream):
-        if not hidden or not boxes or not _mask_grid_ok(B, T, H, W, cu_seqlens, P):
+    @c_function
+    def multiblock_mask(self, a):
+        if not a.hidden or not a.boxes or not _mask_grid_ok(a.B, a.T, a.H, a.W, a.cu_seqlens, a.P):
             return _BAD_ARG
-        if not 1 <= num_blocks <= MASK_MAX_BLOCKS:
+        if not 1 <= a.num_blocks <= MASK_MAX_BLOCKS:
             return _BAD_ARG
-        visible = (cu_seqlens + 4) if cu_seqlens else 0
-        args = (_p(hidden), _p(visible), _p(boxes), np.int32(T), np.int32(H), np.int32(W), np.int32(num_blocks))
+        visible = (a.cu_seqlens + 4) if a.cu_seqlens else 0
+        args = (_p(a.hidden), _p(visible), _p(a.boxes), np.int32(a.T), np.int32(a.H), np.int32(a.W),
+                np.int32(a.num_blocks))
         fn = self._mask_fn("invnext_multiblock_mask_kernel")
-        self._launch(fn, (B,), (_mask_threads(T * H * W),), args, stream, num_blocks * _BOX_BYTES)
-        self._mask_cu_seqlens(cu_seqlens, B, -1, P, stream)
+        self._launch(fn, (a.B,), (_mask_threads(a.T * a.H * a.W),), args, a.stream, a.num_blocks * _BOX_BYTES)
+        self._mask_cu_seqlens(a.cu_seqlens, a.B, -1, a.P, a.stream)
         return _OK
 
-    def semantic_mask(self, hidden, cu_seqlens, attn, B, T, S, keep, mode, dtype, seed, P, stream):
-        if not hidden or not attn or not _mask_grid_ok(B, T, 1, S, cu_seqlens, P) or B * T > _MAX_INT32:
+    @c_function
+    def semantic_mask(self, a):
+        B, T, S = a.B, a.T, a.S
+        if not a.hidden or not a.attn or not _mask_grid_ok(B, T, 1, S, a.cu_seqlens, a.P) or B * T > _MAX_INT32:
             return _BAD_ARG
-        if not 1 <= keep <= S or mode not in (0, 1) or dtype not in _DTYPES:
+        if not 1 <= a.keep <= S or a.mode not in (0, 1) or a.dtype not in _DTYPES:
             return _BAD_ARG
-        key_bytes = 8 if mode == 1 or dtype == 3 else 4
+        key_bytes = 8 if a.mode == 1 or a.dtype == 3 else 4
         if S * key_bytes > MASK_KEY_BYTES:
             return _BAD_ARG
-        name = f"invnext_semantic_mask_{'sample' if mode == 1 else 'topk'}_{_DTYPES[dtype][0]}"
-        args = (_p(hidden), _p(attn), np.int32(S), np.int32(keep), np.uint64(seed))
-        self._launch(self._mask_fn(name), (B * T,), (_mask_threads(S),), args, stream, S * key_bytes)
-        self._mask_cu_seqlens(cu_seqlens, B, T * keep, P, stream)
+        name = f"invnext_semantic_mask_{'sample' if a.mode == 1 else 'topk'}_{_DTYPES[a.dtype][0]}"
+        args = (_p(a.hidden), _p(a.attn), np.int32(S), np.int32(a.keep), np.uint64(a.seed))
+        self._launch(self._mask_fn(name), (B * T,), (_mask_threads(S),), args, a.stream, S * key_bytes)
+        self._mask_cu_seqlens(a.cu_seqlens, B, T * a.keep, a.P, a.stream)
         return _OK
 
     def error_string(self, code: int) -> str:

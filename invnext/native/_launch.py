@@ -11,8 +11,9 @@ import contextlib
 
 import torch
 
-# enum invnext_dtype in csrc/invnext_native.h
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+from invnext.native.c_api import DTYPE_CODES
+
+DTYPE_CODE = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
 
 
 def ptr(t: torch.Tensor | None) -> int:

@@ -32,16 +32,15 @@ from invnext.common.mask_geometry import (
     multiblock_boxes,
     multiblock_hidden_counts,
 )
+from invnext.common.registry import implements
 from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
 from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
 from invnext.native._launch import ptr as _ptr
 from invnext.native._launch import stream as _stream
+from invnext.native.c_api import MASK_KEY_BYTES, MASK_MAX_BLOCKS
+from invnext.native.c_api import MASK_MODES as MODES
 
-# csrc/invnext_native.h (tests/test_native_masks.py checks that they agree).
-MASK_KEY_BYTES = 45056
-MASK_MAX_BLOCKS = 1024
-MODES = {"topk": 0, "sample": 1}
 _MAX_INT32 = 2**31 - 1
 
 
@@ -97,6 +96,7 @@ def _tube(batch_size, grid, ratio, seed, device, num_prefix):
     return hidden, cu
 
 
+@implements("tube_mask", "cuda")
 def tube_mask(
     batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
 ) -> torch.Tensor:
@@ -143,6 +143,7 @@ def _multiblock(boxes, grid, device, num_prefix):
     return hidden, cu
 
 
+@implements("multiblock_mask", "cuda")
 def multiblock_mask(boxes: torch.Tensor, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """``multiblock_mask_reference`` on the GPU: paints the host's boxes (int64[B, J, 6], CPU)
     into ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
@@ -197,6 +198,7 @@ def _semantic(attn, keep, mode, seed, num_prefix):
     return hidden, cu
 
 
+@implements("semantic_mask", "cuda")
 def semantic_mask(attn: torch.Tensor, keep: int, mode: str, seed: int) -> torch.Tensor:
     """``semantic_mask_reference`` on the GPU.
 

@@ -24,6 +24,7 @@ import torch
 
 from invnext import native
 from invnext.common.token_custom_ops import define_token_ops
+from invnext.common.registry import implements
 from invnext.native._launch import DTYPE_CODE as _DTYPE_CODE
 from invnext.native._launch import check as _check
 from invnext.native._launch import on as _on
@@ -182,6 +183,7 @@ _OP_NAMES = ("gather_visible_cuda_fwd", "gather_visible_cuda_bwd", "scatter_toke
 # (index, cu_seqlens) that ``invnext.ops.gather_visible`` builds from the mask, so they are
 # not that op's signature and must not pass for it.
 # ----------------------------------------------------------------------------------------
+@implements("gather_visible", "cuda")
 def gather_visible_cuda(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -213,6 +215,7 @@ def gather_visible_cuda(
     )
 
 
+@implements("scatter_tokens", "cuda")
 def scatter_tokens_cuda(
     packed: torch.Tensor,
     index: torch.Tensor,

@@ -16,6 +16,7 @@ and :func:`invnext.models.switches.set_ops_backend` switches every such module o
 """
 from __future__ import annotations
 
+from ._base import FusedOp  # the base that set_ops_backend looks for; __all__ lists the ops' modules only
 from .attention import MaskedAttention
 from .diffusion import AdaLNModulate, DDIMSampleLoop, DDIMStep, DiffusionLoss, PSampleLoop, PSampleStep, QSample
 from .masks import MotionMask, MultiblockMask, SemanticMask, TubeMask

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from invnext.ops._dispatch import OPS_BACKENDS, OpsUser
+from invnext.ops._dispatch import OPS_BACKENDS, op_backend
 
 
-class FusedOp(OpsUser, nn.Module):
+class FusedOp(nn.Module):
     """Calls the ``invnext.ops`` function named by the class attribute ``op``.
 
-    ``backend`` is the module's ``ops_backend``: :func:`invnext.models.switches.set_ops_backend`
-    reaches these modules inside any model, as it reaches invnext's own layers.
+    ``ops_backend`` is the module's choice; :func:`invnext.models.switches.set_ops_backend`
+    sets it on every such module of a model (invnext's models build their fused parts from these).
     """
 
     op: str
+    ops_backend: str = "auto"
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
@@ -24,7 +25,7 @@ class FusedOp(OpsUser, nn.Module):
     @property
     def backend(self) -> str:
         """The backend argument this module passes to its op."""
-        return self.backend_for(self.op)
+        return op_backend(self.ops_backend, self.op)
 
     def _settings(self) -> dict:
         return {}

@@ -113,8 +113,10 @@ class DDIMStep(_Scheduled):
 
 class _SampleLoop(_Scheduled):
     """A reverse sampler over every step of the schedule around a denoiser ``(x_t, t, cond) -> [M, 2C]``
-    (an ``nn.Module`` is registered as a submodule): forward ``(cond, noise=None, step_noise=None,
-    generator=None) -> x_0 [M, C]``, no grad. ``coef`` names the op's noise keyword."""
+    (an ``nn.Module`` is registered as a submodule; a model that samples with its own ``forward``
+    passes a bound method, which is not): forward ``(cond, noise=None, step_noise=None,
+    generator=None) -> x_0 [M, C]``, no grad. ``coef`` names the op's noise keyword. Keywords
+    ``schedule`` and ``coef`` replace the held ones for one call (a respacing chosen per call)."""
 
     coef: str
 
@@ -130,13 +132,17 @@ class _SampleLoop(_Scheduled):
         self.channels = channels
         setattr(self, self.coef, value)
 
-    def forward(self, cond, noise=None, step_noise=None, generator=None) -> torch.Tensor:
+    def forward(self, cond, noise=None, step_noise=None, generator=None, *, schedule=None, **coef) -> torch.Tensor:
         ref = noise if noise is not None else cond
         if not isinstance(ref, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: give noise, or cond as a tensor (it fixes M and the device)")
+        if set(coef) - {self.coef}:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword(s) {sorted(set(coef) - {self.coef})}")
+        value = coef.get(self.coef)
         return getattr(ops, self.op)(
-            self.denoise_fn, cond, self.schedule_on(ref.device), channels=self.channels, noise=noise,
-            step_noise=step_noise, generator=generator, backend=self.backend, **{self.coef: getattr(self, self.coef)},
+            self.denoise_fn, cond, self.schedule_on(ref.device) if schedule is None else schedule,
+            channels=self.channels, noise=noise, step_noise=step_noise, generator=generator, backend=self.backend,
+            **{self.coef: getattr(self, self.coef) if value is None else value},
         )  # fmt: skip
 
     def _settings(self) -> dict:

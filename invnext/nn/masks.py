@@ -68,18 +68,23 @@ class MultiblockMask(FusedOp):
 
 class SemanticMask(FusedOp):
     """Per frame, keep the ``keep`` tokens the teacher attends to most (``"topk"``) or a draw
-    proportional to attention (``"sample"``): forward ``(attn float[B, T, S], *, seed=None,
-    generator=None) -> bool[B, T*S]``."""
+    proportional to attention (``"sample"``): forward ``(attn float[B, T, S], *, keep=None,
+    seed=None, generator=None) -> bool[B, T*S]``. ``keep=None`` at construction: given per call
+    (it follows the frame size S, e.g. from a mask ratio)."""
 
     op = "semantic_mask"
 
-    def __init__(self, keep: int, mode: str = "topk", *, backend: str = "auto"):
+    def __init__(self, keep: int | None, mode: str = "topk", *, backend: str = "auto"):
         super().__init__(backend)
         self.keep = keep
         self.mode = mode
 
-    def forward(self, attn: torch.Tensor, *, seed=None, generator=None) -> torch.Tensor:
-        return ops.semantic_mask(attn, self.keep, self.mode, seed=seed, generator=generator, backend=self.backend)
+    def forward(self, attn: torch.Tensor, *, keep: int | None = None, seed=None, generator=None) -> torch.Tensor:
+        if (keep is None) == (self.keep is None):
+            held = f"keeps {self.keep} per frame: pass keep=None" if self.keep is not None else "needs keep per call"
+            raise ValueError(f"SemanticMask: this module {held}")
+        keep = self.keep if keep is None else keep
+        return ops.semantic_mask(attn, keep, self.mode, seed=seed, generator=generator, backend=self.backend)
 
     def _settings(self) -> dict:
         return {"keep": self.keep, "mode": self.mode}

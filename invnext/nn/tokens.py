@@ -28,7 +28,9 @@ class GatherVisible(FusedOp):
         backend: "auto" | "torch" | "triton" | "cuda".
 
     Forward: ``x [B, N, C]``, ``hidden bool[B, N]``, ``pos [B or 1, N, C]`` or None,
-    ``num_visible`` host ints (no sync) -> :class:`invnext.ops.PackedTokens`.
+    ``num_visible`` host ints (no sync) -> :class:`invnext.ops.PackedTokens`. A module without
+    learned tokens (``num_prefix=0``) may be given ``prefix [B or 1, P, C]`` per call: tokens its
+    model derives (an encoder's class tokens with their positions added).
     """
 
     op = "gather_visible"
@@ -52,8 +54,13 @@ class GatherVisible(FusedOp):
         hidden: torch.Tensor,
         pos: torch.Tensor | None = None,
         num_visible: Sequence[int] | torch.Tensor | None = None,
+        *,
+        prefix: torch.Tensor | None = None,
     ) -> ops.PackedTokens:
-        prefix = None if self.prefix is None else self.prefix.to(x.dtype)
+        if self.prefix is not None:
+            if prefix is not None:
+                raise ValueError("GatherVisible: this module places its own learned prefix; pass prefix=None")
+            prefix = self.prefix.to(x.dtype)
         return ops.gather_visible(x, hidden, pos, prefix, num_visible=num_visible, backend=self.backend)
 
     def _settings(self) -> dict:
@@ -66,29 +73,38 @@ class ScatterTokens(FusedOp):
 
     Args:
         dim: C, the token width.
+        learned_token: False: the module holds no mask token and ``forward`` takes one per call
+            (a model that transforms its own first, as the predictor embeds its mask token).
         backend: "auto" | "torch" | "triton" | "cuda".
 
     Forward: ``packed [total, C]``, ``index int64[total]`` (:class:`invnext.ops.PackedTokens`'
-    ``index``: -1 rows are dropped), ``N``, ``batch_size``, ``pos`` or None -> ``[B, N, C]``.
+    ``index``: -1 rows are dropped), ``N``, ``batch_size``, ``pos`` or None, and ``mask_token [C]``
+    exactly when the module holds none -> ``[B, N, C]``.
     """
 
     op = "scatter_tokens"
 
-    def __init__(self, dim: int, *, backend: str = "auto"):
+    def __init__(self, dim: int, *, learned_token: bool = True, backend: str = "auto"):
         super().__init__(backend)
         self.dim = _check_dim("ScatterTokens", dim)
-        self.mask_token = nn.Parameter(torch.empty(dim))
+        self.mask_token = nn.Parameter(torch.empty(dim)) if learned_token else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(
-        self, packed: torch.Tensor, index: torch.Tensor, N: int, batch_size: int, pos: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, packed: torch.Tensor, index: torch.Tensor, N: int, batch_size: int, pos: torch.Tensor | None = None,
+        *, mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        if (mask_token is None) == (self.mask_token is None):
+            held = "no mask token: pass one" if self.mask_token is None else "a learned mask token: pass none"
+            raise ValueError(f"ScatterTokens: this module holds {held}")
+        token = self.mask_token if mask_token is None else mask_token
         return ops.scatter_tokens(
-            packed, index, self.mask_token.to(packed.dtype), pos, N, batch_size=batch_size, backend=self.backend
+            packed, index, token.to(packed.dtype), pos, N, batch_size=batch_size, backend=self.backend
         )
 
     def _settings(self) -> dict:
-        return {"dim": self.dim}
+        return {"dim": self.dim, "learned_token": self.mask_token is not None}

@@ -1,9 +1,10 @@
 """Backend selection for every op in ``invnext.ops``.
 
 Each op has a pure-PyTorch reference (``"torch"``, always available) and may have a
-Triton (``"triton"``) and/or CUDA C++ (``"cuda"``) implementation. Non-reference
-implementations are named here by import path and imported only when first used, so
-importing ``invnext`` never touches the GPU, Triton or the native extension.
+Triton (``"triton"``) and/or CUDA C++ (``"cuda"``) implementation. An implementation registers
+itself where it is defined (``@implements(op, backend)``, :mod:`invnext.common.registry`); a
+backend's modules are imported the first time one of its ops is asked for, so importing
+``invnext`` never touches the GPU, Triton or the native extension.
 
 ``backend="auto"`` picks the first available entry of the op's preference order for
 the device of its tensors; CPU tensors always get the reference. An explicit backend
@@ -19,34 +20,38 @@ from typing import Callable
 import torch
 
 from invnext.common.interpreter import triton_interpreter
+from invnext.common.registry import implementation
 
 BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER_DEFAULT = ("cuda", "triton", "torch")
 
-# op name -> backend -> "module:function". The reference lives beside the public op
-# and registers itself with ``register_reference``.
-_ACCELERATED: dict[str, dict[str, str]] = {
-    "masked_attention": {"triton": "invnext_kernels.attention:masked_attention_triton"},
-    "gather_visible": {
-        "cuda": "invnext.native.ops:gather_visible_cuda",
-        "triton": "invnext_kernels.tokens:gather_visible_triton",
-    },
-    "scatter_tokens": {
-        "cuda": "invnext.native.ops:scatter_tokens_cuda",
-        "triton": "invnext_kernels.tokens:scatter_tokens_triton",
-    },
-    "diffusion_loss": {"triton": "invnext_kernels.diffusion:diffusion_loss"},
-    "q_sample": {"triton": "invnext_kernels.diffusion:q_sample"},
-    "p_sample_step": {"triton": "invnext_kernels.diffusion:p_sample_step"},
-    "ddim_step": {"triton": "invnext_kernels.diffusion:ddim_step"},
-    "adaln_modulate": {"triton": "invnext_kernels.diffusion:adaln_modulate"},
-    "tube_mask": {"cuda": "invnext.native.masks:tube_mask"},
-    "multiblock_mask": {"cuda": "invnext.native.masks:multiblock_mask"},
-    "semantic_mask": {"cuda": "invnext.native.masks:semantic_mask"},
-    "motion_mask": {},
+# op -> the backends besides "torch" that implement it. Declared here, not only learnt from the
+# registrations, so that the answer needs no import: a model-wide "triton" keeps "auto" for an op
+# without a Triton kernel even where Triton is not installed (tests/test_dispatch.py checks that
+# these agree with what the backends register).
+_ACCELERATED: dict[str, tuple[str, ...]] = {
+    "masked_attention": ("triton",),
+    "gather_visible": ("cuda", "triton"),
+    "scatter_tokens": ("cuda", "triton"),
+    "diffusion_loss": ("triton",),
+    "q_sample": ("triton",),
+    "p_sample_step": ("triton",),
+    "ddim_step": ("triton",),
+    "adaln_modulate": ("triton",),
+    "tube_mask": ("cuda",),
+    "multiblock_mask": ("cuda",),
+    "semantic_mask": ("cuda",),
+    "motion_mask": (),
     # Triton step kernels replayed from a CUDA graph: needs Triton, not the native extension.
-    "p_sample_loop": {"triton": "invnext_kernels.sampler:p_sample_loop"},
-    "ddim_sample_loop": {"triton": "invnext_kernels.sampler:ddim_sample_loop"},
+    "p_sample_loop": ("triton",),
+    "ddim_sample_loop": ("triton",),
+}
+
+# backend -> its modules; importing one registers the ops it implements.
+_BACKEND_MODULES: dict[str, tuple[str, ...]] = {
+    "triton": ("invnext_kernels.attention", "invnext_kernels.diffusion", "invnext_kernels.sampler",
+               "invnext_kernels.tokens"),
+    "cuda": ("invnext.native.ops", "invnext.native.masks"),
 }
 
 _REFERENCE: dict[str, Callable] = {}
@@ -91,25 +96,35 @@ def _native_error() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _module_error(path: str) -> str | None:
-    module, _, name = path.partition(":")
-    if module.startswith("invnext_kernels"):
+def _import_failures(backend: str) -> tuple[str, ...]:
+    """Import ``backend``'s modules, so that each registers the ops it implements; why those
+    that could not be imported failed."""
+    if backend == "triton":
         from invnext._kernels_path import ensure_kernels_importable
 
         ensure_kernels_importable()
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None:
-        return f"its implementation module {module} is not present in this install"
-    try:
-        loaded = importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - the reason is the answer
-        return f"{module} failed to import: {exc.__class__.__name__}: {exc}"
-    if not callable(getattr(loaded, name, None)):
-        return f"{module} has no {name}"
-    return None
+    failures = []
+    for module in _BACKEND_MODULES[backend]:
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            failures.append(f"its implementation module {module} is not present in this install")
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - the reason is the answer
+            failures.append(f"{module} failed to import: {exc.__class__.__name__}: {exc}")
+    return tuple(failures)
+
+
+def _implementation_error(op: str, backend: str) -> str | None:
+    failures = _import_failures(backend)
+    if implementation(op, backend) is not None:
+        return None
+    # A module that failed to import may be the one that would have registered ``op``.
+    return "; ".join(failures) or f"no module of the {backend} backend registers {op}"
 
 
 def availability(op: str, backend: str, device: torch.device | str | None) -> tuple[bool, str]:
@@ -121,8 +136,7 @@ def availability(op: str, backend: str, device: torch.device | str | None) -> tu
     dev = torch.device(device) if device is not None else None
     if backend == "torch":
         return True, "pure-PyTorch reference"
-    path = _ACCELERATED[op].get(backend)
-    if path is None:
+    if backend not in _ACCELERATED[op]:
         return False, f"no {backend} implementation of this op exists (yet)"
     if backend == "triton":
         err = _triton_import_error()
@@ -142,15 +156,11 @@ def availability(op: str, backend: str, device: torch.device | str | None) -> tu
         err = _native_error()
         if err:
             return False, err
-    err = _module_error(path)
+    err = _implementation_error(op, backend)
     if err:
         return False, err
-    return True, path
-
-
-def _load(path: str) -> Callable:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    fn = implementation(op, backend)
+    return True, f"{fn.__module__}.{fn.__qualname__}"
 
 
 def _candidates(op: str, device: torch.device | str | None):
@@ -159,7 +169,7 @@ def _candidates(op: str, device: torch.device | str | None):
     if dev.type != "cpu":
         for name in _AUTO_ORDER_DEFAULT:
             if name != "torch" and availability(op, name, dev)[0]:
-                yield name, _load(_ACCELERATED[op][name])
+                yield name, implementation(op, name)
     yield "torch", _REFERENCE[op]
 
 
@@ -172,7 +182,7 @@ def resolve(op: str, backend: str, device: torch.device | str | None) -> tuple[s
         raise BackendUnavailableError(f"invnext.ops.{op}: backend {backend!r} is unavailable: {why}")
     if backend == "torch":
         return "torch", _REFERENCE[op]
-    return backend, _load(_ACCELERATED[op][backend])
+    return backend, implementation(op, backend)
 
 
 def dispatch(op: str, backend: str, device: torch.device | str | None, *args):
@@ -201,8 +211,8 @@ OPS_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def op_backend(backend: str, op: str) -> str:
-    """The backend argument for ``op`` under the model-wide choice ``backend``
-    (:func:`invnext.models.switches.set_ops_backend`).
+    """The backend argument for ``op`` under a module's choice ``backend`` (``invnext.nn``'s
+    modules; :func:`invnext.models.switches.set_ops_backend` sets it model-wide).
 
     "auto" and "torch" pass through; "triton" / "cuda" pass through for an op that declares
     such an implementation and become "auto" for one that does not.
@@ -211,11 +221,3 @@ def op_backend(backend: str, op: str) -> str:
         return backend
     return "auto"
 
-
-class OpsUser:
-    """Mixin of a module that calls ``invnext.ops``: ``ops_backend`` is the model-wide choice."""
-
-    ops_backend: str = "auto"
-
-    def backend_for(self, op: str) -> str:
-        return op_backend(self.ops_backend, op)
