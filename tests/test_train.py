@@ -14,6 +14,8 @@ from invnext.config import ConfigError, get_preset
 from invnext.models import Stage1Model, Stage2Model
 from invnext.train.batches import StepSampler, micro_range, micro_seed
 from invnext.train.config import load_train_config, parse_set, steps_for
+from invnext.train.config_files import SHIPPED, check_config_files, render_config_file, write_config_files
+from invnext.train.config_files import main as config_files_main
 from invnext.train.distributed import DistInfo
 from invnext.train.loop import FaultHooks, NonFiniteLossError, train_stage
 from invnext.train.monitors import CollapseMonitor, collapse_stats
@@ -57,6 +59,17 @@ def test_shipped_configs_are_the_presets():
         for preset in ("tiny", "base", "large"):
             from_file = load_train_config(stage, REPO / "configs" / f"stage{stage}_{preset}.yaml")
             assert from_file == load_train_config(stage, preset=preset), (stage, preset)
+
+
+def test_shipped_configs_are_rendered_from_the_python_defaults(tmp_path):
+    """configs/*.yaml are written from invnext/train/config.py; a value edited in one place only fails here."""
+    stale = check_config_files(REPO / "configs")
+    assert not stale, f"{stale} differ from the defaults: run python -m invnext.train.config_files"
+    assert write_config_files(tmp_path) == [tmp_path / f"stage{s}_{p}.yaml" for s, p in SHIPPED]
+    assert config_files_main(["--check", "--folder", str(tmp_path)]) == 0
+    (tmp_path / "stage2_tiny.yaml").write_text(render_config_file(2, "tiny") + "# a hand edit\n")
+    assert check_config_files(tmp_path) == [tmp_path / "stage2_tiny.yaml"]
+    assert config_files_main(["--check", "--folder", str(tmp_path)]) == 1
 
 
 def test_set_overrides_and_stage_prefix():

@@ -8,32 +8,11 @@ before any data or model is touched. The model section (``model.preset`` + ``mod
 is resolved into a full ``Stage1Config`` / ``Stage2Config`` at load time, so a misspelt model key
 fails just as early.
 
-File layout (every section optional; see ``configs/stage1_tiny.yaml``)::
-
-    stage: 1                      # 1 or 2, required in a file
-    model: {preset: tiny, overrides: {encoder: {drop_path: 0.0}}}
-    teacher: default              # stage 1: default | random | PATH.safetensors
-    init: null                    # stage 2: a Stage-1 checkpoint (folder or model.safetensors)
-    seed: 0
-    schedule: {steps: 200, epochs: null, warmup_steps: 20, warmup_epochs: 0.0, min_lr: 1.0e-5}
-    optim: {lr: 5.0e-4, betas: [0.9, 0.98], eps: 1.0e-6, weight_decay: 0.05, grad_clip: 5.0}
-    batch: {global_size: 8, per_device: 4, accumulation: null}
-    data: {source: null, frames: null, size: null, workers: 1, synthetic_clips: 64,
-           default_root: null, default_clips: null, default_teacher_steps: null}
-    monitor: {min_std: 0.05, min_erank_frac: 0.02}
-    save_every: 100
-    keep_last: 2
-    log_every: 5
-    max_skipped_steps: 10
-    precision: auto               # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: auto                  # auto | cpu | cuda
-    strategy: auto                # auto (fsdp for large/1b, else ddp) | ddp | fsdp
-    progress: true
-    tensorboard: true
-    threads: null                 # CPU: compute threads (null: $OMP_NUM_THREADS, else CPUs - data.workers)
-    ops_backend: auto             # auto | torch (the plain-PyTorch baseline) | triton | cuda (models.set_ops_backend)
-    grad_checkpointing: false     # recompute each block's activations in backward (models.set_grad_checkpointing)
-    compile: false                # torch.compile the training model's forward (weights keep their names)
+Where each value is written: what differs per preset in :func:`train_defaults`; what every preset
+shares (betas, eps, the monitor's thresholds, ...) as a dataclass default below, which also fills
+any key a recipe leaves out. The shipped ``configs/*.yaml`` are rendered from these two by
+:mod:`invnext.train.config_files` (a test holds them to it), so a value is changed here only;
+``configs/stage1_tiny.yaml`` shows every key of a file, with a note on each.
 """
 from __future__ import annotations
 
@@ -292,11 +271,11 @@ class TrainConfig(_Checked):
 def train_defaults(stage: int, preset: str) -> dict[str, Any]:
     """The training recipe a preset starts from (plain data, as a config file would hold it).
 
+    The one place a preset's recipe values are written (``configs/*.yaml`` are rendered from it).
     ``tiny`` is sized so that both stages on the bundled default data finish within minutes on a
-    2-core laptop CPU. ``base`` / ``large`` / ``1b`` follow the paper (method.md "Recipes"): Stage 1
-    lr 1e-3, batch 2048, 50 epochs (5 warmup, the release's 7/62 ratio); Stage 2 lr 1e-4, batch
-    2048 (base) or 1024 (large, 1b), 100 epochs, no warmup. Per-device batch 16 (the release's Stage-1
-    value; its Stage-2 14 does not divide 2048), 8 for Stage 2 of large / 1b (32-frame clips).
+    2-core laptop CPU. ``base`` / ``large`` / ``1b`` follow the paper (method.md "Recipes"); Stage 1's
+    warmup keeps the release's 7/62 ratio, and the per-device batch is the release's Stage-1 value
+    (its Stage-2 14 does not divide 2048), halved for Stage 2 of large / 1b (32-frame clips).
     """
     if stage not in (1, 2):
         raise ValueError(f"train_defaults: stage must be 1 or 2, got {stage!r}")
