@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from invnext.config import EncoderConfig, TeacherConfig
+from invnext.config import ConfigError, EncoderConfig, TeacherConfig
 from invnext.data.dataset import VideoDataset
 from invnext.data.video import crop_resize, read_clip, sample_indices, write_video
 from invnext.eval import sources
 from invnext.eval.heads import AttentiveProbe, LinearProbe
-from invnext.eval.probe import average_view_logits, confusion_matrix, run_probe, topk_accuracy
+from invnext.eval.probe import ProbeConfig, average_view_logits, confusion_matrix, run_probe, topk_accuracy
 from invnext.eval.sources import TeacherSource, register_source
 from invnext.eval.views import MultiViewDataset, clip_frame_indices, crop_boxes, parse_views
 from invnext.loading import build_encoder, load_encoder, save_encoder
@@ -196,12 +196,7 @@ def test_probe_separable_and_shuffled(data, tmp_path, protocol):
         data["encoder"],
         data["train"],
         data["val"],
-        protocol=protocol,
-        epochs=40,
-        lr=3e-3,
-        batch_size=16,
-        frames=4,
-        size=32,
+        ProbeConfig(protocol=protocol, epochs=40, lr=3e-3, batch_size=16, frames=4, size=32),
         cache=tmp_path / "cache",
         out=tmp_path / "out",
         verbose=False,
@@ -240,29 +235,22 @@ def test_feature_cache(data, tmp_path, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(Encoder, "forward", spy)
-    kw = {
-        "protocol": "attentive",
-        "frames": 4,
-        "size": 32,
-        "cache": tmp_path,
-        "verbose": False,
-        "label": "colour",
-        "batch_size": 16,
-    }
-    first = run_probe(data["encoder"], data["train"], data["val"], epochs=2, **kw)
+    kw = {"protocol": "attentive", "frames": 4, "size": 32, "label": "colour", "batch_size": 16}
+    call = {"cache": tmp_path, "verbose": False}
+    first = run_probe(data["encoder"], data["train"], data["val"], {**kw, "epochs": 2}, **call)
     assert calls["n"] > 0 and not first["features"]["train"]["cache_hit"]
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
     # other probe settings and the other protocol: no encoder call at all
     calls["n"] = 0
-    second = run_probe(data["encoder"], data["train"], data["val"], epochs=3, lr=5e-4, **kw)
-    linear = run_probe(data["encoder"], data["train"], data["val"], **{**kw, "protocol": "linear"}, epochs=2)
+    second = run_probe(data["encoder"], data["train"], data["val"], {**kw, "epochs": 3, "lr": 5e-4}, **call)
+    linear = run_probe(data["encoder"], data["train"], data["val"], {**kw, "protocol": "linear", "epochs": 2}, **call)
     assert calls["n"] == 0
     assert second["features"]["train"]["cache_hit"] and second["features"]["val"]["cache_hit"]
     assert linear["features"]["val"]["cache_hit"]
 
     # other preprocessing: re-encoded, under a new key
-    third = run_probe(data["encoder"], data["train"], data["val"], epochs=2, **{**kw, "frames": 8})
+    third = run_probe(data["encoder"], data["train"], data["val"], {**kw, "epochs": 2, "frames": 8}, **call)
     assert calls["n"] > 0 and not third["features"]["val"]["cache_hit"]
     assert third["features"]["val"]["cache"] != first["features"]["val"]["cache"]
 
@@ -270,7 +258,7 @@ def test_feature_cache(data, tmp_path, monkeypatch):
     calls["n"] = 0
     st = os.stat(data["val"])
     os.utime(data["val"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    fourth = run_probe(data["encoder"], data["train"], data["val"], epochs=2, **kw)
+    fourth = run_probe(data["encoder"], data["train"], data["val"], {**kw, "epochs": 2}, **call)
     assert calls["n"] > 0 and fourth["features"]["train"]["cache_hit"] and not fourth["features"]["val"]["cache_hit"]
 
 
@@ -280,14 +268,7 @@ def test_multiview_probe(data, tmp_path):
         encoder,
         data["train"],
         data["val"],
-        protocol="linear",
-        label="colour",
-        views="2x3",
-        epochs=20,
-        lr=3e-3,
-        batch_size=16,
-        frames=4,
-        size=32,
+        ProbeConfig(protocol="linear", label="colour", views="2x3", epochs=20, lr=3e-3, batch_size=16, frames=4, size=32),
         cache=tmp_path,
         verbose=False,
     )
@@ -323,12 +304,7 @@ def test_teacher_source_averages_frames(data, tmp_path, monkeypatch):
         "tinyteacher:a",
         data["train"],
         data["val"],
-        protocol="linear",
-        label="colour",
-        frames=2,
-        epochs=20,
-        lr=3e-3,
-        batch_size=16,
+        ProbeConfig(protocol="linear", label="colour", frames=2, epochs=20, lr=3e-3, batch_size=16),
         cache=tmp_path,
         verbose=False,
     )
@@ -338,13 +314,19 @@ def test_teacher_source_averages_frames(data, tmp_path, monkeypatch):
 
 def test_probe_rejects_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="protocol must be one of"):
-        run_probe(data["encoder"], data["train"], data["val"], protocol="knn", cache=False)
+        run_probe(data["encoder"], data["train"], data["val"], {"protocol": "knn"}, cache=False)
     with pytest.raises(ValueError, match="CLIPSxCROPS"):
-        run_probe(data["encoder"], data["train"], data["val"], views="6", cache=False)
+        run_probe(data["encoder"], data["train"], data["val"], ProbeConfig(views="6"), cache=False)
     with pytest.raises(ValueError, match="size=30 must be a multiple of the encoder's patch size 8"):
-        run_probe(data["encoder"], data["train"], data["val"], size=30, cache=False, verbose=False)
+        run_probe(data["encoder"], data["train"], data["val"], ProbeConfig(size=30), cache=False, verbose=False)
     with pytest.raises(ValueError, match="label 'shape' is not a column of the train index"):
-        run_probe(data["encoder"], data["train"], data["val"], label="shape", cache=tmp_path)
+        run_probe(data["encoder"], data["train"], data["val"], {"label": "shape"}, cache=tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown key 'epoch' for ProbeConfig \(did you mean 'epochs'\?\)"):
+        run_probe(data["encoder"], data["train"], data["val"], {"epoch": 2}, cache=tmp_path)
+    with pytest.raises(ValueError, match=r"ProbeConfig\.batch_size: must be >= 1"):
+        ProbeConfig(batch_size=0)
+    with pytest.raises(TypeError, match=r"ProbeConfig\.epochs: expected"):
+        ProbeConfig(epochs=2.5)
     assert not list(tmp_path.iterdir())  # refused before anything was encoded
 
 
@@ -392,9 +374,9 @@ def test_damaged_feature_cache_entry_is_re_encoded(data, tmp_path, damage):
     # A damaged entry crashed the probe with a raw SafetensorError although the cache promises a re-encode.
     from safetensors.torch import save_file
 
-    kw = {"protocol": "linear", "frames": 4, "size": 32, "cache": tmp_path, "verbose": False, "label": "colour",
-          "batch_size": 16, "epochs": 1}
-    first = run_probe(data["encoder"], data["train"], data["val"], **kw)
+    kw = {"protocol": "linear", "frames": 4, "size": 32, "label": "colour", "batch_size": 16, "epochs": 1}
+    call = {"cache": tmp_path, "verbose": False}
+    first = run_probe(data["encoder"], data["train"], data["val"], kw, **call)
     entry = first["features"]["val"]["cache"]
     if damage == "truncated":
         raw = open(entry, "rb").read()
@@ -403,7 +385,7 @@ def test_damaged_feature_cache_entry_is_re_encoded(data, tmp_path, damage):
         open(entry, "wb").write(b"\xff" * 64)
     else:
         save_file({"pooled": torch.zeros(1, 1, 1)}, entry)
-    again = run_probe(data["encoder"], data["train"], data["val"], **kw)
+    again = run_probe(data["encoder"], data["train"], data["val"], kw, **call)
     assert not again["features"]["val"]["cache_hit"] and again["features"]["train"]["cache_hit"]
     assert again["results"]["colour"]["top1"] == first["results"]["colour"]["top1"]
-    assert run_probe(data["encoder"], data["train"], data["val"], **kw)["features"]["val"]["cache_hit"]  # rewritten
+    assert run_probe(data["encoder"], data["train"], data["val"], kw, **call)["features"]["val"]["cache_hit"]  # rewritten

@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "run_probe": "invnext.eval.probe",
+    "ProbeConfig": "invnext.eval.probe",
     "AttentiveProbe": "invnext.eval.heads",
     "LinearProbe": "invnext.eval.heads",
     "extract_features": "invnext.eval.features",

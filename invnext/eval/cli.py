@@ -143,20 +143,24 @@ def _options(args: argparse.Namespace, *names: str) -> dict:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from invnext.eval.probe import run_probe
+    from invnext.eval.probe import ProbeConfig, run_probe
 
     label = args.label[0] if args.label and len(args.label) == 1 else args.label
+    config = ProbeConfig(
+        label=label,
+        **_options(
+            args, "protocol", "epochs", "lr", "weight_decay", "batch_size", "heads", "views", "train_views",
+            "frames", "size", "precision", "extract_batch_size", "workers", "seed",
+        ),
+    )
     res = run_probe(
         args.encoder,
         args.train,
         args.val,
-        label=label,
+        config,
         out=args.out if args.out is not None else f"runs/probe/{args.protocol}",
         cache=False if args.no_cache else (args.cache if args.cache is not None else True),
-        **_options(
-            args, "protocol", "epochs", "lr", "weight_decay", "batch_size", "heads", "views", "train_views",
-            "frames", "size", "device", "precision", "extract_batch_size", "workers", "seed",
-        ),
+        device=args.device,
     )
     print(f"results: {res['json']}")
     return 0

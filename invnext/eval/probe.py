@@ -28,7 +28,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from invnext.config import _Checked, from_dict
 from invnext.eval.features import FeatureSet, default_feature_cache, extract_features
 from invnext.eval.heads import AttentiveProbe, LinearProbe
 from invnext.eval.sources import FeatureSource, resolve_source
@@ -55,6 +57,7 @@ MIN_STEPS = 300
 
 __all__ = [
     "PROTOCOLS",
+    "ProbeConfig",
     "average_view_logits",
     "confusion_matrix",
     "default_heads",
@@ -306,30 +309,65 @@ def _probe_label(
 # --------------------------------------------------------------------------- entry point
 
 
+@dataclass(frozen=True)
+class ProbeConfig(_Checked):
+    """What a probe computes: the clips it reads and how its head is trained (checked on construction).
+
+    Args:
+        protocol: ``"attentive"`` or ``"linear"``.
+        label: label column(s) to probe (default: every label column of the train index).
+        epochs, lr, weight_decay: head training (defaults per protocol: :data:`DEFAULTS`; default epochs
+            are raised to make at least :data:`MIN_STEPS` optimizer steps, the count used is in each result).
+        batch_size: head training batch.  heads: attentive probe heads (default :func:`default_heads`).
+        views: val views ``"CLIPSxCROPS"`` (logits averaged over them).  train_views: train views.
+        frames, size: clip length and side (default: the encoder's config).
+        precision: feature extraction precision ("auto", "fp32", "bf16").
+        extract_batch_size, workers, decoder: feature extraction batch (clips), DataLoader workers, video decoder.
+        seed: head initialisation and batch order (and a preset's random weights).
+    """
+
+    protocol: str = "attentive"
+    label: str | tuple[str, ...] | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int = 64
+    heads: int | None = None
+    views: str = "1x1"
+    train_views: str = "1x1"
+    frames: int | None = None
+    size: int | None = None
+    precision: str = "auto"
+    extract_batch_size: int = 8
+    workers: int = 0
+    decoder: str = "pyav"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"ProbeConfig: protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        for name in ("batch_size", "extract_batch_size", "epochs"):
+            self._require(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1")
+        self._require(self.lr is None or self.lr > 0, "lr", "must be > 0")
+        self._require(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        parse_views(self.views)
+        parse_views(self.train_views)
+
+    def head_settings(self) -> dict[str, Any]:
+        """``epochs`` (None: auto, see ``_probe_label``), ``lr``, ``weight_decay``: given ones over the protocol's."""
+        given = {"epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay}
+        return {**DEFAULTS[self.protocol], "epochs": None, **{k: v for k, v in given.items() if v is not None}}
+
+
 def run_probe(
     encoder: str | os.PathLike | nn.Module | FeatureSource,
     train: str | os.PathLike | None = None,
     val: str | os.PathLike | None = None,
+    config: ProbeConfig | Mapping[str, Any] | None = None,
     *,
-    protocol: str = "attentive",
-    label: str | Sequence[str] | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    batch_size: int = 64,
-    heads: int | None = None,
-    views: str = "1x1",
-    train_views: str = "1x1",
-    frames: int | None = None,
-    size: int | None = None,
     out: str | os.PathLike | None = None,
     cache: str | os.PathLike | bool | None = True,
     device: str | torch.device | None = None,
-    precision: str = "auto",
-    extract_batch_size: int = 8,
-    workers: int = 0,
-    decoder: str = "pyav",
-    seed: int = 0,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Probe a frozen encoder; returns the result dict (also written to ``out/probe_<protocol>.json``).
@@ -338,42 +376,21 @@ def run_probe(
         encoder: a preset, checkpoint or release file (``load_encoder``), an Encoder, ``teacher:default``
             or a :class:`FeatureSource` (see :func:`invnext.eval.sources.resolve_source`).
         train, val: CSV / JSONL indexes with label columns (default: the bundled default dataset's).
-        protocol: ``"attentive"`` or ``"linear"``.
-        label: label column(s) to probe (default: every label column of the train index).
-        epochs, lr, weight_decay: head training (defaults per protocol: :data:`DEFAULTS`; default epochs
-            are raised to make at least :data:`MIN_STEPS` optimizer steps, the count used is in each result).
-        batch_size: head training batch.  heads: attentive probe heads (default :func:`default_heads`).
-        views: val views ``"CLIPSxCROPS"`` (logits averaged over them).  train_views: train views.
-        frames, size: clip length and side (default: the encoder's config).
+        config: a :class:`ProbeConfig`, or a mapping of its keys (an unknown key is a ConfigError naming
+            it); None: every default.
         out: folder for the JSON and the confusion-matrix PNGs (None: write nothing).
         cache: feature cache folder; True = :func:`default_feature_cache`; False/None = no cache.
         device: where the encoder and the head run (default CUDA when available, else CPU).
-        precision: feature extraction precision ("auto", "fp32", "bf16").
-        extract_batch_size, workers, decoder: feature extraction batch (clips), DataLoader workers, video decoder.
-        seed: head initialisation and batch order (and a preset's random weights).
     Returns:
         ``{"source", "fingerprint", "protocol", "train", "val", "settings", "features", "results": {label: {...}}}``;
         each label's entry holds ``top1`` (and ``top5`` with more than 5 classes), ``train_top1``,
         ``majority`` (the most frequent val class's share), ``num_classes``, ``classes``, ``confusion``,
         and ``confusion_png`` when written.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"run_probe: protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    for name, v in (("batch_size", batch_size), ("extract_batch_size", extract_batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"run_probe: {name} must be an int >= 1, got {v!r}")
-    hp = {k: v for k, v in DEFAULTS[protocol].items()}
-    hp["epochs"] = None  # auto (see _probe_label) unless given
-    for k, v in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay)):
-        if v is not None:
-            hp[k] = v
-    if hp["epochs"] is not None and (
-        isinstance(hp["epochs"], bool) or not isinstance(hp["epochs"], int) or hp["epochs"] < 1
-    ):
-        raise ValueError(f"run_probe: epochs must be an int >= 1, got {hp['epochs']!r}")
-    if not hp["lr"] > 0 or not hp["weight_decay"] >= 0:
-        raise ValueError(f"run_probe: lr must be > 0 and weight_decay >= 0, got {hp['lr']}, {hp['weight_decay']}")
-    view_spec, train_spec = parse_views(views), parse_views(train_views)
+    cfg = config if isinstance(config, ProbeConfig) else from_dict(ProbeConfig, config or {})
+    protocol, label, seed = cfg.protocol, cfg.label, cfg.seed
+    hp = cfg.head_settings()
+    view_spec, train_spec = parse_views(cfg.views), parse_views(cfg.train_views)
     if train is None or val is None:
         from invnext.data.bundled import ensure_default_clips
 
@@ -395,20 +412,20 @@ def run_probe(
 
     t0 = time.perf_counter()
     source = resolve_source(encoder, seed=seed, verbose=verbose)
-    frames = source.default_frames if frames is None else frames
-    size = source.default_size if size is None else size
-    hp["batch_size"] = batch_size
-    hp["heads"] = default_heads(source.dim) if heads is None else heads
+    frames = source.default_frames if cfg.frames is None else cfg.frames
+    size = source.default_size if cfg.size is None else cfg.size
+    hp["batch_size"] = cfg.batch_size
+    hp["heads"] = default_heads(source.dim) if cfg.heads is None else cfg.heads
     common = {
         "frames": frames,
         "size": size,
         "need_tokens": protocol == "attentive",
         "cache": cache_dir,
-        "batch_size": extract_batch_size,
+        "batch_size": cfg.extract_batch_size,
         "device": dev,
-        "precision": precision,
-        "decoder": decoder,
-        "workers": workers,
+        "precision": cfg.precision,
+        "decoder": cfg.decoder,
+        "workers": cfg.workers,
     }
     feats = {
         "train": extract_features(source, train, views=train_spec, **common),

@@ -91,7 +91,7 @@ def evaluate_run(
         accuracies are top-1 fractions: ``appearance`` / ``dynamics`` of the attentive probe (the
         paper's protocol), ``linear`` of a linear probe on the pooled embedding.
     """
-    from invnext.eval.probe import run_probe
+    from invnext.eval.probe import ProbeConfig, run_probe
 
     out_dir = Path(out_dir)
     eval_dir = out_dir / "eval"
@@ -109,8 +109,9 @@ def evaluate_run(
         folder = eval_dir / f"{i}_{row.name.split(',')[0].replace(' ', '_')}"
         res = {
             protocol: run_probe(
-                row.source, train, val, protocol=protocol, label=list(LABELS), epochs=epochs,
-                out=folder, cache=cache, device=device, seed=seed, verbose=False, workers=workers, **clip,
+                row.source, train, val,
+                ProbeConfig(protocol=protocol, label=tuple(LABELS), epochs=epochs, seed=seed, workers=workers, **clip),
+                out=folder, cache=cache, device=device, verbose=False,
             )
             for protocol in ("attentive", "linear")  # the second reads the features the first cached
         }
