@@ -1,5 +1,10 @@
 """One pretraining stage: build, (resume,) train, checkpoint, record.
 
+:func:`_train_stage` reads top to bottom as the stage runs: :func:`_open_output` (resume or refuse),
+:func:`_build_run` (data, model, optimizer), :func:`_resume` (a checkpoint's weights, optimizer, RNG
+and counts), then per step :func:`_train_step`, :func:`_log_step` and :func:`_save`, and at the end
+:func:`_finish` (weights file, plot, summary).
+
 A step (0-based ``step``; records and checkpoints count completed steps, ``step + 1``):
 
 1. ``lr = lr_at(step)`` (warmup + cosine) on every param group.
@@ -269,39 +274,146 @@ def _train_stage(
     init: str | None,
     hooks: FaultHooks | None,
 ) -> StageResult:
-    hooks = hooks or FaultHooks()
+    """Build the run, restore a checkpoint, step to the end, save: the stage in the order it happens."""
     out = Path(out_dir)
-    root = out / CHECKPOINTS
-    stage = cfg.stage
-    model_cfg = cfg.model_config()
-    enc = model_cfg.encoder
+    existing = _open_output(cfg, out, info, resume)
+    run = _build_run(cfg, out, info, init if init is not None else cfg.init, hooks or FaultHooks(), fresh=existing is None)
+    tally = _resume(run, existing) if existing is not None else _Tally()
+    sampler = StepSampler(len(run.dataset), cfg.batch.global_size, cfg.batch.per_device, info.rank, run.accum, cfg.seed,
+                          tally.start_step, run.total)
+    loader = make_loader(run.dataset, sampler, cfg.data.workers, collate_fn(), pin_memory=run.device.type == "cuda")
+    records = MetricsLog(out, tally.start_step, cfg.tensorboard) if info.is_main else None
+    progress = ProgressLine(run.total, tally.start_step, f"stage {run.stage}", info.is_main and cfg.progress)
+    monitor = CollapseMonitor(run.core.encoder, cfg.monitor.min_std, cfg.monitor.min_erank_frac) if info.is_main else None
+    if info.is_main:
+        print(_banner(run, out))
 
+    t_start = time.perf_counter()
+    data_iter = iter(loader)
+    try:
+        for step in range(tally.start_step, run.total):
+            log_now = (step + 1) % cfg.log_every == 0 or step == tally.start_step or step + 1 == run.total
+            result = _train_step(run, step, data_iter, monitor if log_now else None, progress)
+            step_done = step + 1
+            tally.count(result)
+            elapsed = tally.elapsed_before + (time.perf_counter() - t_start)
+            _check_data(tally.empty_steps, tally.session_clips, step_done == run.total, cfg, run.bad_log,
+                        len(run.dataset), run.data_desc, info)
+            if info.is_main:
+                _log_step(run, tally, result, step_done, elapsed, progress, records if log_now or not result.ok else None)
+            if tally.consecutive > cfg.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"stage {run.stage}: {tally.consecutive} consecutive steps (up to step {step_done}) had a non-finite "
+                    f"loss or gradient (limit max_skipped_steps={cfg.max_skipped_steps}); the run is diverging: lower "
+                    "optim.lr, raise schedule.warmup_steps, or check the data. The last good checkpoint is in "
+                    f"{ckpt.latest_checkpoint(run.root) or run.root}"
+                )
+            if step_done % cfg.save_every == 0 or step_done == run.total:
+                _save(run, tally, step_done, elapsed)
+            if run.hooks.hits(run.hooks.kill_after_step, run.stage, step_done):
+                _die()
+    finally:
+        progress.close()
+        if monitor is not None:
+            monitor.close()
+        if records is not None:
+            records.close()
+    return _finish(run, tally, out, time.perf_counter() - t_start)
+
+
+# --------------------------------------------------------------------------- build
+
+
+@dataclass
+class _Run:
+    """What a stage builds before its first step; fixed from then on."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    hooks: FaultHooks
+    root: Path  # the checkpoints folder
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    dataset: Any
+    data_desc: str
+    total: int
+    warmup: int
+    accum: int
+    wrapped: nn.Module  # what the forward calls (DDP / FSDP around ``core``)
+    core: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.Tensor]
+    sharded: bool
+    fingerprint: dict[str, Any]
+    writer: ckpt.CheckpointWriter
+    metadata: dict[str, str]
+    bad_log: Any
+    tokens_per_clip: int
+    saving_step: int = 0  # the step a checkpoint is being written for: the kill-in-save test seam reads it
+
+    @property
+    def stage(self) -> int:
+        return self.cfg.stage
+
+
+@dataclass
+class _Tally:
+    """The counts a step updates and a checkpoint carries over to a resumed run."""
+
+    start_step: int = 0
+    skipped_total: int = 0
+    dropped_total: int = 0
+    elapsed_before: float = 0.0
+    consecutive: int = 0  # skipped steps in a row
+    empty_steps: int = 0  # steps in a row without a readable clip (not in checkpoints)
+    session_clips: int = 0
+    last_terms: dict[str, float] = field(default_factory=dict)  # of the last finite step
+
+    def count(self, step: _StepResult) -> None:
+        if step.ok and step.clips:
+            self.consecutive = 0
+        elif not step.ok:
+            self.skipped_total += 1
+            self.consecutive += 1
+        self.dropped_total += step.dropped
+        self.session_clips += step.clips
+        self.empty_steps = 0 if step.clips else self.empty_steps + 1
+        if step.ok:
+            self.last_terms = {k: v for k, v in step.terms.items() if k == "loss" or k.startswith("loss/")}
+
+
+def _open_output(cfg: TrainConfig, out: Path, info: DistInfo, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), after clearing writes a killed run left."""
+    root = out / CHECKPOINTS
     existing = ckpt.latest_checkpoint(root)
     if existing is not None and not resume:
         raise RunExistsError(
-            f"{out} already holds a stage-{stage} run (latest checkpoint {existing.name}); pass --resume to continue "
-            "it, or choose another --out"
+            f"{out} already holds a stage-{cfg.stage} run (latest checkpoint {existing.name}); pass --resume to "
+            "continue it, or choose another --out"
         )
     barrier(info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         removed = ckpt.clean_partial(root)
         if removed:
-            print(f"stage {stage}: removed {len(removed)} unfinished checkpoint write(s): {', '.join(p.name for p in removed)}")
+            print(f"stage {cfg.stage}: removed {len(removed)} unfinished checkpoint write(s): {', '.join(p.name for p in removed)}")
     barrier(info)
+    return existing
 
+
+def _build_run(cfg: TrainConfig, out: Path, info: DistInfo, init: str | None, hooks: FaultHooks, fresh: bool) -> _Run:
+    """Data, model, optimizer and checkpoint writer of a stage (``fresh``: no checkpoint to resume)."""
+    enc = cfg.model_config().encoder
     device = info.device
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(cfg))
-    autocast_dtype = _precision(cfg, device)
     frames = cfg.data.frames or enc.num_frames
     size = cfg.data.size or enc.img_size
     dataset, data_desc = build_dataset(cfg, frames, size, info)
     total, warmup = steps_for(cfg, len(dataset))
     accum = cfg.batch.accumulation_for(info.world_size)
-    G, m = cfg.batch.global_size, cfg.batch.per_device
 
-    model = _build_model(cfg, info, init if init is not None else cfg.init, fresh=existing is None)
+    model = _build_model(cfg, info, init, fresh=fresh)
     set_grad_checkpointing(set_ops_backend(model, cfg.ops_backend), cfg.grad_checkpointing)
     model.to(device)
     model.train()
@@ -310,245 +422,253 @@ def _train_stage(
     core = unwrap(wrapped)
     if cfg.compile:
         core.compile()  # in place (nn.Module.compile): state_dict names stay free of torch.compile's "_orig_mod."
-    optimizer = build_optimizer(core, cfg.optim)
-    trainable = [p for p in core.parameters() if p.requires_grad]
-    sharded = info.distributed and strategy == "fsdp"
-    skip_prefixes = _frozen_prefixes(core)
-    fingerprint = _fingerprint(cfg, len(dataset))
-
-    start_step, skipped_total, dropped_total, elapsed_before = 0, 0, 0, 0.0
-    consecutive = empty_steps = 0
-    if existing is not None:
-        try:  # a damaged newest checkpoint (bad disk, a copy cut short) falls back to the one before
-            log = (lambda msg: print(f"stage {stage}: {msg}")) if info.is_main else (lambda msg: None)
-            existing, saved = ckpt.read_latest(root, log=log)
-        except ckpt.CheckpointError as exc:
-            raise UsageError(f"--resume: {exc}") from None
-        st = saved["state"]
-        diff = [k for k, v in fingerprint.items() if json.loads(json.dumps(st.get("fingerprint", {}).get(k))) != json.loads(json.dumps(v))]
-        if diff:
-            raise UsageError(
-                f"--resume: {existing} was written with different {', '.join(diff)}; the run cannot continue "
-                "exactly (use the original settings, or another --out)"
-            )
-        # The teacher is not in checkpoints: keep the one just built from its source.
-        full = {k: v for k, v in core.state_dict().items() if skip_prefixes and k.startswith(skip_prefixes)}
-        full.update(saved["model"])
-        _load_state(core, optimizer, full, saved["optim"], sharded)
-        if not ckpt.restore_rng_state(info.rank, saved["rng"], st["rng"].get(f"rank{info.rank}", {})):
-            torch.manual_seed(mix_seed(cfg.seed, 4, info.rank, st["step"]))
-        start_step = st["step"]
-        skipped_total, dropped_total = st.get("skipped_total", 0), st.get("dropped_total", 0)
-        consecutive = st.get("consecutive_skipped", 0)
-        elapsed_before = st.get("elapsed_s", 0.0)
-        if info.is_main:
-            print(f"stage {stage}: resuming from {existing} (step {start_step} of {total})")
-
-    sampler = StepSampler(len(dataset), G, m, info.rank, accum, cfg.seed, start_step, total)
-    loader = make_loader(dataset, sampler, cfg.data.workers, collate_fn(), pin_memory=device.type == "cuda")
-    bad_log = _bad_file_log()
-
-    metadata = _model_metadata(model_cfg)
-    writer = ckpt.CheckpointWriter(root, cfg.keep_last)
-    saving_step = [0]
+    run = _Run(
+        cfg=cfg, info=info, hooks=hooks, root=out / CHECKPOINTS, device=device, autocast_dtype=_precision(cfg, device),
+        dataset=dataset, data_desc=data_desc, total=total, warmup=warmup, accum=accum, wrapped=wrapped, core=core,
+        optimizer=build_optimizer(core, cfg.optim), trainable=[p for p in core.parameters() if p.requires_grad],
+        sharded=info.distributed and strategy == "fsdp", fingerprint=_fingerprint(cfg, len(dataset)),
+        writer=ckpt.CheckpointWriter(out / CHECKPOINTS, cfg.keep_last), metadata=_model_metadata(cfg.model_config()),
+        bad_log=_bad_file_log(), tokens_per_clip=(frames // enc.tubelet_size) * (size // enc.patch_size) ** 2,
+    )
 
     def crash(where: str) -> None:
-        if where == "after_model" and hooks.hits(hooks.kill_in_save, stage, saving_step[0]):
+        if where == "after_model" and hooks.hits(hooks.kill_in_save, run.stage, run.saving_step):
             _die()
 
-    writer.crash_hook = crash
+    run.writer.crash_hook = crash
+    return run
 
-    def save(step_done: int, elapsed: float) -> Path | None:
-        saving_step[0] = step_done
-        model_sd, optim_sd = _full_state(core, optimizer, sharded)
-        rngs = gather_objects(ckpt.rng_state(info.rank), info)
-        final = None
-        if info.is_main:
-            tmp = writer.begin(step_done)
-            rng_tensors: dict[str, torch.Tensor] = {}
-            rng_meta: dict[str, Any] = {}
-            for r, (tensors, meta) in enumerate(rngs):
-                rng_tensors.update(tensors)
-                rng_meta[f"rank{r}"] = meta
-            state = {
-                "stage": stage,
-                "total_steps": total,
-                "warmup_steps": warmup,
-                "samples_seen": step_done * G,
-                "epoch": step_done * G / len(dataset),
-                "skipped_total": skipped_total,
-                "consecutive_skipped": consecutive,
-                "dropped_total": dropped_total,
-                "elapsed_s": elapsed,
-                "world_size": info.world_size,
-                "fingerprint": fingerprint,
-                "config": config_to_json(cfg),
-            }
-            model_sd = {k: v for k, v in model_sd.items() if not k.startswith(skip_prefixes)}
-            final = writer.commit(tmp, step_done, model_sd, optim_sd, state, rng_tensors, rng_meta, metadata)
-        barrier(info)
-        return final
 
-    # ---------------------------------------------------------------- records
-    records = MetricsLog(out, start_step, cfg.tensorboard) if info.is_main else None
-    progress = ProgressLine(total, start_step, f"stage {stage}", info.is_main and cfg.progress)
-    monitor = CollapseMonitor(core.encoder, cfg.monitor.min_std, cfg.monitor.min_erank_frac) if info.is_main else None
-    tokens_per_clip = (frames // enc.tubelet_size) * (size // enc.patch_size) ** 2
-    if info.is_main:
-        print(
-            f"stage {stage}: {type(core).__name__} ({sum(p.numel() for p in trainable) / 1e6:.2f}M trainable params), "
-            f"data {data_desc}, {total} steps of {G} clips ({m} per forward x {accum} accumulation x {info.world_size} "
-            f"device(s), {device.type}{', bf16' if autocast_dtype else ', fp32'}), output {out}"
+def _resume(run: _Run, existing: Path) -> _Tally:
+    """Load the newest readable checkpoint into ``run`` (weights, optimizer, RNG); returns its counts."""
+    cfg, info, stage = run.cfg, run.info, run.stage
+    try:  # a damaged newest checkpoint (bad disk, a copy cut short) falls back to the one before
+        log = (lambda msg: print(f"stage {stage}: {msg}")) if info.is_main else (lambda msg: None)
+        existing, saved = ckpt.read_latest(run.root, log=log)
+    except ckpt.CheckpointError as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    st = saved["state"]
+    fingerprint = run.fingerprint
+    diff = [k for k, v in fingerprint.items() if json.loads(json.dumps(st.get("fingerprint", {}).get(k))) != json.loads(json.dumps(v))]
+    if diff:
+        raise UsageError(
+            f"--resume: {existing} was written with different {', '.join(diff)}; the run cannot continue "
+            "exactly (use the original settings, or another --out)"
         )
+    # The teacher is not in checkpoints: keep the one just built from its source.
+    skip_prefixes = _frozen_prefixes(run.core)
+    full = {k: v for k, v in run.core.state_dict().items() if skip_prefixes and k.startswith(skip_prefixes)}
+    full.update(saved["model"])
+    _load_state(run.core, run.optimizer, full, saved["optim"], run.sharded)
+    if not ckpt.restore_rng_state(info.rank, saved["rng"], st["rng"].get(f"rank{info.rank}", {})):
+        torch.manual_seed(mix_seed(cfg.seed, 4, info.rank, st["step"]))
+    tally = _Tally(
+        start_step=st["step"],
+        skipped_total=st.get("skipped_total", 0),
+        dropped_total=st.get("dropped_total", 0),
+        elapsed_before=st.get("elapsed_s", 0.0),
+        consecutive=st.get("consecutive_skipped", 0),
+    )
+    if info.is_main:
+        print(f"stage {stage}: resuming from {existing} (step {tally.start_step} of {run.total})")
+    return tally
 
-    # ---------------------------------------------------------------- steps
-    t_start = time.perf_counter()
-    session_clips = 0
-    last_terms: dict[str, float] = {}
-    data_iter = iter(loader)
-    try:
-        for step in range(start_step, total):
-            t0 = time.perf_counter()
-            wait = 0.0
-            lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.schedule.min_lr)
-            set_lr(optimizer, lr)
-            log_now = (step + 1) % cfg.log_every == 0 or step == start_step or step + 1 == total
-            sums: dict[str, torch.Tensor] = {}
-            counted = clips = dropped = 0
-            stats: dict[str, float] = {}
-            for a, j in enumerate(micro_range(info.rank, accum)):
-                tw = time.perf_counter()
-                batch = next(data_iter)
-                wait += time.perf_counter() - tw
-                bad = batch.get("bad", ())
-                if bad_log is not None:
-                    bad_log.update(batch)
-                dropped += len(bad)
-                video = batch["video"]
-                with grad_sync(wrapped, a == accum - 1):
-                    if video.numel() == 0:  # every clip of the micro-batch was unreadable: join the gradient sync with zeros
-                        loss = sum((p * 0.0).sum() for p in trainable)
-                        out_terms = None
-                    else:
-                        seed = micro_seed(cfg.seed, step, j)
-                        torch.manual_seed(seed)
-                        gen = torch.Generator().manual_seed(mix_seed(seed, 5))
-                        x = core.encoder.preprocess(video.to(device, non_blocking=True))
-                        arm = monitor is not None and log_now and a == 0
-                        if arm:
-                            monitor.arm()
-                        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-                        with amp:
-                            out_terms = wrapped(x, generator=gen)
-                        if arm:
-                            stats, msgs = monitor.compute(out_terms.get("hidden", out_terms.get("hidden0")))
-                            for msg in msgs:
-                                progress.write(f"warning: step {step + 1}: {msg}")
-                        loss = out_terms["loss"]
-                        clips += video.shape[0]
-                    if hooks.nan_at(stage, step + 1):
-                        loss = loss * float("nan")
-                    (loss / accum).backward()
-                if out_terms is not None:
-                    counted += 1
-                    _accumulate_terms(sums, out_terms, loss)
 
-            terms, _, g_clips, g_dropped = _reduce_terms(sums, counted, clips, dropped, info)
+def _banner(run: _Run, out: Path) -> str:
+    cfg, info = run.cfg, run.info
+    params = sum(p.numel() for p in run.trainable) / 1e6
+    return (
+        f"stage {run.stage}: {type(run.core).__name__} ({params:.2f}M trainable params), "
+        f"data {run.data_desc}, {run.total} steps of {cfg.batch.global_size} clips ({cfg.batch.per_device} per forward "
+        f"x {run.accum} accumulation x {info.world_size} device(s), {run.device.type}"
+        f"{', bf16' if run.autocast_dtype else ', fp32'}), output {out}"
+    )
 
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            grad_norm = float(norm)
-            ok = math.isfinite(grad_norm) and math.isfinite(terms.get("loss", 0.0))
-            if ok and g_clips:  # no update without data: weight decay alone would shrink the weights
-                optimizer.step()
-                consecutive = 0
-            elif not ok:
-                skipped_total += 1
-                consecutive += 1
-            optimizer.zero_grad(set_to_none=True)
-            dropped_total += g_dropped
-            session_clips += g_clips
-            step_done = step + 1
-            dt = time.perf_counter() - t0
-            clips_per_s = g_clips / dt if dt > 0 else 0.0
-            elapsed = elapsed_before + (time.perf_counter() - t_start)
-            empty_steps = 0 if g_clips else empty_steps + 1
-            _check_data(empty_steps, session_clips, step_done == total, cfg, bad_log, len(dataset), data_desc, info)
-            if ok:
-                last_terms = {k: v for k, v in terms.items() if k == "loss" or k.startswith("loss/")}
 
-            if info.is_main:
-                if not ok:
-                    progress.write(
-                        f"warning: step {step_done}: non-finite loss or gradient (loss {terms.get('loss')}, grad norm "
-                        f"{grad_norm}); update skipped ({consecutive} in a row, {skipped_total} in all)"
-                    )
-                fields = {"loss": terms.get("loss", float("nan"))}
-                fields.update({k.removeprefix("loss/"): v for k, v in terms.items() if k.startswith("loss/")})
-                fields.update({"lr": lr, "clips/s": clips_per_s, "tok/s": clips_per_s * tokens_per_clip, "wait": f"{100 * wait / dt:.0f}%"})
-                progress.update(step_done, fields)
-                if log_now or not ok:
-                    record = {"step": step_done, **terms, "lr": lr, "grad_norm": grad_norm, "skipped": not ok,
-                              "skipped_total": skipped_total, "clips_per_s": clips_per_s,
-                              "tokens_per_s": clips_per_s * tokens_per_clip, "data_wait": wait / dt,
-                              "dropped_total": dropped_total, "epoch": step_done * G / len(dataset), "time": elapsed}
-                    record.update({f"collapse/{k}": v for k, v in stats.items()})
-                    records.log(record)
-            if consecutive > cfg.max_skipped_steps:
-                raise NonFiniteLossError(
-                    f"stage {stage}: {consecutive} consecutive steps (up to step {step_done}) had a non-finite loss or "
-                    f"gradient (limit max_skipped_steps={cfg.max_skipped_steps}); the run is diverging: lower optim.lr, "
-                    "raise schedule.warmup_steps, or check the data. The last good checkpoint is in "
-                    f"{ckpt.latest_checkpoint(root) or root}"
-                )
-            if step_done % cfg.save_every == 0 or step_done == total:
-                save(step_done, elapsed)
-            if hooks.hits(hooks.kill_after_step, stage, step_done):
-                _die()
-    finally:
-        progress.close()
-        if monitor is not None:
-            monitor.close()
-        if records is not None:
-            records.close()
+# --------------------------------------------------------------------------- one step
 
-    # ---------------------------------------------------------------- results
-    wall = time.perf_counter() - t_start
+
+@dataclass
+class _StepResult:
+    lr: float
+    terms: dict[str, float]  # loss terms averaged over every micro-batch of every rank
+    grad_norm: float
+    ok: bool  # finite loss and gradient: the update was made (when there were clips)
+    clips: int  # readable clips over every rank
+    dropped: int
+    wait: float  # seconds spent waiting for data
+    seconds: float
+    stats: dict[str, float]  # collapse monitor statistics (on a logged step)
+
+
+def _train_step(
+    run: _Run, step: int, data_iter, monitor: CollapseMonitor | None, progress: ProgressLine
+) -> _StepResult:
+    """One optimizer step (module docstring, 1-3); ``monitor`` is armed on its first micro-batch when given."""
+    cfg, info, core, optimizer = run.cfg, run.info, run.core, run.optimizer
+    t0 = time.perf_counter()
+    wait = 0.0
+    lr = lr_at(step, run.total, run.warmup, cfg.optim.lr, cfg.schedule.min_lr)
+    set_lr(optimizer, lr)
+    sums: dict[str, torch.Tensor] = {}
+    counted = clips = dropped = 0
+    stats: dict[str, float] = {}
+    for a, j in enumerate(micro_range(info.rank, run.accum)):
+        tw = time.perf_counter()
+        batch = next(data_iter)
+        wait += time.perf_counter() - tw
+        bad = batch.get("bad", ())
+        if run.bad_log is not None:
+            run.bad_log.update(batch)
+        dropped += len(bad)
+        video = batch["video"]
+        with grad_sync(run.wrapped, a == run.accum - 1):
+            if video.numel() == 0:  # every clip of the micro-batch was unreadable: join the gradient sync with zeros
+                loss = sum((p * 0.0).sum() for p in run.trainable)
+                out_terms = None
+            else:
+                seed = micro_seed(cfg.seed, step, j)
+                torch.manual_seed(seed)
+                gen = torch.Generator().manual_seed(mix_seed(seed, 5))
+                x = core.encoder.preprocess(video.to(run.device, non_blocking=True))
+                arm = monitor is not None and a == 0
+                if arm:
+                    monitor.arm()
+                amp = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
+                with amp:
+                    out_terms = run.wrapped(x, generator=gen)
+                if arm:
+                    stats, msgs = monitor.compute(out_terms.get("hidden", out_terms.get("hidden0")))
+                    for msg in msgs:
+                        progress.write(f"warning: step {step + 1}: {msg}")
+                loss = out_terms["loss"]
+                clips += video.shape[0]
+            if run.hooks.nan_at(run.stage, step + 1):
+                loss = loss * float("nan")
+            (loss / run.accum).backward()
+        if out_terms is not None:
+            counted += 1
+            _accumulate_terms(sums, out_terms, loss)
+
+    terms, _, g_clips, g_dropped = _reduce_terms(sums, counted, clips, dropped, info)
+
+    norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    grad_norm = float(norm)
+    ok = math.isfinite(grad_norm) and math.isfinite(terms.get("loss", 0.0))
+    if ok and g_clips:  # no update without data: weight decay alone would shrink the weights
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _StepResult(lr, terms, grad_norm, ok, g_clips, g_dropped, wait, time.perf_counter() - t0, stats)
+
+
+# --------------------------------------------------------------------------- log
+
+
+def _log_step(
+    run: _Run, tally: _Tally, step: _StepResult, step_done: int, elapsed: float, progress: ProgressLine,
+    records: MetricsLog | None,
+) -> None:
+    """The progress line, and a metrics record when ``records`` is given (main process only)."""
+    terms, dt = step.terms, step.seconds
+    clips_per_s = step.clips / dt if dt > 0 else 0.0
+    if not step.ok:
+        progress.write(
+            f"warning: step {step_done}: non-finite loss or gradient (loss {terms.get('loss')}, grad norm "
+            f"{step.grad_norm}); update skipped ({tally.consecutive} in a row, {tally.skipped_total} in all)"
+        )
+    fields = {"loss": terms.get("loss", float("nan"))}
+    fields.update({k.removeprefix("loss/"): v for k, v in terms.items() if k.startswith("loss/")})
+    fields.update({"lr": step.lr, "clips/s": clips_per_s, "tok/s": clips_per_s * run.tokens_per_clip,
+                   "wait": f"{100 * step.wait / dt:.0f}%"})
+    progress.update(step_done, fields)
+    if records is not None:
+        record = {"step": step_done, **terms, "lr": step.lr, "grad_norm": step.grad_norm, "skipped": not step.ok,
+                  "skipped_total": tally.skipped_total, "clips_per_s": clips_per_s,
+                  "tokens_per_s": clips_per_s * run.tokens_per_clip, "data_wait": step.wait / dt,
+                  "dropped_total": tally.dropped_total, "epoch": step_done * run.cfg.batch.global_size / len(run.dataset),
+                  "time": elapsed}
+        record.update({f"collapse/{k}": v for k, v in step.stats.items()})
+        records.log(record)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _save(run: _Run, tally: _Tally, step_done: int, elapsed: float) -> Path | None:
+    """Write the checkpoint of ``step_done`` (every rank takes part; the main process writes)."""
+    cfg, info = run.cfg, run.info
+    run.saving_step = step_done
+    model_sd, optim_sd = _full_state(run.core, run.optimizer, run.sharded)
+    rngs = gather_objects(ckpt.rng_state(info.rank), info)
+    final = None
+    if info.is_main:
+        tmp = run.writer.begin(step_done)
+        rng_tensors: dict[str, torch.Tensor] = {}
+        rng_meta: dict[str, Any] = {}
+        for r, (tensors, meta) in enumerate(rngs):
+            rng_tensors.update(tensors)
+            rng_meta[f"rank{r}"] = meta
+        G = cfg.batch.global_size
+        state = {
+            "stage": run.stage,
+            "total_steps": run.total,
+            "warmup_steps": run.warmup,
+            "samples_seen": step_done * G,
+            "epoch": step_done * G / len(run.dataset),
+            "skipped_total": tally.skipped_total,
+            "consecutive_skipped": tally.consecutive,
+            "dropped_total": tally.dropped_total,
+            "elapsed_s": elapsed,
+            "world_size": info.world_size,
+            "fingerprint": run.fingerprint,
+            "config": config_to_json(cfg),
+        }
+        skip_prefixes = _frozen_prefixes(run.core)
+        model_sd = {k: v for k, v in model_sd.items() if not k.startswith(skip_prefixes)}
+        final = run.writer.commit(tmp, step_done, model_sd, optim_sd, state, rng_tensors, rng_meta, run.metadata)
+    barrier(info)
+    return final
+
+
+def _finish(run: _Run, tally: _Tally, out: Path, wall: float) -> StageResult:
+    """The final checkpoint (when the last step's is missing), the weights file, the plot and the summary."""
+    cfg, info, root, total = run.cfg, run.info, run.root, run.total
     latest = ckpt.latest_checkpoint(root)
     if latest is None or int(latest.name.split("_")[-1]) != total:
-        latest = save(total, elapsed_before + wall)  # e.g. a resume of an already finished run
+        latest = _save(run, tally, total, tally.elapsed_before + wall)  # e.g. a resume of an already finished run
     weights = out / WEIGHTS_FILE
     summary: dict[str, Any] = {}
     line = ""
     if info.is_main:
         ckpt.copy_atomic(latest / ckpt.MODEL_FILE, weights)
-        plot = plot_losses(out / METRICS_FILE, out / PLOT_FILE, f"stage {stage} ({cfg.model.preset})")
+        plot = plot_losses(out / METRICS_FILE, out / PLOT_FILE, f"stage {run.stage} ({cfg.model.preset})")
         summary = {
             "finished": True,
-            "stage": stage,
+            "stage": run.stage,
             "steps": total,
-            "steps_this_session": total - start_step,
+            "steps_this_session": total - tally.start_step,
             "wall_s": wall,
-            "total_s": elapsed_before + wall,
-            "clips_per_s": session_clips / wall if wall > 0 else 0.0,
-            "final_losses": last_terms,
-            "skipped": skipped_total,
-            "dropped": dropped_total,
+            "total_s": tally.elapsed_before + wall,
+            "clips_per_s": tally.session_clips / wall if wall > 0 else 0.0,
+            "final_losses": tally.last_terms,
+            "skipped": tally.skipped_total,
+            "dropped": tally.dropped_total,
             "weights": str(weights),
             "checkpoints": str(root),
             "metrics": str(out / METRICS_FILE),
             "plot": str(plot) if plot else "none",
             "tensorboard": str(out / "tb") if cfg.tensorboard and (out / "tb").is_dir() else None,
         }
-        if bad_log is not None and bad_log.count:
-            summary["bad_files"] = bad_log.count
-            print(bad_log.summary())
+        if run.bad_log is not None and run.bad_log.count:
+            summary["bad_files"] = run.bad_log.count
+            print(run.bad_log.summary())
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-        line = format_summary(stage, summary)
+        line = format_summary(run.stage, summary)
         print(line)
     barrier(info)
-    return StageResult(stage, out, weights, total, summary, line)
+    return StageResult(run.stage, out, weights, total, summary, line)
 
 
 def _accumulate_terms(sums: dict[str, torch.Tensor], out: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
