@@ -17,11 +17,8 @@ from invnext.models import Stage1Model, Stage2Model, set_grad_checkpointing, set
 from invnext.models.switches import op_backend
 from invnext.ops import attention, diffusion, masks, tokens
 from invnext.train.config import load_train_config
-from invnext.train.distributed import DistInfo
 from invnext.train.loop import train_stage
-from test_train import SMALL_SETS
-
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+from test_train import CPU, SMALL_SETS
 
 # test_train's small model and run, with drop path on, so checkpointing must replay the RNG, two
 # blocks per stack, and a shorter run.
