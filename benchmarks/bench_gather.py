@@ -21,7 +21,6 @@ into an index (nonzero: a host sync) while the kernels receive the index:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo 
 
 import torch
 
-from benchmarks.common import Row, do_bench, graph_bench, markdown_table, measured_peaks, need_gpu, write_results
+from benchmarks.common import Row, do_bench, graph_bench, markdown_table, measured_peaks, quick_cli, write_results
 
 P = 4
 C = 768
@@ -427,10 +426,8 @@ def _check_agreement(case: Case) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="bf16 only, shorter timing (under a minute on an H100)")
-    args = parser.parse_args(argv)
-    if not need_gpu("bench_gather"):
+    args = quick_cli("bench_gather", __doc__, "bf16 only, shorter timing (under a minute on an H100)", argv)
+    if args is None:
         return 0
     dev = torch.device("cuda")
     copy_gbps = measured_peaks().get("copy_gbps", 0.0)

@@ -24,7 +24,6 @@ wall clock for context.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo 
 
 import torch
 
-from benchmarks.common import Row, do_bench, graph_bench, markdown_table, need_gpu, write_results
+from benchmarks.common import Row, do_bench, graph_bench, markdown_table, quick_cli, write_results
 
 TARGET_STAGE2_US = 50.0
 
@@ -225,10 +224,8 @@ def bench_case(case: Case, quick: bool) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fp32 attention only, shorter timing (seconds on an H100)")
-    args = parser.parse_args(argv)
-    if not need_gpu("bench_masks"):
+    args = quick_cli("bench_masks", __doc__, "fp32 attention only, shorter timing (seconds on an H100)", argv)
+    if args is None:
         return 0
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows: list[Row] = []

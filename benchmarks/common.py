@@ -6,6 +6,7 @@ peak, and the baseline it was compared against in the same run.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -60,6 +61,15 @@ def need_gpu(bench: str) -> bool:
         return True
     print(f"{bench}: needs a CUDA GPU (timing the CPU reference against the Triton interpreter means nothing); skipped.")
     return False
+
+
+def quick_cli(bench: str, doc: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace | None:
+    """The arguments of a benchmark whose one option is ``--quick`` (``--help`` prints ``doc``), or
+    None when there is no GPU to time on: parsing first, so ``--help`` works on any machine."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    return args if need_gpu(bench) else None
 
 
 def do_bench(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:

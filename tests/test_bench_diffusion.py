@@ -16,22 +16,12 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.fixture
-def dry(monkeypatch, triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("a wiring check for the interpreter: on a GPU the benchmark itself runs")
+def dry(monkeypatch, triton_device, bench_wiring):
     monkeypatch.setattr(bd, "DEVICE", str(triton_device))
     for name, value in {"ROWS": 5, "WIDTH": 32, "DEPTH": 1, "COND": 16, "SAMPLER_TOKENS": 3}.items():
         monkeypatch.setattr(bd, name, value)
     monkeypatch.setattr(bd, "SAMPLER_STEPS", (2,))
-    calls = []
-
-    def once(fn, *_):
-        calls.append(fn())
-        return (1.0, 1.0, 1.0)
-
-    monkeypatch.setattr(bd, "_bench", once)
-    monkeypatch.setattr(bd, "_time_calls", once)
-    return calls
+    return bench_wiring(bd, "_bench", "_time_calls")
 
 
 def test_every_benchmark_function_runs(dry):

@@ -17,41 +17,30 @@ from invnext.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
-STAGE1 = """\
-stage: 1
+# One model block for both stages, so stage 2 always gets the encoder shape stage 1 saved.
+_MODEL = """\
 model:
   preset: tiny
   overrides:
     encoder: {depth: 2, num_frames: 2, img_size: 32, width: 32, heads: 2, pool_heads: 2}
     predictor: {depth: 1, width: 32, heads: 2, mlp_hidden: 32}
+"""
+_RUN = """\
+data: {source: synthetic, workers: 0, synthetic_clips: 16}
+schedule: {steps: 4, warmup_steps: 1}
+batch: {global_size: 4, per_device: 2}
+save_every: 2
+log_every: 1
+progress: false
+tensorboard: false
+threads: 1
+"""
+STAGE1 = "stage: 1\n" + _MODEL + """\
     decoder: {depth: 1, width: 32}
     teacher: {img_size: 32, depth: 2, layers: [0, 1], width: 16, heads: 1, pooled_dim: 16}
 teacher: random
-data: {source: synthetic, workers: 0, synthetic_clips: 16}
-schedule: {steps: 4, warmup_steps: 1}
-batch: {global_size: 4, per_device: 2}
-save_every: 2
-log_every: 1
-progress: false
-tensorboard: false
-threads: 1
-"""
-STAGE2 = """\
-stage: 2
-model:
-  preset: tiny
-  overrides:
-    encoder: {depth: 2, num_frames: 2, img_size: 32, width: 32, heads: 2, pool_heads: 2}
-    predictor: {depth: 1, width: 32, heads: 2, mlp_hidden: 32}
-data: {source: synthetic, workers: 0, synthetic_clips: 16}
-schedule: {steps: 4, warmup_steps: 1}
-batch: {global_size: 4, per_device: 2}
-save_every: 2
-log_every: 1
-progress: false
-tensorboard: false
-threads: 1
-"""
+""" + _RUN
+STAGE2 = "stage: 2\n" + _MODEL + _RUN
 
 
 def write_configs(folder: Path) -> list[str]:

@@ -8,25 +8,22 @@ import pytest
 import torch
 
 from test_native_extension import (
-    DTYPES,
-    _LAYOUTS,
+    _assert_exact_with_grads,
     _assert_same,
     _gather_reference,
     _grid_values,
+    _LAYOUTS,
     _leaf64,
     _packing,
     _randn,
+    token_kernel_cases,
 )
 
 
 # ----------------------------------------------------------------------------- GPU: gather_visible
 
 
-@pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("C", [768, 13])
-@pytest.mark.parametrize("layout", range(len(_LAYOUTS)))
-@pytest.mark.parametrize("tables", ["none", "batch1", "batchB"])
+@token_kernel_cases
 def test_gather_visible_matches_reference(kernels_from, dtype, C, layout, tables):
     from invnext.native import ops
 
@@ -47,16 +44,9 @@ def test_gather_visible_matches_reference(kernels_from, dtype, C, layout, tables
     out = ops.gather_visible_cuda(x, index.to(dev), cu.to(dev), pos, prefix)
     x64, pos64, prefix64 = _leaf64(x), _leaf64(pos), _leaf64(prefix)
     want = _gather_reference(x64, index, cu, pos64, prefix64)
-    _assert_same(out, want.detach().to(dtype), "forward")
-
     grad = _grid_values(tuple(out.shape), dtype, dev, gen)
-    out.backward(grad)
-    want.backward(grad.cpu().to(torch.float64))
-    _assert_same(x.grad, x64.grad.to(dtype), "d x")
-    if pos is not None:
-        _assert_same(pos.grad, pos64.grad.to(dtype), "d pos")
-    if prefix is not None:
-        _assert_same(prefix.grad, prefix64.grad.to(dtype), "d prefix")
+    leaves = [("x", x, x64), ("pos", pos, pos64), ("prefix", prefix, prefix64)]
+    _assert_exact_with_grads(out, want, grad, dtype, leaves)
 
 
 @pytest.mark.requires_cuda

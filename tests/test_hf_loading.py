@@ -6,6 +6,7 @@ back with ``HF_HUB_OFFLINE=1`` and every socket connection refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -369,19 +370,7 @@ def test_stage1_runs_with_a_siglip_teacher_from_config(tmp_path):
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     with pytest.raises(ValueError, match=r"TeacherConfig\.width=64 but the checkpoint"):
-        build_teacher(
-            TeacherConfig(
-                kind="siglip2",
-                path=str(folder),
-                img_size=32,
-                patch_size=8,
-                width=64,
-                depth=4,
-                heads=4,
-                layers=(1, 3),
-                pooled_dim=32,
-            )
-        )
+        build_teacher(dataclasses.replace(teacher_cfg, width=64))
     with pytest.raises(ValueError, match=r"teacher\.path is not set"):
         build_teacher(TeacherConfig(kind="siglip2"))
     not_siglip = tmp_path / "other"

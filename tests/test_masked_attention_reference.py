@@ -22,11 +22,11 @@ F64 = torch.float64
 # --------------------------------------------------------------------------- helpers
 
 
-def make_cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+def make_cu(lengths: list[int], device=None) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
-def make_coords(lengths: list[int], num_prefix: int, grid=(4, 8, 8)) -> torch.Tensor:
+def make_coords(lengths: list[int], num_prefix: int, grid=(4, 8, 8), device=None) -> torch.Tensor:
     """Per sample: distinct grid cells in raster order (like visible tokens); prefix rows garbage."""
     rows = []
     T, H, W = grid
@@ -35,7 +35,22 @@ def make_coords(lengths: list[int], num_prefix: int, grid=(4, 8, 8)) -> torch.Te
         cells = torch.stack([idx // (H * W), (idx // W) % H, idx % W], dim=-1)
         garbage = torch.randint(-1000, 1000, (num_prefix, 3))
         rows += [garbage, cells]
-    return torch.cat(rows).to(torch.int32)
+    return torch.cat(rows).to(device=device, dtype=torch.int32)
+
+
+def out_and_grads(base: torch.Tensor, dout: torch.Tensor, packed: bool):
+    """``run(dtype, fn) -> (out, (dq, dk, dv))`` for ``fn(q, k, v)`` on ``base [total, 3, H, D]`` cast
+    to ``dtype``, q/k/v as views of one packed tensor or as separate copies, so every formulation
+    a test compares sees the same inputs and the same upstream gradient ``dout``."""
+
+    def run(dt, fn):
+        leaf = base.to(dt).requires_grad_(True)
+        q, k, v = leaf.unbind(1) if packed else (t.contiguous() for t in leaf.unbind(1))
+        out = fn(q, k, v)
+        (grad,) = torch.autograd.grad(out, leaf, dout.to(dt))
+        return out.detach(), grad.unbind(1)
+
+    return run
 
 
 def qkv(total: int, heads: int, dim: int, dtype=F64, grad=False):
@@ -440,13 +455,7 @@ def test_padded_path_matches_float64(monkeypatch, lengths, heads, dim, window, n
     base = torch.randn(total, 3, heads, dim, dtype=F64)
     dout = torch.randn(total, heads, dim, dtype=F64)
     args = (cu, scale, coords, rope, window, num_prefix)
-
-    def run(dt, fn):
-        leaf = base.to(dt).requires_grad_(True)
-        q, k, v = leaf.unbind(1) if packed else (t.contiguous() for t in leaf.unbind(1))
-        out = fn(q, k, v)
-        (grad,) = torch.autograd.grad(out, leaf, dout.to(dt))
-        return out.detach(), grad.unbind(1)
+    run = out_and_grads(base, dout, packed)
 
     def op(q, k, v):
         return masked_attention(q, k, v, cu, max(lengths), softmax_scale=scale, coords=coords, rope=rope,

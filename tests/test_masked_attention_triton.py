@@ -46,6 +46,7 @@ ensure_kernels_importable()
 
 from invnext_kernels import _attention_common as common
 from invnext_kernels import attention as kattn
+from test_masked_attention_reference import make_coords, make_cu, out_and_grads
 
 pytestmark = pytest.mark.triton
 F64 = torch.float64
@@ -106,22 +107,6 @@ def test_interpreter_bf16_conversion_rounds_like_the_gpu(triton_device):
 # --------------------------------------------------------------------------- inputs
 
 
-def make_cu(lengths, device) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
-
-
-def make_coords(lengths, num_prefix, grid, device) -> torch.Tensor:
-    """Per sample: distinct cells of ``grid`` in raster order (visible tokens); prefix rows garbage."""
-    T, H, W = grid
-    rows = []
-    for n in lengths:
-        keep = n - num_prefix
-        idx = torch.randperm(T * H * W)[:keep].sort().values
-        rows.append(torch.randint(-1000, 1000, (num_prefix, 3)))
-        rows.append(torch.stack([idx // (H * W), (idx // W) % H, idx % W], dim=-1))
-    return torch.cat(rows).to(torch.int32).to(device)
-
-
 def same_dtype_attention(q, k, v, cu, scale, coords, rope, window, num_prefix):
     """Attention as PyTorch computes it in q's dtype (module docstring); dense over the packed batch."""
     total, _, _ = q.shape
@@ -160,13 +145,7 @@ def check_case(lengths, heads, dim, dtype, device, *, rope=None, window=None, nu
     base = torch.randn(total, 3, heads, dim, device=device)
     dout = torch.randn(total, heads, dim, device=device)
     kw = {"softmax_scale": scale, "coords": coords, "rope": rope, "window": window, "num_prefix": num_prefix}
-
-    def run(dt, fn):
-        leaf = base.to(dt).requires_grad_(True)
-        q, k, v = leaf.unbind(1) if packed else (t.contiguous() for t in leaf.unbind(1))
-        out = fn(q, k, v)
-        (grad,) = torch.autograd.grad(out, leaf, dout.to(dt))
-        return out.detach(), grad.unbind(1)
+    run = out_and_grads(base, dout, packed)
 
     gt_out, gt_grads = run(F64, lambda q, k, v: masked_attention(q, k, v, cu, max(lengths), backend="torch", **kw))
     out, grads = run(dtype, lambda q, k, v: masked_attention(q, k, v, cu, max(lengths), backend="triton", **kw))

@@ -17,28 +17,20 @@ from invnext.models import Stage1Model, Stage2Model, set_grad_checkpointing, set
 from invnext.models.switches import op_backend
 from invnext.ops import attention, diffusion, masks, tokens
 from invnext.train.config import load_train_config
-from invnext.train.distributed import DistInfo
 from invnext.train.loop import train_stage
+from test_train import CPU, SMALL_SETS
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-
-# Small enough for a step in tens of milliseconds; drop path on, so checkpointing must replay the RNG.
+# test_train's small model and run, with drop path on, so checkpointing must replay the RNG, two
+# blocks per stack, and a shorter run.
 SETS = [
-    "model.overrides.encoder={depth: 2, num_frames: 2, img_size: 32, width: 32, heads: 2, pool_heads: 2, drop_path: 0.3}",
-    "model.overrides.predictor={depth: 2, width: 32, heads: 2, mlp_hidden: 32}",
-    "stage1.model.overrides.decoder={depth: 2, width: 32}",
-    "stage1.model.overrides.teacher={img_size: 32, depth: 2, layers: [0, 1], width: 16, heads: 1, pooled_dim: 16}",
-    "stage1.teacher=random",
-    "stage2.init=random",
-    "data={source: synthetic, workers: 0, synthetic_clips: 8}",
-    "schedule={steps: 2, warmup_steps: 1}",
-    "batch={global_size: 4, per_device: 2}",
+    *SMALL_SETS,
+    "model.overrides.encoder.drop_path=0.3",
+    "model.overrides.predictor.depth=2",
+    "stage1.model.overrides.decoder.depth=2",
+    "data.synthetic_clips=8",
+    "schedule.steps=2",
     "save_every=2",
     "keep_last=1",
-    "log_every=1",
-    "progress=false",
-    "tensorboard=false",
-    "threads=1",
 ]
 # The compile run: one block per stack (dynamo's tracing time grows with every graph break of the
 # CPU ops' value checks, about a minute per stack of blocks on a busy 2-core CPU).

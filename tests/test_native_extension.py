@@ -527,6 +527,31 @@ def _assert_same(got, want, what):
 _LAYOUTS = [([7, 1, 0], 16, 2), ([1], 5, 0), ([40, 113], 113, 0), ([3, 0, 9, 1], 12, 1)]
 
 
+def token_kernel_cases(test):
+    """The one grid both token kernels are checked over, so a case added for one reaches the other:
+    every dtype, a wide and an odd C, every layout, and ``tables`` none / shared / per-sample."""
+    for mark in (
+        pytest.mark.parametrize("tables", ["none", "batch1", "batchB"]),
+        pytest.mark.parametrize("layout", range(len(_LAYOUTS))),
+        pytest.mark.parametrize("C", [768, 13]),
+        pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", "")),
+        pytest.mark.requires_cuda,
+    ):
+        test = mark(test)
+    return test
+
+
+def _assert_exact_with_grads(out, want, grad, dtype, leaves):
+    """``out`` and the gradients of ``leaves`` ((name, leaf or None, its float64 twin)) equal the
+    float64 formulation ``want`` rounded once to ``dtype``, bit for bit."""
+    _assert_same(out, want.detach().to(dtype), "forward")
+    out.backward(grad)
+    want.backward(grad.cpu().to(torch.float64))
+    for name, leaf, leaf64 in leaves:
+        if leaf is not None:
+            _assert_same(leaf.grad, leaf64.grad.to(dtype), f"d {name}")
+
+
 # ----------------------------------------------------------------------------- GPU: plumbing
 
 

@@ -10,6 +10,7 @@ all need, so that none of them imports another's private names.
 * :mod:`.mask_geometry`: hidden counts and multi-block boxes, drawn on the host for every backend.
 * :mod:`.token_custom_ops`: the ``torch.library`` glue of the token-op backends.
 * :mod:`.registry`: where each backend's modules register the ops they implement.
+* :mod:`.lazy`: package names that import their submodule on first use (``invnext.ops``, ``invnext.data``).
 
 Modules here import torch, numpy and each other, never another part of invnext
 (tests/test_layers.py checks it).

@@ -13,8 +13,7 @@ Names are imported on first use, so ``import invnext.data`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from invnext.common.lazy import lazy_exports
 
 _EXPORTS = {
     "video": (
@@ -28,18 +27,5 @@ _EXPORTS = {
     "bundled": ("DefaultData", "ensure_default_clips", "default_cache_root"),
     "check": ("run_data_check", "check_index"),
 }  # fmt: skip
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [name for names in _EXPORTS.values() for name in names]
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'invnext.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"invnext.data.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

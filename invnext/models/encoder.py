@@ -28,6 +28,7 @@ from invnext.models.layers import (
     LayerScale,
     Packing,
     PositionTable,
+    check_rgb_frames,
     drop_path_packed,
     grid_coords,
     init_linear_trunc_normal,
@@ -214,11 +215,7 @@ class Encoder(CheckpointedBlocks, nn.Module):
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames ``[B, T, H, W, 3]`` -> normalised float32 ``[B, 3, T, H, W]``."""
-        if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
-            got = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-            raise ValueError(f"Encoder.preprocess: frames must be [B, T, H, W, 3], got {got}")
-        if frames.dtype != torch.uint8:
-            raise TypeError(f"Encoder.preprocess: frames must be uint8, got {frames.dtype}")
+        check_rgb_frames("Encoder.preprocess", frames)
         mean = torch.tensor(self.mean, device=frames.device)
         std = torch.tensor(self.std, device=frames.device)
         x = (frames.to(torch.float32) / 255.0 - mean) / std

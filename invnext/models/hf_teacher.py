@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invnext.models.layers import l2norm
+from invnext.models.layers import check_rgb_frames, l2norm
 from invnext.models.teacher_interface import TeacherOutput
 
 __all__ = ["SiglipTeacher", "read_preprocessor_stats"]
@@ -156,11 +156,7 @@ class SiglipTeacher(nn.Module):
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames ``[B, T, H, W, 3]`` -> float32 ``[B, 3, T, img_size, img_size]``, resized and normalised."""
-        if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
-            got = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-            raise ValueError(f"SiglipTeacher.preprocess: frames must be [B, T, H, W, 3], got {got}")
-        if frames.dtype != torch.uint8:
-            raise TypeError(f"SiglipTeacher.preprocess: frames must be uint8, got {frames.dtype}")
+        check_rgb_frames("SiglipTeacher.preprocess", frames)
         B, T, H, W, _ = frames.shape
         x = frames.permute(0, 1, 4, 2, 3).reshape(B * T, 3, H, W).to(torch.float32) / 255.0
         x = self._resize(x)

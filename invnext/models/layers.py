@@ -140,6 +140,16 @@ def init_linear_trunc_normal(module: nn.Module, std: float = 0.02) -> None:
 # --------------------------------------------------------------------------- pixels
 
 
+def check_rgb_frames(owner: str, frames: torch.Tensor) -> None:
+    """Raise unless ``frames`` is uint8 ``[B, T, H, W, 3]``, the layout every model's ``preprocess``
+    takes from the data loaders, so a float or channels-first clip fails before it is normalised."""
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[-1] != 3:
+        got = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"{owner}: frames must be [B, T, H, W, 3], got {got}")
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"{owner}: frames must be uint8, got {frames.dtype}")
+
+
 def patchify(video: torch.Tensor, patch: int, tubelet: int = 1) -> torch.Tensor:
     """``video[B, C, T, H, W] -> [B, N, C*tubelet*patch*patch]``, tokens in raster order (t, h, w).
 

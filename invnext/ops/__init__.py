@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from invnext.common.lazy import lazy_exports
+
 from ._dispatch import BackendUnavailableError, availability, ops
 
 _EXPORTS = {
@@ -34,18 +36,8 @@ _EXPORTS = {
     "philox": ("philox_uniform", "philox4x32", "seed_from"),
     "tokens": ("PackedTokens", "gather_visible", "scatter_tokens", "packed_structure"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = ["BackendUnavailableError", "availability", "ops", "load_all", *sorted(_WHERE)]
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'invnext.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+__all__ = ["BackendUnavailableError", "availability", "ops", "load_all", *sorted(sum(_EXPORTS.values(), ()))]
 
 
 def load_all() -> None:

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from invnext.common.diffusion_schedule import DiffusionSchedule, make_schedule, space_timesteps
+# Re-exported: invnext.ops._EXPORTS is the one list of the names this module makes public.
+from invnext.common.diffusion_schedule import DiffusionSchedule, make_schedule, space_timesteps  # noqa: F401
 from invnext.common.diffusion_steps import (
     compute_dtype,
     denoise,
@@ -44,20 +45,6 @@ from invnext.common.validate import (
     check_tensor,
 )
 from invnext.ops._dispatch import dispatch, register_reference
-
-__all__ = [
-    "DiffusionSchedule",
-    "make_schedule",
-    "space_timesteps",
-    "q_sample",
-    "diffusion_loss",
-    "p_sample_step",
-    "ddim_step",
-    "adaln_modulate",
-    "p_sample_loop",
-    "ddim_sample_loop",
-    "timestep_embedding",
-]
 
 _LN2 = math.log(2.0)
 _BIN = 1.0 / 255.0  # half the width of one 8-bit pixel bin on [-1, 1]
