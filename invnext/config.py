@@ -17,8 +17,8 @@ Supported field types: ``int`` (bools rejected), ``float`` (ints accepted and co
 
 Presets (``get_preset(name)`` -> :class:`Preset` with ``stage1`` and ``stage2``):
 
-* ``tiny``: a CPU-sized model for tests and smoke runs: 4 frames of 112x112 px, patch 16
-  (a 4x7x7 grid, N = 196 tokens), encoder width 96 / depth 4 / 4 heads, predictor width
+* ``tiny``: a CPU-sized model for tests and smoke runs: 8 frames of 112x112 px, tubelets of
+  2 frames x 16 x 16 px (a 4x7x7 grid, N = 196 tokens), encoder width 96 / depth 4 / 4 heads, predictor width
   128 / depth 3 / 4 heads (window 32), decoder D2 W128, the bundled ``TinyTeacher`` (width
   64, depth 4, layers (1, 3)) at the same 7x7 grid. One Stage-1 or Stage-2 training step of
   batch 2 takes about 0.2-0.3 s on an idle 2-core CPU (after a one-off warm-up of a few
@@ -470,8 +470,11 @@ def _real(width: int, depth: int, heads: int, mlp_ratio: float, drop_path: float
 
 
 def _tiny() -> Preset:
+    # Tokens of 2 frames x 16 x 16 px: a token sees its patch move, which a random encoder's tokens
+    # already show an attentive probe (37.5% on dynamics against 11% with 1-frame tokens, README)
     enc = EncoderConfig(
-        img_size=112, patch_size=16, num_frames=4, width=96, depth=4, heads=4, drop_path=0.1, pool_heads=4
+        img_size=112, patch_size=16, num_frames=8, tubelet_size=2, width=96, depth=4, heads=4, drop_path=0.1,
+        pool_heads=4,
     )
     pred = PredictorConfig(
         width=128, depth=3, heads=4, mlp_hidden=256, first_layer_id=0, local_window=32, global_rope_theta=10000.0,

@@ -298,9 +298,9 @@ def test_authors_checkpoint_errors(tmp_path):
 def test_presets_and_preprocess_encode():
     enc = load_encoder("tiny")
     assert enc.cfg == get_preset("tiny").stage2.encoder and not enc.training
-    frames = torch.randint(0, 256, (1, 4, 112, 112, 3), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (1, 8, 112, 112, 3), dtype=torch.uint8)
     tokens, pooled = enc.encode(enc.preprocess(frames))
-    assert tokens.shape == (1, 4 * 7 * 7, 96) and pooled.shape == (1, 96)
+    assert tokens.shape == (1, 4 * 7 * 7, 96) and pooled.shape == (1, 96)  # 8 frames in tubelets of 2
     assert load_encoder("tiny", config={"depth": 2}).cfg.depth == 2
     with pytest.raises(ValueError, match=r"neither a preset .*tiny, base, large, 1b"):
         load_encoder("tiney")

@@ -23,6 +23,7 @@ from invnext.models import (
     save_weights,
 )
 from invnext.models.layers import resize_grid_table, sincos_3d
+from invnext.models.teacher_interface import per_token
 
 TINY = get_preset("tiny")
 
@@ -126,7 +127,8 @@ def test_stage1_tube_mask_ablation_ignores_the_teacher():
     hidden = a["hidden"].view(2, T, H * W)
     assert (hidden.sum(-1) == H * W - kept_per_frame(cfg.mask_ratio, H * W)).all()
     assert (hidden == hidden[:, :1]).all()  # a tube: the same places in every frame
-    semantic = ops.semantic_mask(tout.attn, kept_per_frame(cfg.mask_ratio, H * W), "topk").view(2, T, H * W)
+    attn = per_token(tout, cfg.encoder.tubelet_size).attn
+    semantic = ops.semantic_mask(attn, kept_per_frame(cfg.mask_ratio, H * W), "topk").view(2, T, H * W)
     assert not torch.equal(hidden, semantic)
     assert torch.isfinite(a["loss"])
 
@@ -255,7 +257,10 @@ def test_stage1_alignment_pairs_layer_i_with_teacher_layer_i():
     any permutation of the teacher layers.
     """
     torch.manual_seed(0)
-    cfg = override(TINY.stage1, {"encoder": {"drop_path": 0.0}, "teacher": {"layers": [0, 1, 3]}, "align_layers": [1, 2, 3]})
+    cfg = override(
+        TINY.stage1,
+        {"encoder": {"drop_path": 0.0, "num_frames": 4, "tubelet_size": 1}, "teacher": {"layers": [0, 1, 3]}, "align_layers": [1, 2, 3]},
+    )
     model = Stage1Model(cfg).eval()
     with torch.no_grad():  # LayerScale starts at 1e-5, so consecutive blocks are nearly equal: separate them
         for block in model.encoder.blocks:
@@ -360,7 +365,7 @@ def test_encoder_nothing_hidden_equals_full_clip(encoder64):
 def test_encoder_other_grid_and_position_resampling():
     cfg = TINY.stage1.encoder
     enc = Encoder(cfg).eval()
-    tokens, pooled = enc.encode(_video(1, cfg, frames=2, size=64))  # grid (2, 4, 4) instead of (4, 7, 7)
+    tokens, pooled = enc.encode(_video(1, cfg, frames=4, size=64))  # grid (2, 4, 4) instead of (4, 7, 7)
     assert tokens.shape == (1, 32, cfg.width) and torch.isfinite(tokens).all() and torch.isfinite(pooled).all()
     # Linear-in-time content, constant in space: bicubic keeps constants, linear keeps lines,
     # align_corners=False maps new frame i to old position (i + 1/2) * T0 / T - 1/2 (clamped).
@@ -378,10 +383,10 @@ def test_encoder_other_grid_and_position_resampling():
 
 def test_stage2_init_resamples_position_table():
     s1 = Encoder(TINY.stage1.encoder)
-    cfg = override(TINY.stage2, {"encoder": {"num_frames": 8}})
+    cfg = override(TINY.stage2, {"encoder": {"num_frames": 16}})
     model = Stage2Model(cfg, init_encoder=s1)
     P = TINY.stage1.encoder.num_class_tokens
-    want = resize_grid_table(s1.pos_embed.weight[:, P:].detach(), (4, 7, 7), (8, 7, 7))
+    want = resize_grid_table(s1.pos_embed.weight[:, P:].detach(), (4, 7, 7), (8, 7, 7))  # tubelets of 2 frames
     torch.testing.assert_close(model.encoder.pos_embed.weight[:, P:], want, rtol=0, atol=0)
     torch.testing.assert_close(model.target.pos_embed.weight[:, :P], s1.pos_embed.weight[:, :P], rtol=0, atol=0)
     torch.testing.assert_close(model.encoder.blocks[1].mlp.fc2.weight, s1.blocks[1].mlp.fc2.weight, rtol=0, atol=0)

@@ -31,16 +31,18 @@ def test_main_command_matches_the_preset_it_documents():
     assert MAIN_COMMAND in README, "the README's main command changed: update this test and the recipe it documents"
     recipe = re.search(
         r"Stage 1: (\d+) steps of (\d+) clips at lr ([0-9.e+-]+); Stage 2: (\d+) steps of (\d+) clips at lr "
-        r"([0-9.e+-]+); (\d+) frames of (\d+) px in (\d+)-px patches, an encoder of width (\d+) and (\d+) blocks",
+        r"([0-9.e+-]+); (\d+) frames of (\d+) px in tokens of (\d+) frames x (\d+) x \d+ px, an encoder of width (\d+) "
+        r"and (\d+) blocks",
         " ".join(README.split()),  # the sentence may wrap anywhere
     )
     assert recipe, "the README no longer states the main command's recipe in the form this test reads"
-    s1_steps, s1_clips, s1_lr, s2_steps, s2_clips, s2_lr, frames, size, patch, width, depth = recipe.groups()
+    s1_steps, s1_clips, s1_lr, s2_steps, s2_clips, s2_lr, frames, size, tubelet, patch, width, depth = recipe.groups()
     for stage, steps, clips, lr in ((1, s1_steps, s1_clips, s1_lr), (2, s2_steps, s2_clips, s2_lr)):
         cfg = load_train_config(stage, preset="tiny")  # what `--preset tiny` (no file, no --set) trains
         assert cfg.schedule.steps == int(steps), f"Stage {stage} steps"
         assert cfg.batch.global_size == int(clips), f"Stage {stage} clips per step"
         assert cfg.optim.lr == float(lr), f"Stage {stage} lr"
         enc = cfg.model_config().encoder
-        stated = (int(frames), int(size), int(patch), int(width), int(depth))
-        assert (enc.num_frames, enc.img_size, enc.patch_size, enc.width, enc.depth) == stated, f"Stage {stage} encoder"
+        stated = (int(frames), int(size), int(tubelet), int(patch), int(width), int(depth))
+        got = (enc.num_frames, enc.img_size, enc.tubelet_size, enc.patch_size, enc.width, enc.depth)
+        assert got == stated, f"Stage {stage} encoder"
