@@ -149,10 +149,10 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     # q_sample
     timings = {
         "torch-eager (reference)": _bench(lambda: R.q_sample_reference(x0, noise, t, sched), quick),
-        "invnext-triton": _bench(lambda: kd.q_sample(x0, noise, t, sched), quick),
+        "invnext-triton": _bench(lambda: kd.q_sample_triton(x0, noise, t, sched), quick),
     }
     if kd._pairable("stream", C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
-        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample(x0, noise, t, sched)), quick)
+        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample_triton(x0, noise, t, sched)), quick)
     rows += _bw_rows("q_sample", "fwd", shape, dtype, 3 * M * C * es, timings, copy_gbps)
 
     # loss forward + backward w.r.t. model_out
@@ -167,17 +167,18 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
 
     timings = {
         "torch-eager (reference)": _bench(loss_step(R.diffusion_loss_reference), quick),
-        "invnext-triton": _bench(loss_step(kd.diffusion_loss), quick),
+        "invnext-triton": _bench(loss_step(kd.diffusion_loss_triton), quick),
     }
     rows += _bw_rows("diffusion_loss", "fwd+bwd", shape, dtype, 12 * M * C * es + 8 * M, timings, copy_gbps)
 
     # one ancestral reverse step
     timings = {
         "torch-eager (reference)": _bench(lambda: R.p_sample_step_reference(mo, x_t, t, sched, noise, 1.0), quick),
-        "invnext-triton": _bench(lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0), quick),
+        "invnext-triton": _bench(lambda: kd.p_sample_step_triton(mo, x_t, t, sched, noise, 1.0), quick),
     }
     if kd._pairable("step", C, (x_t, noise, x_t), mo):
-        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0)), quick)
+        step = lambda: kd.p_sample_step_triton(mo, x_t, t, sched, noise, 1.0)
+        timings[ROW_TILES] = _bench(_row_tiles(kd, step), quick)
     rows += _bw_rows("p_sample_step", "step", shape, dtype, 5 * M * C * es, timings, copy_gbps)
 
     # AdaLN at W = 1536, per-token modulation
@@ -190,7 +191,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     with torch.no_grad():
         timings = {
             "torch-eager (reference)": _bench(lambda: R.adaln_modulate_reference(x, shift, scale, 1e-6), quick),
-            "invnext-triton": _bench(lambda: kd.adaln_modulate(x, shift, scale, 1e-6), quick),
+            "invnext-triton": _bench(lambda: kd.adaln_modulate_triton(x, shift, scale, 1e-6), quick),
         }
     rows += _bw_rows("adaln_modulate", "fwd", ashape, dtype, 4 * M * W * es + 8 * M, timings, copy_gbps)
 
@@ -201,7 +202,7 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
 
     timings = {
         "torch-eager (reference)": _bench(adaln_bwd(R.adaln_modulate_reference), quick),
-        "invnext-triton": _bench(adaln_bwd(kd.adaln_modulate), quick),
+        "invnext-triton": _bench(adaln_bwd(kd.adaln_modulate_triton), quick),
     }
     rows += _bw_rows("adaln_modulate", "bwd", ashape, dtype, 5 * M * W * es + 8 * M, timings, copy_gbps)
     return rows
@@ -216,7 +217,7 @@ def _modulate_eager(x, shift, scale):
 
 def _modulate_fused(x, shift, scale):
     kd, _ = _kernels()
-    return kd.adaln_modulate(x, shift, scale, 1e-6)
+    return kd.adaln_modulate_triton(x, shift, scale, 1e-6)
 
 
 class _ResBlock(nn.Module):
@@ -292,7 +293,7 @@ def bench_train_step(quick: bool) -> list[Row]:
         return run
 
     t_eager = _bench(step(eager, R.q_sample_reference, R.diffusion_loss_reference), quick)
-    t_fused = _bench(step(fused, kd.q_sample, kd.diffusion_loss), quick)
+    t_fused = _bench(step(fused, kd.q_sample_triton, kd.diffusion_loss_triton), quick)
     params = sum(p.numel() for p in eager.parameters())
     flop = 6 * params * M  # matmul FLOPs of fwd + bwd (every parameter is a weight used once per row)
     shape = f"D{DEPTH} W{WIDTH}, {M} rows x {C}"
@@ -355,7 +356,7 @@ def bench_sampler(quick: bool) -> list[Row]:
             return R.p_sample_loop_reference(eager, cond, sched, x_T, None, seed(), 1.0)
 
         def ours(sched=sched, graph=graph):
-            return ks.p_sample_loop(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)
+            return ks.p_sample_loop_triton(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)
 
         impls = {
             "eager reference loop (torch step, plain decoder)": reference,
@@ -396,12 +397,13 @@ def bench_sweep(quick: bool, copy_gbps: float, dtype=torch.bfloat16) -> list[Row
     M = ROWS
     _, sched, x0, noise, t, x_t, mo, g_row = _decoder_rows(dtype)
     mo.requires_grad_()
-    loss = kd.diffusion_loss(mo, x0, x_t, noise, t, sched)
+    loss = kd.diffusion_loss_triton(mo, x0, x_t, noise, t, sched)
     cases = {
-        "stream": ("q_sample", 3 * M * C * es, lambda: kd.q_sample(x0, noise, t, sched)),
-        "step": ("p_sample_step", 5 * M * C * es, lambda: kd.p_sample_step(mo.detach(), x_t, t, sched, noise, 1.0)),
+        "stream": ("q_sample", 3 * M * C * es, lambda: kd.q_sample_triton(x0, noise, t, sched)),
+        "step": ("p_sample_step", 5 * M * C * es,
+                 lambda: kd.p_sample_step_triton(mo.detach(), x_t, t, sched, noise, 1.0)),
         "loss_fwd": ("diffusion_loss fwd", 5 * M * C * es + 4 * M,
-                     lambda: kd.diffusion_loss(mo.detach(), x0, x_t, noise, t, sched)),
+                     lambda: kd.diffusion_loss_triton(mo.detach(), x0, x_t, noise, t, sched)),
         "loss_bwd": ("diffusion_loss bwd", 7 * M * C * es + 4 * M,
                      lambda: torch.autograd.grad(loss, mo, g_row, retain_graph=True)),
     }  # fmt: skip

@@ -1,14 +1,14 @@
 """Triton implementations of the diffusion-decoder ops of :mod:`invnext.ops.diffusion`.
 
-Each function takes the canonical arguments of ``docs/ops_contract.md`` (the public op has
+Each ``<op>_triton`` takes the canonical arguments of ``docs/ops_contract.md`` (the public op has
 validated them) and computes what the pure-PyTorch reference computes: fp32 math on fp32 /
 bf16 / fp16 inputs, float32 tables read per row at ``t``, outputs in the reference's dtypes.
 
-    q_sample(x0[M,C], noise[M,C], t int64[M], schedule)                       -> x_t[M,C]   (x0's dtype)
-    diffusion_loss(model_out[M,2C], x0, x_t, noise, t, schedule)              -> float32[M]
-    p_sample_step(model_out[M,2C], x_t[M,C], t, schedule, noise, temperature) -> x_{t-1}[M,C] (x_t's dtype)
-    ddim_step(model_out[M,2C], x_t[M,C], t, schedule, noise or None, eta)     -> x_prev[M,C]  (x_t's dtype)
-    adaln_modulate(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
+    q_sample_triton(x0[M,C], noise[M,C], t int64[M], schedule)                       -> x_t[M,C]   (x0's dtype)
+    diffusion_loss_triton(model_out[M,2C], x0, x_t, noise, t, schedule)              -> float32[M]
+    p_sample_step_triton(model_out[M,2C], x_t[M,C], t, schedule, noise, temperature) -> x_{t-1}[M,C] (x_t's dtype)
+    ddim_step_triton(model_out[M,2C], x_t[M,C], t, schedule, noise or None, eta)     -> x_prev[M,C]  (x_t's dtype)
+    adaln_modulate_triton(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
 
 Kernels live in ``_diffusion_steps.py`` (element-wise), ``_diffusion_loss.py`` and
 ``_diffusion_adaln.py``. Each launch is a ``torch.library`` custom op
@@ -456,13 +456,15 @@ _DDIM_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alp
 # public entries (canonical signatures)
 # ----------------------------------------------------------------------------------------
 @implements("q_sample", "triton")
-def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+def q_sample_triton(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule
+) -> torch.Tensor:
     """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
     return q_sample_triton_fwd(x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
 @implements("diffusion_loss", "triton")
-def diffusion_loss(
+def diffusion_loss_triton(
     model_out: torch.Tensor,
     x0: torch.Tensor,
     x_t: torch.Tensor,
@@ -474,13 +476,13 @@ def diffusion_loss(
     return diffusion_loss_triton_fwd(model_out, x0, x_t, noise, t, _tables(schedule, *_POSTERIOR))
 
 
-def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
-    """:func:`p_sample_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+def p_sample_step_triton_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
+    """:func:`p_sample_step_triton` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
     return _p_sample_launch(out, model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, temperature)
 
 
 @implements("p_sample_step", "triton")
-def p_sample_step(
+def p_sample_step_triton(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -492,13 +494,13 @@ def p_sample_step(
     return p_sample_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, float(temperature))
 
 
-def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
-    """:func:`ddim_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+def ddim_step_triton_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
+    """:func:`ddim_step_triton` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
     return _ddim_launch(out, model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, eta)
 
 
 @implements("ddim_step", "triton")
-def ddim_step(
+def ddim_step_triton(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -511,7 +513,7 @@ def ddim_step(
 
 
 @implements("adaln_modulate", "triton")
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def adaln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
     y, _, _ = adaln_modulate_triton_fwd(x, shift, scale, float(eps))
     return y
@@ -543,8 +545,8 @@ def _adaln_modulate_unsupported(x, shift, scale, eps) -> str | None:
     return why
 
 
-q_sample.unsupported = _q_sample_unsupported
-diffusion_loss.unsupported = _diffusion_loss_unsupported
-p_sample_step.unsupported = _step_unsupported
-ddim_step.unsupported = _step_unsupported
-adaln_modulate.unsupported = _adaln_modulate_unsupported
+q_sample_triton.unsupported = _q_sample_unsupported
+diffusion_loss_triton.unsupported = _diffusion_loss_unsupported
+p_sample_step_triton.unsupported = _step_unsupported
+ddim_step_triton.unsupported = _step_unsupported
+adaln_modulate_triton.unsupported = _adaln_modulate_unsupported
