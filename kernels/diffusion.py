@@ -52,7 +52,8 @@ from ._diffusion_common import TORCH_TO_TL, accurate, col_block, row_block, stri
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows are declined
 # Tile shapes: (rows, warps) per kernel family, from the rules in ``_tile``; ``TUNE`` overrides
-# them (``benchmarks/bench_diffusion.py --sweep`` times the alternatives).
+# them (``--sweep`` of ``benchmarks/bench_q_sample.py``, ``bench_p_sample_step.py`` and
+# ``bench_diffusion_loss.py`` times the alternatives).
 TUNE: dict[str, tuple[int, int]] = {}
 
 
@@ -92,7 +93,7 @@ _POSTERIOR = (
 def _tile(kind: str, C: int) -> tuple[int, int, int]:
     """(rows, cols, warps) of a program tile, 128 columns (640 lanes for C = 588).
 
-    Defaults from ``bench_diffusion --sweep`` on an H200 (bf16, 52800 x 588): the streaming
+    Defaults from the diffusion benchmarks' ``--sweep`` on an H200 (bf16, 52800 x 588): the streaming
     kernels (``stream``: q_sample, ddim; ``step``: p_sample) are best at 16 rows x 4 warps
     (32 rows: -5%); the exp-heavy loss kernels at 4 (forward, per chunk) and 8 (backward)
     rows; 16 rows ran 50% and 20% slower there (register pressure of the exp/NLL math).
@@ -111,8 +112,8 @@ def _grid2(kind: str, M: int, C: int) -> tuple[tuple[int, int], int, int, int]:
 
 
 # Paired-row tiling of the streaming kernels (``_diffusion_steps``): on where it aligns rows to
-# 16 bytes. Tests switch it off to compare both tilings bit for bit; bench_diffusion --sweep
-# times both.
+# 16 bytes. Tests switch it off to compare both tilings bit for bit; bench_q_sample and
+# bench_p_sample_step time both.
 PAIR_ROWS = True
 
 
