@@ -23,7 +23,7 @@ under bf16 autocast (GPU; fp32 on the CPU), the backward, gradient clipping, Ada
 * Stage 2's masks are sampled once per model (seeded) and reused by every step and path: each
   path does the same work, compiled graphs see constant token counts, and the FLOP count is
   exact. They come with the sampler's host counts, as in training, so no step reads the GPU.
-  Mask sampling itself is timed by ``bench_masks``; Stage 1 samples its semantic mask inside
+  Mask sampling itself is timed by ``bench_<op>_mask``; Stage 1 samples its semantic mask inside
   every step (a fixed count per frame). The diffusion noise uses the device's RNG.
 * Rows: step time quantiles (ms), clips/s, tokens/s (grid tokens per clip), peak memory
   (``torch.cuda.max_memory_allocated`` after the warm-up), MFU (``invnext.train.flops`` count

@@ -309,18 +309,18 @@ def compile_diffusion(rec: _Recorder, dtypes=None, rows: int = 1000) -> None:
         rec.variant = f"{name} M={M} C={C}"
         x0 = torch.randn(M, C, dtype=dtype, requires_grad=True)
         noise = torch.randn(M, C, dtype=dtype, requires_grad=True)
-        kd.q_sample(x0, noise, t, sched).backward(torch.ones(M, C, dtype=dtype))
+        kd.q_sample_triton(x0, noise, t, sched).backward(torch.ones(M, C, dtype=dtype))
         mo = torch.randn(M, 2 * C, dtype=dtype, requires_grad=True)
         xt = torch.randn(M, C, dtype=dtype)
-        kd.diffusion_loss(mo, x0.detach(), xt, noise.detach(), t, sched).sum().backward()
+        kd.diffusion_loss_triton(mo, x0.detach(), xt, noise.detach(), t, sched).sum().backward()
         with torch.no_grad():
-            kd.p_sample_step(mo, xt, t, sched, noise, 1.0)
-            kd.ddim_step(mo, xt, t, sched, noise, 0.5)
+            kd.p_sample_step_triton(mo, xt, t, sched, noise, 1.0)
+            kd.ddim_step_triton(mo, xt, t, sched, noise, 0.5)
         rec.variant = f"{name} M={M} W={W}"
         x = torch.randn(M, W, dtype=dtype, requires_grad=True)
         shift = torch.randn(M, W, dtype=dtype, requires_grad=True)
         scale = torch.randn(M, W, dtype=dtype, requires_grad=True)
-        kd.adaln_modulate(x, shift, scale, 1e-6).backward(torch.ones(M, W, dtype=dtype))
+        kd.adaln_modulate_triton(x, shift, scale, 1e-6).backward(torch.ones(M, W, dtype=dtype))
 
 
 # ``--quick``: one variant per kernel family, the one that exercises the most code (CI's check

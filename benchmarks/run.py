@@ -20,7 +20,9 @@ tiny preset and the pytest-benchmark micro-benchmarks of the CPU references
 Time caps (seconds; ``--quick`` / full). ``--quick`` on a GPU is budgeted to fit a short slot
 together with the extension build (``scripts/gpu_check.sh``: under 8 minutes in all):
 peaks ~5, masked_attention 150 / 1800, step 120 / 2400 (it starts no new variant after 85% of its
-cap), gather 30 / 600, diffusion 35 / 900, masks 20 / 300, cpu_micro 90 / 300 (CPU).
+cap), the token ops 35 / 600 (gather_visible 20, scatter_tokens 15 with --quick), the diffusion ops
+and decoder step 57 / 1050 (p_sample_loop 15, decoder_train_step 10, each element op 8), the masks
+28 / 300, cpu_micro 90 / 300 (CPU); ``REGISTRY`` has each one's caps.
 ``--budget-s S`` shares S seconds among the modules still to run in proportion to their
 caps (a module that finishes early leaves its time to the rest).
 """
@@ -68,9 +70,18 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("masked_attention", "benchmarks.bench_masked_attention", "gpu", (150, 1800), max_seconds=True),
     # The end-to-end step is issue #9's headline: first after attention, so a short budget cuts the kernels' tail.
     Entry("step", "benchmarks.bench_step", "any", (120, 2400), max_seconds=True),
-    Entry("gather", "benchmarks.bench_gather", "gpu", (30, 600)),
-    Entry("diffusion", "benchmarks.bench_diffusion", "gpu", (35, 900)),
-    Entry("masks", "benchmarks.bench_masks", "gpu", (20, 300)),
+    # One benchmark per op, named by it (cases shared per family in benchmarks/cases_*.py).
+    Entry("gather_visible", "benchmarks.bench_gather_visible", "gpu", (20, 300)),
+    Entry("scatter_tokens", "benchmarks.bench_scatter_tokens", "gpu", (15, 300)),
+    Entry("q_sample", "benchmarks.bench_q_sample", "gpu", (8, 150)),
+    Entry("diffusion_loss", "benchmarks.bench_diffusion_loss", "gpu", (8, 150)),
+    Entry("p_sample_step", "benchmarks.bench_p_sample_step", "gpu", (8, 150)),
+    Entry("adaln_modulate", "benchmarks.bench_adaln_modulate", "gpu", (8, 150)),
+    Entry("decoder_train_step", "benchmarks.bench_decoder_train_step", "gpu", (10, 150)),
+    Entry("p_sample_loop", "benchmarks.bench_p_sample_loop", "gpu", (15, 300)),
+    Entry("tube_mask", "benchmarks.bench_tube_mask", "gpu", (8, 100)),
+    Entry("semantic_mask", "benchmarks.bench_semantic_mask", "gpu", (10, 100)),
+    Entry("multiblock_mask", "benchmarks.bench_multiblock_mask", "gpu", (10, 100)),
     Entry("cpu_micro", "benchmarks/test_cpu_micro.py", "cpu", (90, 300), kind="pytest"),
 )
 

@@ -1,14 +1,14 @@
 """Triton implementations of the diffusion-decoder ops of :mod:`invnext.ops.diffusion`.
 
-Each function takes the canonical arguments of ``docs/ops_contract.md`` (the public op has
+Each ``<op>_triton`` takes the canonical arguments of ``docs/ops_contract.md`` (the public op has
 validated them) and computes what the pure-PyTorch reference computes: fp32 math on fp32 /
 bf16 / fp16 inputs, float32 tables read per row at ``t``, outputs in the reference's dtypes.
 
-    q_sample(x0[M,C], noise[M,C], t int64[M], schedule)                       -> x_t[M,C]   (x0's dtype)
-    diffusion_loss(model_out[M,2C], x0, x_t, noise, t, schedule)              -> float32[M]
-    p_sample_step(model_out[M,2C], x_t[M,C], t, schedule, noise, temperature) -> x_{t-1}[M,C] (x_t's dtype)
-    ddim_step(model_out[M,2C], x_t[M,C], t, schedule, noise or None, eta)     -> x_prev[M,C]  (x_t's dtype)
-    adaln_modulate(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
+    q_sample_triton(x0[M,C], noise[M,C], t int64[M], schedule)                       -> x_t[M,C]   (x0's dtype)
+    diffusion_loss_triton(model_out[M,2C], x0, x_t, noise, t, schedule)              -> float32[M]
+    p_sample_step_triton(model_out[M,2C], x_t[M,C], t, schedule, noise, temperature) -> x_{t-1}[M,C] (x_t's dtype)
+    ddim_step_triton(model_out[M,2C], x_t[M,C], t, schedule, noise or None, eta)     -> x_prev[M,C]  (x_t's dtype)
+    adaln_modulate_triton(x[M,W], shift[M,W], scale[M,W], eps)                       -> [M,W]        (x's dtype)
 
 Kernels live in ``_diffusion_steps.py`` (element-wise), ``_diffusion_loss.py`` and
 ``_diffusion_adaln.py``. Each launch is a ``torch.library`` custom op
@@ -52,7 +52,8 @@ from ._diffusion_common import TORCH_TO_TL, accurate, col_block, row_block, stri
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ADALN_WIDTH = 16384  # whole rows live in registers; wider rows are declined
 # Tile shapes: (rows, warps) per kernel family, from the rules in ``_tile``; ``TUNE`` overrides
-# them (``benchmarks/bench_diffusion.py --sweep`` times the alternatives).
+# them (``--sweep`` of ``benchmarks/bench_q_sample.py``, ``bench_p_sample_step.py`` and
+# ``bench_diffusion_loss.py`` times the alternatives).
 TUNE: dict[str, tuple[int, int]] = {}
 
 
@@ -92,7 +93,7 @@ _POSTERIOR = (
 def _tile(kind: str, C: int) -> tuple[int, int, int]:
     """(rows, cols, warps) of a program tile, 128 columns (640 lanes for C = 588).
 
-    Defaults from ``bench_diffusion --sweep`` on an H200 (bf16, 52800 x 588): the streaming
+    Defaults from the diffusion benchmarks' ``--sweep`` on an H200 (bf16, 52800 x 588): the streaming
     kernels (``stream``: q_sample, ddim; ``step``: p_sample) are best at 16 rows x 4 warps
     (32 rows: -5%); the exp-heavy loss kernels at 4 (forward, per chunk) and 8 (backward)
     rows; 16 rows ran 50% and 20% slower there (register pressure of the exp/NLL math).
@@ -111,8 +112,8 @@ def _grid2(kind: str, M: int, C: int) -> tuple[tuple[int, int], int, int, int]:
 
 
 # Paired-row tiling of the streaming kernels (``_diffusion_steps``): on where it aligns rows to
-# 16 bytes. Tests switch it off to compare both tilings bit for bit; bench_diffusion --sweep
-# times both.
+# 16 bytes. Tests switch it off to compare both tilings bit for bit; bench_q_sample and
+# bench_p_sample_step time both.
 PAIR_ROWS = True
 
 
@@ -456,13 +457,15 @@ _DDIM_TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "alp
 # public entries (canonical signatures)
 # ----------------------------------------------------------------------------------------
 @implements("q_sample", "triton")
-def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+def q_sample_triton(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: DiffusionSchedule
+) -> torch.Tensor:
     """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``; x0, noise ``[M, C]``, t ``int64[M]`` -> ``[M, C]`` x0's dtype."""
     return q_sample_triton_fwd(x0, noise, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod)
 
 
 @implements("diffusion_loss", "triton")
-def diffusion_loss(
+def diffusion_loss_triton(
     model_out: torch.Tensor,
     x0: torch.Tensor,
     x_t: torch.Tensor,
@@ -474,13 +477,13 @@ def diffusion_loss(
     return diffusion_loss_triton_fwd(model_out, x0, x_t, noise, t, _tables(schedule, *_POSTERIOR))
 
 
-def p_sample_step_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
-    """:func:`p_sample_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+def p_sample_step_triton_into(out, model_out, x_t, t, schedule, noise, temperature) -> torch.Tensor:
+    """:func:`p_sample_step_triton` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
     return _p_sample_launch(out, model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, temperature)
 
 
 @implements("p_sample_step", "triton")
-def p_sample_step(
+def p_sample_step_triton(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -492,13 +495,13 @@ def p_sample_step(
     return p_sample_step_triton_fwd(model_out, x_t, t, _tables(schedule, *_POSTERIOR), noise, float(temperature))
 
 
-def ddim_step_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
-    """:func:`ddim_step` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
+def ddim_step_triton_into(out, model_out, x_t, t, schedule, noise, eta) -> torch.Tensor:
+    """:func:`ddim_step_triton` written into ``out`` (``[M, C]``, row-contiguous; may be ``x_t`` itself)."""
     return _ddim_launch(out, model_out, x_t, t, _tables(schedule, *_DDIM_TABLES), noise, eta)
 
 
 @implements("ddim_step", "triton")
-def ddim_step(
+def ddim_step_triton(
     model_out: torch.Tensor,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -511,7 +514,7 @@ def ddim_step(
 
 
 @implements("adaln_modulate", "triton")
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def adaln_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` over ``W``; x, shift, scale ``[M, W]`` (any strides) -> x's dtype."""
     y, _, _ = adaln_modulate_triton_fwd(x, shift, scale, float(eps))
     return y
@@ -543,8 +546,8 @@ def _adaln_modulate_unsupported(x, shift, scale, eps) -> str | None:
     return why
 
 
-q_sample.unsupported = _q_sample_unsupported
-diffusion_loss.unsupported = _diffusion_loss_unsupported
-p_sample_step.unsupported = _step_unsupported
-ddim_step.unsupported = _step_unsupported
-adaln_modulate.unsupported = _adaln_modulate_unsupported
+q_sample_triton.unsupported = _q_sample_unsupported
+diffusion_loss_triton.unsupported = _diffusion_loss_unsupported
+p_sample_step_triton.unsupported = _step_unsupported
+ddim_step_triton.unsupported = _step_unsupported
+adaln_modulate_triton.unsupported = _adaln_modulate_unsupported

@@ -1,6 +1,6 @@
 """Reverse-diffusion samplers without per-step launch overhead (CUDA graphs).
 
-``p_sample_loop`` / ``ddim_sample_loop`` take the canonical arguments of the reference
+``p_sample_loop_triton`` / ``ddim_sample_loop_triton`` take the canonical arguments of the reference
 samplers in :mod:`invnext.ops.diffusion` and return what they return::
 
     impl(denoise_fn, cond, schedule, x_T[M,C], step_noise [S,M,C] or None, generator, temperature | eta) -> x_0[M,C]
@@ -61,7 +61,7 @@ def _step(kind: str, model_out, x, t, schedule, noise, coef):
     # shows its dtype only here, mid-loop, so a float64 one gets the reference step.
     if not _kd._kernel_ok(model_out, x, noise):
         return _REFERENCE_STEP[kind](model_out, x, t, schedule, noise, coef)
-    step = _kd.p_sample_step if kind == "p_sample" else _kd.ddim_step
+    step = _kd.p_sample_step_triton if kind == "p_sample" else _kd.ddim_step_triton
     return step(model_out, x, t, schedule, noise, coef)
 
 
@@ -70,8 +70,8 @@ def _step_into(kind: str, out, model_out, x, t, schedule, noise, coef):
     if not _kd._kernel_ok(model_out, x, noise):
         return out.copy_(_REFERENCE_STEP[kind](model_out, x, t, schedule, noise, coef))
     if kind == "p_sample":
-        return _kd.p_sample_step_into(out, model_out, x, t, schedule, noise, coef)
-    return _kd.ddim_step_into(out, model_out, x, t, schedule, noise, coef)
+        return _kd.p_sample_step_triton_into(out, model_out, x, t, schedule, noise, coef)
+    return _kd.ddim_step_triton_into(out, model_out, x, t, schedule, noise, coef)
 
 
 def _needs_noise(kind: str, coef: float) -> bool:
@@ -227,7 +227,7 @@ def _sample(kind, denoise_fn, cond, schedule, x_T, step_noise, generator, coef, 
 
 
 @implements("p_sample_loop", "triton")
-def p_sample_loop(
+def p_sample_loop_triton(
     denoise_fn: Callable,
     cond,
     schedule: DiffusionSchedule,
@@ -248,7 +248,7 @@ def p_sample_loop(
 
 
 @implements("ddim_sample_loop", "triton")
-def ddim_sample_loop(
+def ddim_sample_loop_triton(
     denoise_fn: Callable,
     cond,
     schedule: DiffusionSchedule,
@@ -259,7 +259,7 @@ def ddim_sample_loop(
     *,
     use_graph: bool | None = None,
 ) -> torch.Tensor:
-    """DDIM sampling ``x_T[M, C] -> x_0[M, C]``; arguments as :func:`p_sample_loop`, ``eta >= 0``
+    """DDIM sampling ``x_T[M, C] -> x_0[M, C]``; arguments as :func:`p_sample_loop_triton`, ``eta >= 0``
     (with ``eta = 0`` nothing is drawn after x_T and ``step_noise`` is ignored)."""
     return _sample("ddim", denoise_fn, cond, schedule, x_T, step_noise, generator, float(eta), use_graph)
 
@@ -270,5 +270,5 @@ def _loop_unsupported(denoise_fn, cond, schedule, x_T, step_noise, generator, co
     return _kd._dtype_reason(x_T, step_noise)
 
 
-p_sample_loop.unsupported = _loop_unsupported
-ddim_sample_loop.unsupported = _loop_unsupported
+p_sample_loop_triton.unsupported = _loop_unsupported
+ddim_sample_loop_triton.unsupported = _loop_unsupported

@@ -38,8 +38,8 @@ the host: ``total`` is ``index.shape[0]``.
 
 Each pass is a ``torch.library`` custom op (``invnext::gather_visible_triton_fwd`` / ``_bwd``,
 ``invnext::scatter_tokens_triton_fwd`` / ``_bwd``) with a fake and a registered autograd
-formula, so ``torch.compile`` graphs keep the kernels as single nodes; the public functions
-below only validate and call them.
+formula, so ``torch.compile`` graphs keep the kernels as single nodes; the entries below
+make their arguments contiguous and call them (``invnext.ops.tokens`` has validated them).
 
 Rows are contiguous with stride C; when C is a multiple of 8 (bf16/fp16) or 4 (fp32) the
 row offsets are hinted with ``tl.multiple_of`` so the loads and stores become 16-byte
@@ -52,12 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
-from invnext.common import validate as V
 from invnext.common.interpreter import triton_interpreter
 from invnext.common.registry import implements
 from invnext.common.token_custom_ops import define_token_ops
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Elements per program tile at 4 warps. Place programs loop over the batch, so a larger tile
 # keeps more bytes in flight per iteration (a few % faster on an H200 at both Stage shapes);
 # row programs are one-shot and prefer more, smaller programs.
@@ -605,20 +603,6 @@ def gather_visible_triton(
         [total, C] in x's dtype; the add runs in fp32 (fp64 for fp64) and rounds once.
     Differentiable w.r.t. x, pos and prefix. No host synchronisation.
     """
-    op = "gather_visible"
-    V.check_tensor(op, "x", x, ndim=3, dtypes=_DTYPES)
-    dev = x.device
-    B, N, C = x.shape
-    V.check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64,), device=dev)
-    V.check_tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=dev)
-    V.check_shape(op, "cu_seqlens", cu_seqlens, (B + 1,))
-    for name, t, rows in (("pos", pos, N), ("prefix", prefix, None)):
-        if t is None:
-            continue
-        V.check_tensor(op, name, t, ndim=3, dtypes=(x.dtype,), device=dev)
-        if t.shape[0] not in (1, B) or t.shape[2] != C or (rows is not None and t.shape[1] != rows):
-            want = f"[1 or {B}, {rows if rows is not None else 'P'}, {C}]"
-            raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
     contig = lambda t: None if t is None else t.contiguous()
     return gather_visible_triton_fwd(
         x.contiguous(), index.contiguous(), cu_seqlens.contiguous(), contig(pos), contig(prefix)
@@ -647,21 +631,6 @@ def scatter_tokens_triton(
         [batch_size, N, C] in packed's dtype; adds in fp32 (fp64 for fp64), one rounding.
     Differentiable w.r.t. packed, mask_token and pos. No host synchronisation.
     """
-    op = "scatter_tokens"
-    V.check_tensor(op, "packed", packed, ndim=2, dtypes=_DTYPES)
-    dev = packed.device
-    total, C = packed.shape
-    V.check_tensor(op, "index", index, ndim=1, dtypes=(torch.int64,), device=dev)
-    V.check_shape(op, "index", index, (total,))
-    V.check_tensor(op, "mask_token", mask_token, ndim=1, dtypes=(packed.dtype,), device=dev)
-    V.check_shape(op, "mask_token", mask_token, (C,))
-    for name, value in (("batch_size", batch_size), ("N", N)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
-    if pos is not None:
-        V.check_tensor(op, "pos", pos, ndim=3, dtypes=(packed.dtype,), device=dev)
-        if pos.shape[0] not in (1, batch_size) or tuple(pos.shape[1:]) != (N, C):
-            raise ValueError(f"{op}: pos must have shape [1 or {batch_size}, {N}, {C}], got {list(pos.shape)}")
     out, _ = scatter_tokens_triton_fwd(
         packed.contiguous(),
         index.contiguous(),

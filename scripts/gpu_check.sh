@@ -10,7 +10,8 @@
 #   4. benchmarks.bench_masked_attention --quick (issue #6) cap 130 s [CAP_ATTN_BENCH] (no new shape after 105 s)
 #   5. the other GPU tests (requires_cuda or triton)        cap 70 s  [CAP_TESTS]
 #   6. python -m benchmarks.run --quick --skip masked_attention: whatever is left (--budget-s): peaks,
-#      the end-to-end step, gather, diffusion, masks; it renders REPORT_<gpu>_<date>.md from every
+#      the end-to-end step, one benchmark per token, diffusion and mask op (benchmarks/bench_<op>.py);
+#      it renders REPORT_<gpu>_<date>.md from every
 #      result of the day, bench_masked_attention's included
 # Results land in benchmarks/results/ and, with the logs, in $OUT/results.tar.gz.
 # Optional baselines (xformers): run scripts/fetch_gpu_wheels.sh here first and carry .whl.
@@ -76,7 +77,7 @@ echo "pytest rc=$?"; tail -5 "$OUT/pytest_gpu.log"
 
 left=$(( BUDGET - ($(date +%s) - t0) - 15 ))
 (( left < 30 )) && left=30  # overran: still measure the peaks, the first steps and render the report
-log "benchmark suite (${left} s budget): step, gather, diffusion, masks; report"
+log "benchmark suite (${left} s budget): step, the token, diffusion and mask ops; report"
 timeout $(( left + 15 )) python3 -m benchmarks.run $QUICK --skip masked_attention --budget-s "$left" > "$OUT/suite.log" 2>&1
 echo "suite rc=$?"; grep -E "^(suite:|report:|[a-z_]+: (ok|failed|timed out|skipped|running))" "$OUT/suite.log"
 

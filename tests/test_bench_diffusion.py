@@ -1,4 +1,5 @@
-"""bench_diffusion's wiring, dry-run on the CPU interpreter with tiny shapes.
+"""The diffusion benchmarks' wiring (bench_q_sample, ..., bench_p_sample_loop, bench_decoder_train_step:
+benchmarks/cases_diffusion.py), dry-run on the CPU interpreter with tiny shapes.
 
 The benchmark needs a GPU for its numbers; this runs every function it has (element ops in
 both dtypes, the paired / row-tile comparison, the decoder train step, the sampler, the tile
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_diffusion as bd
+from benchmarks import cases_diffusion as bd
 
 pytestmark = pytest.mark.triton
 
@@ -42,3 +43,11 @@ def test_every_benchmark_function_runs(dry):
     assert len(sampler) == 3 and {r.mode for r in sampler} == {"2 steps"}
     sweep = bd.bench_sweep(True, 1000.0)
     assert len(sweep) == sum(len(v) for v in bd.SWEEP.values()) and not bd._kernels()[0].TUNE
+
+
+def test_each_op_benchmark_times_its_op_alone(dry):
+    # bench_<op>.py calls main(op), which passes (op,): only that op's rows
+    for op in bd.ELEMENT_OPS:
+        assert {r.bench for r in bd.bench_ops(torch.float32, True, 1000.0, (op,))} == {op}
+    assert {r.bench for r in bd.bench_sweep(True, 1000.0, kinds=bd.SWEEP_KINDS["diffusion_loss"])} == {
+        "diffusion_loss fwd", "diffusion_loss bwd"}  # fmt: skip

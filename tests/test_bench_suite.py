@@ -318,9 +318,10 @@ def test_cpu_micro_benchmarks_not_collected_by_default():
 
 
 def test_bench_masks_cases_run_on_the_reference():
-    """Every bench_masks case builds and its reference call runs (on the CPU here), so a GPU run
-    does not discover a wiring error; the Stage-2 batch returns the host counts training uses."""
-    from benchmarks.bench_masks import _cases, _same
+    """Every case of the mask benchmarks (benchmarks/cases_masks.py) builds and its reference call
+    runs (on the CPU here), so a GPU run does not discover a wiring error; the Stage-2 batch returns
+    the host counts training uses."""
+    from benchmarks.cases_masks import _cases, _same
 
     cpu = torch.device("cpu")
     cases = _cases([torch.float32], cpu)
@@ -336,7 +337,27 @@ def test_bench_masks_cases_run_on_the_reference():
         assert (case.device_share is not None) == (case.op == "multiblock_mask"), case.name
 
 
-@pytest.mark.parametrize("script", ["bench_masked_attention", "bench_gather", "bench_diffusion", "bench_masks"])
+GPU_BENCHMARKS = [
+    "bench_masked_attention", "bench_gather_visible", "bench_scatter_tokens", "bench_q_sample", "bench_diffusion_loss",
+    "bench_p_sample_step", "bench_adaln_modulate", "bench_p_sample_loop", "bench_decoder_train_step",
+    "bench_tube_mask", "bench_semantic_mask", "bench_multiblock_mask",
+]  # fmt: skip
+
+
+def test_every_gpu_benchmark_is_named_by_what_it_times():
+    # One module per op (and the decoder step): the suite's name, the file and the op main() times agree.
+    from benchmarks.run import REGISTRY
+
+    root = Path(__file__).resolve().parent.parent
+    gpu = [e for e in REGISTRY if e.where == "gpu"]
+    assert [e.name for e in gpu] == [e.target.removeprefix("benchmarks.bench_") for e in gpu]
+    for e in gpu:
+        if e.name != "masked_attention":
+            assert f'main("{e.name}")' in (root / "benchmarks" / f"bench_{e.name}.py").read_text(), e.name
+    assert sorted(p.stem for p in (root / "benchmarks").glob("bench_*.py")) == sorted(["bench_step", *GPU_BENCHMARKS])
+
+
+@pytest.mark.parametrize("script", GPU_BENCHMARKS)
 def test_gpu_benchmarks_run_by_path_and_say_they_need_a_gpu(script):
     # The issue names them as files (`benchmarks/bench_masked_attention.py`), so a user runs them by
     # path from the repo root: that must import and exit cleanly on a CPU, not die on `benchmarks`.

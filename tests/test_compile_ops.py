@@ -215,7 +215,7 @@ def test_q_sample_compiles(triton_device):
     s, t, _, x0, noise, _ = _diffusion_case(triton_device, dtype=torch.bfloat16)
 
     def f(x0, noise):
-        return kd.q_sample(x0, noise, t, s)
+        return kd.q_sample_triton(x0, noise, t, s)
 
     _, graphs = _eager_vs_compiled(f, (x0, noise), [torch.randn(x0.shape, device=triton_device)])
     _assert_in_graphs(graphs, "q_sample_triton_fwd", "q_sample_triton_bwd")
@@ -227,7 +227,7 @@ def test_diffusion_loss_compiles(triton_device):
 
     def f(model_out):
         # the decoder's use: eps and v halves as one [M, 2C] output, a mean over rows
-        return kd.diffusion_loss(model_out, x0, x_t, noise, t, s).mean()
+        return kd.diffusion_loss_triton(model_out, x0, x_t, noise, t, s).mean()
 
     _, graphs = _eager_vs_compiled(f, (mo,), [torch.ones((), device=triton_device)])
     _assert_in_graphs(graphs, "diffusion_loss_triton_fwd", "diffusion_loss_triton_bwd")
@@ -243,7 +243,7 @@ def test_adaln_modulate_compiles(triton_device):
     def f(x, shift, scale):
         # per-sample modulation as the public op passes it: stride-0 views of [2, W] rows
         rows = lambda p: p[:, None, :].expand(2, M // 2, W).reshape(M, W)
-        return kd.adaln_modulate(x, rows(shift), rows(scale), 1e-6)
+        return kd.adaln_modulate_triton(x, rows(shift), rows(scale), 1e-6)
 
     _, graphs = _eager_vs_compiled(f, (x, shift, scale), [torch.randn(M, W, device=dev)])
     _assert_in_graphs(graphs, "adaln_modulate_triton_fwd", "adaln_modulate_triton_bwd")
@@ -256,7 +256,7 @@ def test_sampling_steps_compile(triton_device):
     s, t, mo, _, noise, x_t = _diffusion_case(triton_device)
 
     def steps(mo, x_t):
-        return kd.p_sample_step(mo, x_t, t, s, noise, 0.8), kd.ddim_step(mo, x_t, t, s, noise, 0.5)
+        return kd.p_sample_step_triton(mo, x_t, t, s, noise, 0.8), kd.ddim_step_triton(mo, x_t, t, s, noise, 0.5)
 
     compiled, graphs = _compile(steps)
     with torch.no_grad():

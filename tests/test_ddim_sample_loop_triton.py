@@ -15,6 +15,6 @@ pytestmark = MARKS
 def test_ddim_sample_loop_matches_reference(triton_device, eta):
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device)
-    k = ks.ddim_sample_loop(fn, cond, s, x_T, step_noise, None, eta)
+    k = ks.ddim_sample_loop_triton(fn, cond, s, x_T, step_noise, None, eta)
     r = R.ddim_sample_loop_reference(fn, cond, s, x_T, step_noise, None, eta)
     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)

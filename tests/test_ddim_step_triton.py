@@ -17,7 +17,7 @@ pytestmark = MARKS
 def test_ddim_step(triton_device, eta, with_noise, dtype, respace):
     s, mo, _, x_t, noise, t = _loss_case(37, 588 if dtype == torch.float32 else 7, respace, dtype, triton_device)
     nz = noise if with_noise else None
-    k = kd.ddim_step(mo, x_t, t, s, nz, eta)
+    k = kd.ddim_step_triton(mo, x_t, t, s, nz, eta)
     r = R.ddim_step_reference(mo, x_t, t, s, nz, eta)
     f = R.ddim_step_reference(
         mo.double(), x_t.double(), t, _truth_schedule(s), None if nz is None else nz.double(), eta

@@ -34,13 +34,13 @@ def test_loss_and_steps_finite_at_extremes(triton_device, dtype):
     noise = torch.randn(M, C)
     cast = lambda z: z.to(dtype).to(triton_device)
     mo, x0, noise = cast(mo), cast(x0), cast(noise)
-    x_t = kd.q_sample(x0, noise, t, s)
+    x_t = kd.q_sample_triton(x0, noise, t, s)
     m = mo.clone().requires_grad_()
-    loss = kd.diffusion_loss(m, x0, x_t, noise, t, s)
+    loss = kd.diffusion_loss_triton(m, x0, x_t, noise, t, s)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(m.grad).all()
-    assert torch.isfinite(kd.p_sample_step(mo, x_t, t, s, noise, 1.0)).all()
-    assert torch.isfinite(kd.ddim_step(mo, x_t, t, s, noise, 1.0)).all()
+    assert torch.isfinite(kd.p_sample_step_triton(mo, x_t, t, s, noise, 1.0)).all()
+    assert torch.isfinite(kd.ddim_step_triton(mo, x_t, t, s, noise, 1.0)).all()
 
 
 def test_out_of_range_t_poisons_only_its_row(triton_device):
@@ -52,10 +52,10 @@ def test_out_of_range_t_poisons_only_its_row(triton_device):
     bad = torch.zeros(6, dtype=torch.bool, device=triton_device)
     bad[2] = bad[4] = True
     for out in (
-        kd.q_sample(x0, noise, t, s),
-        kd.diffusion_loss(mo, x0, x_t, noise, t, s)[:, None],
-        kd.p_sample_step(mo, x_t, t, s, noise, 1.0),
-        kd.ddim_step(mo, x_t, t, s, noise, 0.5),
+        kd.q_sample_triton(x0, noise, t, s),
+        kd.diffusion_loss_triton(mo, x0, x_t, noise, t, s)[:, None],
+        kd.p_sample_step_triton(mo, x_t, t, s, noise, 1.0),
+        kd.ddim_step_triton(mo, x_t, t, s, noise, 0.5),
     ):
         assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
 
@@ -89,15 +89,16 @@ def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypa
         monkeypatch.setattr(kd, "PAIR_ROWS", pair_rows)
         x0_ = x0.clone().requires_grad_(True)
         noise_ = noise.clone().requires_grad_(True)
-        xq = kd.q_sample(x0_, noise_, t, s)
+        xq = kd.q_sample_triton(x0_, noise_, t, s)
         dx0, dnoise = torch.autograd.grad(xq, (x0_, noise_), g)
         in_place = x_t.clone()
-        kd.p_sample_step_into(in_place, mo, in_place, t, s, noise, 0.7)
+        kd.p_sample_step_triton_into(in_place, mo, in_place, t, s, noise, 0.7)
         mo_ = mo.clone().requires_grad_(True)
-        loss = kd.diffusion_loss(mo_, x0, x_t, noise, t, s)
+        loss = kd.diffusion_loss_triton(mo_, x0, x_t, noise, t, s)
         (dmo,) = torch.autograd.grad(loss, mo_, torch.linspace(0.5, 1.5, M, device=loss.device))
-        return loss.detach(), (xq.detach(), dx0, dnoise, kd.p_sample_step(mo, x_t, t, s, noise, 0.7), in_place,
-                               kd.ddim_step(mo, x_t, t, s, noise, 0.6), kd.ddim_step(mo, x_t, t, s, None, 0.0), dmo)
+        return loss.detach(), (xq.detach(), dx0, dnoise, kd.p_sample_step_triton(mo, x_t, t, s, noise, 0.7), in_place,
+                               kd.ddim_step_triton(mo, x_t, t, s, noise, 0.6),
+                               kd.ddim_step_triton(mo, x_t, t, s, None, 0.0), dmo)
 
     loss_rows, rows = run(False)
     assert launches and not any(launches)
@@ -115,14 +116,14 @@ def test_paired_row_tiling_is_bit_identical_to_row_tiles(triton_device, monkeypa
 def test_steps_under_autograd_are_declined(triton_device, monkeypatch):
     s, mo, _, x_t, noise, t = _loss_case(5, 7, 100, torch.float32, triton_device)
     m = mo.clone().requires_grad_()
-    assert "autograd" in kd.p_sample_step.unsupported(m, x_t, t, s, noise, 1.0)
-    assert "autograd" in kd.ddim_step.unsupported(m, x_t, t, s, noise, 0.5)
+    assert "autograd" in kd.p_sample_step_triton.unsupported(m, x_t, t, s, noise, 1.0)
+    assert "autograd" in kd.ddim_step_triton.unsupported(m, x_t, t, s, noise, 0.5)
     with torch.no_grad():
-        assert kd.p_sample_step.unsupported(m, x_t, t, s, noise, 1.0) is None
+        assert kd.p_sample_step_triton.unsupported(m, x_t, t, s, noise, 1.0) is None
     with pytest.raises(ops.BackendUnavailableError, match="autograd"):
         ops.p_sample_step(m, x_t, t, s, noise, backend="triton")
     # auto with the Triton kernel first (as on a GPU): the reference runs, and gradients flow
-    candidates = lambda op, device: iter([("triton", kd.p_sample_step), ("torch", R.p_sample_step_reference)])
+    candidates = lambda op, device: iter([("triton", kd.p_sample_step_triton), ("torch", R.p_sample_step_reference)])
     monkeypatch.setattr(_dispatch, "_candidates", candidates)
     ops.p_sample_step(m, x_t, t, s, noise).sum().backward()
     assert m.grad is not None and torch.isfinite(m.grad).all()
@@ -132,15 +133,15 @@ def test_float64_and_wide_rows_are_declined(triton_device):
     """The kernels are float32 machines: float64 (the reference's checking mode) goes to the
     reference under auto and is refused, with the reason, for an explicit backend="triton"."""
     s, mo, x0, x_t, noise, t = _loss_case(3, 7, None, torch.float64, triton_device)
-    assert "float64" in kd.q_sample.unsupported(x0, noise, t, s)
-    assert "float64" in kd.diffusion_loss.unsupported(mo, x0, x_t, noise, t, s)
-    assert "float64" in kd.ddim_step.unsupported(mo, x_t, t, s, None, 0.0)
-    assert "float64" in ks.p_sample_loop.unsupported(None, None, s, x_t, None, None, 1.0)
-    assert "float64" in ks.ddim_sample_loop.unsupported(None, None, s, x_t.float(), noise[None], None, 0.5)
-    assert ks.p_sample_loop.unsupported(None, None, s, x_t.float(), None, None, 1.0) is None
+    assert "float64" in kd.q_sample_triton.unsupported(x0, noise, t, s)
+    assert "float64" in kd.diffusion_loss_triton.unsupported(mo, x0, x_t, noise, t, s)
+    assert "float64" in kd.ddim_step_triton.unsupported(mo, x_t, t, s, None, 0.0)
+    assert "float64" in ks.p_sample_loop_triton.unsupported(None, None, s, x_t, None, None, 1.0)
+    assert "float64" in ks.ddim_sample_loop_triton.unsupported(None, None, s, x_t.float(), noise[None], None, 0.5)
+    assert ks.p_sample_loop_triton.unsupported(None, None, s, x_t.float(), None, None, 1.0) is None
     with pytest.raises(ops.BackendUnavailableError, match="float64"):
         ops.q_sample(x0, noise, t, s, backend="triton")
     torch.testing.assert_close(ops.q_sample(x0, noise, t, s), R.q_sample_reference(x0, noise, t, s), rtol=0, atol=0)
     wide = torch.zeros(1, kd._MAX_ADALN_WIDTH + 1, device=triton_device)
-    assert "16384" in kd.adaln_modulate.unsupported(wide, wide, wide, 1e-6)
-    assert kd.adaln_modulate.unsupported(wide[:, :-1], wide[:, :-1], wide[:, :-1], 1e-6) is None
+    assert "16384" in kd.adaln_modulate_triton.unsupported(wide, wide, wide, 1e-6)
+    assert kd.adaln_modulate_triton.unsupported(wide[:, :-1], wide[:, :-1], wide[:, :-1], 1e-6) is None

@@ -23,7 +23,7 @@ def test_diffusion_loss_forward_and_grad(triton_device, dtype, M, C, respace):
         (loss * w.to(loss.dtype)).sum().backward()
         return loss.detach(), m.grad
 
-    k = run(kd.diffusion_loss, s, lambda z: z.clone())
+    k = run(kd.diffusion_loss_triton, s, lambda z: z.clone())
     r = run(R.diffusion_loss_reference, s, lambda z: z.clone())
     f = run(R.diffusion_loss_reference, _truth_schedule(s), lambda z: z.double())
     _check("loss", k[0], r[0], f[0], 2)
@@ -42,7 +42,7 @@ def test_diffusion_loss_t0_branches_and_halves(triton_device):
     mo[0, C:] = 1.0
     mo[1, C:] = -1.0
     m = mo.clone().requires_grad_()
-    loss = kd.diffusion_loss(m, x0, x_t, noise, t, s)
+    loss = kd.diffusion_loss_triton(m, x0, x_t, noise, t, s)
     loss.sum().backward()
     f = mo.double().requires_grad_()
     truth = R.diffusion_loss_reference(f, x0.double(), x_t.double(), noise.double(), t, _truth_schedule(s))

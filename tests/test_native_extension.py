@@ -148,15 +148,18 @@ def test_source_override(fresh_loader, monkeypatch):
 
 
 def test_ops_refuse_cpu_tensors():
-    from invnext.native import ops
+    # The public ops refuse them before the CUDA entries are reached (dispatch: the backend is unavailable).
+    from invnext.ops import tokens
+    from invnext.ops._dispatch import BackendUnavailableError
 
     x = torch.zeros(1, 4, 8)
-    index = torch.zeros(2, dtype=torch.int64)
-    cu = torch.tensor([0, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match="gather_visible: the CUDA kernels need CUDA tensors; x is on cpu"):
-        ops.gather_visible_cuda(x, index, cu, None, None)
-    with pytest.raises(ValueError, match="scatter_tokens: the CUDA kernels need CUDA tensors; packed is on cpu"):
-        ops.scatter_tokens_cuda(torch.zeros(2, 8), index, torch.zeros(8), None, 1, 4)
+    hidden = torch.tensor([[False, True, False, True]])
+    index = torch.tensor([0, 2])
+    cuda_needs_cuda = "backend 'cuda' is unavailable: the CUDA kernels need CUDA tensors"
+    with pytest.raises(BackendUnavailableError, match=f"gather_visible: {cuda_needs_cuda}"):
+        tokens.gather_visible(x, hidden, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match=f"scatter_tokens: {cuda_needs_cuda}"):
+        tokens.scatter_tokens(torch.zeros(2, 8), index, torch.zeros(8), None, 4, batch_size=1, backend="cuda")
 
 
 class _EmulatedTokenLib:
@@ -593,6 +596,7 @@ def test_runs_on_the_current_stream(kernels_from):
 def test_public_ops_on_the_cuda_backend(kernels_from):
     """invnext.ops dispatches here with backend="cuda" and agrees with its own reference."""
     from invnext.ops import tokens
+    from invnext.ops._dispatch import BackendUnavailableError
 
     B, N, C, P = 3, 50, 768, 4
     dev = torch.device("cuda")

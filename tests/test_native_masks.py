@@ -159,7 +159,7 @@ def test_python_side_matches_the_c_api():
     for op in ("tube_mask", "multiblock_mask", "semantic_mask"):
         assert f'"{op}"' in bindings and callable(getattr(_cupy.CupyKernels, op))
         assert f"int invnext_{op}(" in HEADER
-        assert "cuda" in _ACCELERATED[op] and implementation(op, "cuda") is getattr(nm, op)
+        assert "cuda" in _ACCELERATED[op] and implementation(op, "cuda") is getattr(nm, f"{op}_cuda")
     assert "csrc/mask_ops.cu" in (ROOT / "CMakeLists.txt").read_text()
 
 
@@ -171,12 +171,12 @@ def test_cuda_backend_on_cpu_says_why():
         ops_masks.tube_mask(2, (2, 4, 4), 0.5, seed=0, backend="cuda")
     from invnext.native import masks as nm
 
-    assert nm.tube_mask.unsupported(2, (1, 4, 4), 0.5, 0, torch.device("cpu")).startswith(
+    assert nm.tube_mask_cuda.unsupported(2, (1, 4, 4), 0.5, 0, torch.device("cpu")).startswith(
         "the CUDA kernels need a CUDA device"
     )
-    assert "CUDA device" in nm.semantic_mask.unsupported(torch.rand(1, 2, 3), 1, "topk", 0)
+    assert "CUDA device" in nm.semantic_mask_cuda.unsupported(torch.rand(1, 2, 3), 1, "topk", 0)
     boxes = ops_masks.multiblock_boxes(2, (1, 4, 4), 2, (0.1, 0.2), (1.0, 1.0), (1.0, 1.0), 0)
-    assert "CUDA device" in nm.multiblock_mask.unsupported(boxes, (1, 4, 4), torch.device("cpu"))
+    assert "CUDA device" in nm.multiblock_mask_cuda.unsupported(boxes, (1, 4, 4), torch.device("cpu"))
 
 
 class _EmulatedMaskLib:
@@ -247,13 +247,13 @@ def test_mask_wrappers_pass_what_the_c_api_reads(monkeypatch):
     ]:
         boxes = ops_masks.multiblock_boxes(B, grid, J, s, a, t, 7)
         want = ops_masks.multiblock_mask(B, grid, J, s, a, t, seed=7)
-        assert torch.equal(nm.multiblock_mask(boxes, grid, cpu), want)
+        assert torch.equal(nm.multiblock_mask_cuda(boxes, grid, cpu), want)
         hidden, cu, max_seqlen = nm.multiblock_mask_with_cu_seqlens(B, grid, J, s, a, t, 7, cpu, 4)
         want_cu, want_max = ops_masks.mask_counts(want, 4)
         assert torch.equal(hidden, want) and torch.equal(cu, want_cu) and max_seqlen == want_max
     for B, grid, ratio in [(3, (2, 3, 5), 0.6), (1, (1, 1, 1), 0.0)]:
         want = ops_masks.tube_mask(B, grid, ratio, seed=11)
-        assert torch.equal(nm.tube_mask(B, grid, ratio, 11, cpu), want)
+        assert torch.equal(nm.tube_mask_cuda(B, grid, ratio, 11, cpu), want)
         hidden, cu, max_seqlen = nm.tube_mask_with_cu_seqlens(B, grid, ratio, 11, cpu, 2)
         assert (torch.equal(hidden, want), max_seqlen) == (True, ops_masks.mask_counts(want, 2)[1])
         assert torch.equal(cu, ops_masks.mask_counts(want, 2)[0])
@@ -262,7 +262,7 @@ def test_mask_wrappers_pass_what_the_c_api_reads(monkeypatch):
         for mode in ("topk", "sample"):
             attn = base.to(dtype)[:, :, ::2]  # strided: the wrapper hands the kernel a contiguous copy
             want = ops_masks.semantic_mask(attn, 4, mode, seed=5)
-            assert torch.equal(nm.semantic_mask(attn, 4, mode, 5), want), (dtype, mode)
+            assert torch.equal(nm.semantic_mask_cuda(attn, 4, mode, 5), want), (dtype, mode)
             hidden, cu, max_seqlen = nm.semantic_mask_with_cu_seqlens(attn, 4, mode, 5, 1)
             assert torch.equal(hidden, want) and torch.equal(cu, ops_masks.mask_counts(want, 1)[0])
             assert max_seqlen == 1 + 3 * 4
@@ -325,7 +325,7 @@ def test_cu_seqlens_from_the_sampler(kernels_from, P):
         assert torch.equal(cu.cpu(), want_cu), i
         assert max_seqlen == want_max, i  # multi-block: counted from the host's boxes
     # The masks themselves are the plain samplers'.
-    assert torch.equal(cases[0][0], nm.tube_mask(37, (3, 7, 5), 0.6, 5, CUDA))
+    assert torch.equal(cases[0][0], nm.tube_mask_cuda(37, (3, 7, 5), 0.6, 5, CUDA))
 
 
 @pytest.mark.requires_cuda
@@ -377,7 +377,7 @@ def test_runs_on_the_current_stream(kernels_from):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         boxes = ops_masks.multiblock_boxes(64, (32, 16, 16), 8, (0.15, 0.15), (0.75, 1.5), (1.0, 1.0), 4)
-        hidden = nm.multiblock_mask(boxes, (32, 16, 16), CUDA)
+        hidden = nm.multiblock_mask_cuda(boxes, (32, 16, 16), CUDA)
     stream.synchronize()
     want = ops_masks.multiblock_mask(64, (32, 16, 16), 8, (0.15, 0.15), (0.75, 1.5), seed=4)
     _assert_equal(hidden, want, "multiblock on a side stream")

@@ -15,7 +15,7 @@ pytestmark = MARKS
 def test_p_sample_loop_matches_reference(triton_device):
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device)
-    k = ks.p_sample_loop(fn, cond, s, x_T, step_noise, None, 0.9)
+    k = ks.p_sample_loop_triton(fn, cond, s, x_T, step_noise, None, 0.9)
     r = R.p_sample_loop_reference(fn, cond, s, x_T, step_noise, None, 0.9)
     f = R.p_sample_loop_reference(
         lambda x, tm, c: fn(x, tm, c).double(), cond, _truth_schedule(s), x_T.double(), step_noise.double(), None, 0.9
@@ -28,7 +28,7 @@ def test_sampler_takes_the_reference_step_for_a_float64_denoiser(triton_device):
     # the denoiser's dtype shows only mid-loop, after dispatch chose the sampler
     s, cond, x_T, step_noise = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device, torch.float64)
-    k = ks.p_sample_loop(fn, cond, s, x_T, step_noise, None, 0.9)
+    k = ks.p_sample_loop_triton(fn, cond, s, x_T, step_noise, None, 0.9)
     r = R.p_sample_loop_reference(fn, cond, s, x_T, step_noise, None, 0.9)
     assert k.dtype == torch.float32 and torch.equal(k, r)
 
@@ -37,7 +37,7 @@ def test_sampler_generator_draws_match_reference(triton_device):
     s, cond, x_T, _ = _sampler_case(triton_device)
     fn = _denoiser(7, triton_device)
     seed = lambda: torch.Generator(device=triton_device).manual_seed(11)
-    k = ks.p_sample_loop(fn, cond, s, x_T, None, seed(), 1.0)
+    k = ks.p_sample_loop_triton(fn, cond, s, x_T, None, seed(), 1.0)
     r = R.p_sample_loop_reference(fn, cond, s, x_T, None, seed(), 1.0)
     torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
 
@@ -54,7 +54,7 @@ def test_cuda_graph_sampler_equals_eager_loop(kind):
     ks.clear_graph_cache()
     s, cond, x_T, step_noise = _sampler_case(dev, M=64, C=588, S=10)
     fn = _denoiser(588, dev)
-    loop = ks.p_sample_loop if kind == "p_sample" else ks.ddim_sample_loop
+    loop = ks.p_sample_loop_triton if kind == "p_sample" else ks.ddim_sample_loop_triton
     coef = 0.9 if kind == "p_sample" else 0.5
     eager = loop(fn, cond, s, x_T, step_noise, None, coef, use_graph=False)
     graph = loop(fn, cond, s, x_T, step_noise, None, coef, use_graph=True)

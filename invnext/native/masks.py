@@ -97,7 +97,7 @@ def _tube(batch_size, grid, ratio, seed, device, num_prefix):
 
 
 @implements("tube_mask", "cuda")
-def tube_mask(
+def tube_mask_cuda(
     batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
 ) -> torch.Tensor:
     """``tube_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
@@ -112,7 +112,7 @@ def _tube_unsupported(batch_size, grid, ratio, seed, device) -> str | None:
     return why
 
 
-tube_mask.unsupported = _tube_unsupported
+tube_mask_cuda.unsupported = _tube_unsupported
 
 
 def tube_mask_with_cu_seqlens(
@@ -144,7 +144,7 @@ def _multiblock(boxes, grid, device, num_prefix):
 
 
 @implements("multiblock_mask", "cuda")
-def multiblock_mask(boxes: torch.Tensor, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def multiblock_mask_cuda(boxes: torch.Tensor, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """``multiblock_mask_reference`` on the GPU: paints the host's boxes (int64[B, J, 6], CPU)
     into ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
     return _multiblock(boxes, grid, device, None)[0]
@@ -158,7 +158,7 @@ def _multiblock_unsupported(boxes, grid, device) -> str | None:
     return why
 
 
-multiblock_mask.unsupported = _multiblock_unsupported
+multiblock_mask_cuda.unsupported = _multiblock_unsupported
 
 
 def multiblock_mask_with_cu_seqlens(
@@ -199,7 +199,7 @@ def _semantic(attn, keep, mode, seed, num_prefix):
 
 
 @implements("semantic_mask", "cuda")
-def semantic_mask(attn: torch.Tensor, keep: int, mode: str, seed: int) -> torch.Tensor:
+def semantic_mask_cuda(attn: torch.Tensor, keep: int, mode: str, seed: int) -> torch.Tensor:
     """``semantic_mask_reference`` on the GPU.
 
     Args:
@@ -225,7 +225,7 @@ def _semantic_unsupported(attn, keep, mode, seed) -> str | None:
     return why
 
 
-semantic_mask.unsupported = _semantic_unsupported
+semantic_mask_cuda.unsupported = _semantic_unsupported
 
 
 def semantic_mask_with_cu_seqlens(

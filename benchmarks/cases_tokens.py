@@ -1,6 +1,9 @@
 """Token movement: gather_visible / scatter_tokens bandwidth against eager PyTorch.
 
-    python -m benchmarks.bench_gather [--quick]
+The cases, eager formulations and timing of the two token benchmarks, one per op::
+
+    python -m benchmarks.bench_gather_visible [--quick]
+    python -m benchmarks.bench_scatter_tokens [--quick]
 
 Shapes (method.md): Stage 1 = 16 clips x 4096 tokens x 768, 80% hidden (819 visible per
 clip), 4 prefix tokens, a shared position table; Stage 2 = 14 clips x 8192 tokens x 768,
@@ -22,13 +25,8 @@ into an index (nonzero: a host sync) while the kernels receive the index:
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-
-if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -71,7 +69,7 @@ def _stage2(device) -> Case:
         hidden = multiblock_mask(B, grid, 8, (0.15, 0.15), (0.75, 1.5), seed=0, device="cpu")
         how = "multi-block view A"
     except Exception as exc:  # noqa: BLE001 - any failure of the masks module: fall back to random masks
-        print(f"bench_gather: multiblock_mask unavailable ({exc}); using random masks of 25-55% visible")
+        print(f"token benchmarks: multiblock_mask unavailable ({exc}); using random masks of 25-55% visible")
         gen = torch.Generator().manual_seed(0)
         frac = 0.25 + 0.3 * torch.rand(B, 1, generator=gen)
         hidden = torch.rand(B, N, generator=gen) >= frac
@@ -172,7 +170,7 @@ def _bench(fn: Callable[[], object], quick: bool) -> Timing:
 
 
 def _bench_graph(fn: Callable[[], object], quick: bool) -> Timing | None:
-    return graph_bench(fn, lambda replay: _bench(replay, quick), "bench_gather")
+    return graph_bench(fn, lambda replay: _bench(replay, quick), "token benchmark")
 
 
 def _backward_of(make: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor):
@@ -189,7 +187,7 @@ def _invnext_impls(op: str, device) -> dict[str, Callable]:
         if ok:
             impls[f"invnext-{backend}"] = resolve(op, backend, device)[1]
         else:
-            print(f"bench_gather: {op} backend {backend!r} skipped: {why}")
+            print(f"bench_{op}: backend {backend!r} skipped: {why}")
     return impls
 
 
@@ -267,7 +265,11 @@ def _measure(
     return rows
 
 
-def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
+OPS = ("gather_visible", "scatter_tokens")
+
+
+def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float, timed: tuple[str, ...] = OPS) -> list[Row]:
+    """The rows of the ops in ``timed`` (forward and backward each) on ``case``."""
     dev = case.hidden.device
     B, N, hidden = case.B, case.N, case.hidden
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -285,121 +287,135 @@ def bench_case(case: Case, dtype: torch.dtype, quick: bool, copy_gbps: float) ->
     rows: list[Row] = []
     measure = lambda bench, mode, nbytes, impls: _measure(bench, mode, shape, dtype, nbytes, impls, quick, copy_gbps, dev)
 
-    # -------- gather_visible forward --------
-    g_impls = _invnext_impls("gather_visible", dev)
-    impls = [Impl(n, lambda f=f: f(x, index, cu, pos, prefix), "invnext") for n, f in g_impls.items()]
-    try:  # the public op from the mask, with host-known counts (the mask sampler has them): no sync
-        ops = importlib.import_module("invnext.ops.tokens")
-        counts = (~hidden).sum(1).tolist()
-        impls.append(
-            Impl(
-                "invnext-triton public op (mask given, num_visible)",
-                lambda: ops.gather_visible(x, hidden, pos=pos, prefix=prefix, num_visible=counts, backend="triton"),
-                "invnext",
-                graph=False,
+    if "gather_visible" in timed:
+        # -------- gather_visible forward --------
+        g_impls = _invnext_impls("gather_visible", dev)
+        impls = [Impl(n, lambda f=f: f(x, index, cu, pos, prefix), "invnext") for n, f in g_impls.items()]
+        try:  # the public op from the mask, with host-known counts (the mask sampler has them): no sync
+            ops = importlib.import_module("invnext.ops.tokens")
+            counts = (~hidden).sum(1).tolist()
+            impls.append(
+                Impl(
+                    "invnext-triton public op (mask given, num_visible)",
+                    lambda: ops.gather_visible(x, hidden, pos=pos, prefix=prefix, num_visible=counts, backend="triton"),
+                    "invnext",
+                    graph=False,
+                )
             )
-        )
-    except ImportError:
-        pass
-    impls += [
-        Impl("eager torch.gather (index given)", lambda: gather_table(x, index, cu, pos, prefix), "index"),
-        Impl("eager index_select+add (index given)", lambda: gather_index_select(x, index, cu, pos, prefix), "index"),
-        Impl("eager bool-index x[keep] (mask given)", lambda: gather_boolean(x, hidden, pos, prefix), "mask", False),
-        Impl(
-            "eager mask->index + torch.gather",
-            lambda: gather_table(x, *derive_index(hidden, P), pos, prefix),
-            "mask",
-            False,
-        ),
-        Impl(
-            "eager mask->index + index_select+add",
-            lambda: gather_index_select(x, *derive_index(hidden, P), pos, prefix),
-            "mask",
-            False,
-        ),
-    ]
-    nbytes = esize * (visible * C + pos_rows_touched * C + P * C + total * C) + idx_bytes
-    rows += measure("gather_visible", "fwd", nbytes, impls)
+        except ImportError:
+            pass
+        impls += [
+            Impl("eager torch.gather (index given)", lambda: gather_table(x, index, cu, pos, prefix), "index"),
+            Impl(
+                "eager index_select+add (index given)", lambda: gather_index_select(x, index, cu, pos, prefix), "index"
+            ),
+            Impl(
+                "eager bool-index x[keep] (mask given)", lambda: gather_boolean(x, hidden, pos, prefix), "mask", False
+            ),
+            Impl(
+                "eager mask->index + torch.gather",
+                lambda: gather_table(x, *derive_index(hidden, P), pos, prefix),
+                "mask",
+                False,
+            ),
+            Impl(
+                "eager mask->index + index_select+add",
+                lambda: gather_index_select(x, *derive_index(hidden, P), pos, prefix),
+                "mask",
+                False,
+            ),
+        ]
+        nbytes = esize * (visible * C + pos_rows_touched * C + P * C + total * C) + idx_bytes
+        rows += measure("gather_visible", "fwd", nbytes, impls)
 
-    # -------- gather_visible backward (dx, dpos, dprefix) --------
-    leaves = [t_.clone().requires_grad_(True) for t_ in (x, pos, prefix)]
-    grad = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
-    bwd = lambda make: _backward_of(make, leaves, grad)
-    impls = [
-        Impl(n, bwd(lambda f=f: f(leaves[0], index, cu, leaves[1], leaves[2])), "invnext") for n, f in g_impls.items()
-    ]
-    impls += [
-        Impl(
-            "eager torch.gather (index given)",
-            bwd(lambda: gather_table(leaves[0], index, cu, leaves[1], leaves[2])),
-            "index",
-        ),
-        Impl(
-            "eager index_select+add (index given)",
-            bwd(lambda: gather_index_select(leaves[0], index, cu, leaves[1], leaves[2])),
-            "index",
-        ),
-        Impl(
-            "eager bool-index x[keep] (mask given)",
-            bwd(lambda: gather_boolean(leaves[0], hidden, leaves[1], leaves[2])),
-            "mask",
-        ),
-    ]
-    nbytes = esize * (total * C + B * N * C + N * C + P * C) + idx_bytes
-    rows += measure("gather_visible", "bwd", nbytes, impls)
-    del leaves, grad, impls
+        # -------- gather_visible backward (dx, dpos, dprefix) --------
+        leaves = [t_.clone().requires_grad_(True) for t_ in (x, pos, prefix)]
+        grad = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
+        bwd = lambda make: _backward_of(make, leaves, grad)
+        impls = [
+            Impl(n, bwd(lambda f=f: f(leaves[0], index, cu, leaves[1], leaves[2])), "invnext")
+            for n, f in g_impls.items()
+        ]
+        impls += [
+            Impl(
+                "eager torch.gather (index given)",
+                bwd(lambda: gather_table(leaves[0], index, cu, leaves[1], leaves[2])),
+                "index",
+            ),
+            Impl(
+                "eager index_select+add (index given)",
+                bwd(lambda: gather_index_select(leaves[0], index, cu, leaves[1], leaves[2])),
+                "index",
+            ),
+            Impl(
+                "eager bool-index x[keep] (mask given)",
+                bwd(lambda: gather_boolean(leaves[0], hidden, leaves[1], leaves[2])),
+                "mask",
+            ),
+        ]
+        nbytes = esize * (total * C + B * N * C + N * C + P * C) + idx_bytes
+        rows += measure("gather_visible", "bwd", nbytes, impls)
+        del leaves, grad, impls
 
-    # -------- scatter_tokens forward --------
-    packed = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
-    s_impls = _invnext_impls("scatter_tokens", dev)
-    impls = [Impl(n, lambda f=f: f(packed, index, mask_token, pos, B, N), "invnext") for n, f in s_impls.items()]
-    impls += [
-        Impl(
-            "eager index_copy (index given)", lambda: scatter_index_copy(packed, index, mask_token, pos, B, N), "index"
-        ),
-        Impl("eager index_put (index given)", lambda: scatter_index_put(packed, index, mask_token, pos, B, N), "index"),
-        Impl(
-            "eager bool-mask assign (mask given)",
-            lambda: scatter_boolean(packed, index, hidden, mask_token, pos),
-            "mask",
-            False,
-        ),
-        Impl(
-            "eager mask->index + index_copy",
-            lambda: scatter_index_copy(packed, derive_index(hidden, P)[0], mask_token, pos, B, N),
-            "mask",
-            False,
-        ),
-    ]
-    nbytes = esize * (visible * C + N * C + C + B * N * C) + 8 * total
-    rows += measure("scatter_tokens", "fwd", nbytes, impls)
+    if "scatter_tokens" in timed:
+        # -------- scatter_tokens forward --------
+        packed = torch.randn(total, C, device=dev, dtype=dtype, generator=gen)
+        s_impls = _invnext_impls("scatter_tokens", dev)
+        impls = [Impl(n, lambda f=f: f(packed, index, mask_token, pos, B, N), "invnext") for n, f in s_impls.items()]
+        impls += [
+            Impl(
+                "eager index_copy (index given)",
+                lambda: scatter_index_copy(packed, index, mask_token, pos, B, N),
+                "index",
+            ),
+            Impl(
+                "eager index_put (index given)",
+                lambda: scatter_index_put(packed, index, mask_token, pos, B, N),
+                "index",
+            ),
+            Impl(
+                "eager bool-mask assign (mask given)",
+                lambda: scatter_boolean(packed, index, hidden, mask_token, pos),
+                "mask",
+                False,
+            ),
+            Impl(
+                "eager mask->index + index_copy",
+                lambda: scatter_index_copy(packed, derive_index(hidden, P)[0], mask_token, pos, B, N),
+                "mask",
+                False,
+            ),
+        ]
+        nbytes = esize * (visible * C + N * C + C + B * N * C) + 8 * total
+        rows += measure("scatter_tokens", "fwd", nbytes, impls)
 
-    # -------- scatter_tokens backward (dpacked, dmask_token, dpos) --------
-    leaves = [t_.clone().requires_grad_(True) for t_ in (packed, mask_token, pos)]
-    grad = torch.randn(B, N, C, device=dev, dtype=dtype, generator=gen)
-    bwd = lambda make: _backward_of(make, leaves, grad)
-    impls = [
-        Impl(n, bwd(lambda f=f: f(leaves[0], index, leaves[1], leaves[2], B, N)), "invnext") for n, f in s_impls.items()
-    ]
-    impls += [
-        Impl(
-            "eager index_copy (index given)",
-            bwd(lambda: scatter_index_copy(leaves[0], index, leaves[1], leaves[2], B, N)),
-            "index",
-        ),
-        Impl(
-            "eager index_put (index given)",
-            bwd(lambda: scatter_index_put(leaves[0], index, leaves[1], leaves[2], B, N)),
-            "index",
-        ),
-        Impl(
-            "eager bool-mask assign (mask given)",
-            bwd(lambda: scatter_boolean(leaves[0], index, hidden, leaves[1], leaves[2])),
-            "mask",
-        ),
-    ]
-    nbytes = esize * (B * N * C + total * C + N * C + C) + 8 * total
-    rows += measure("scatter_tokens", "bwd", nbytes, impls)
+        # -------- scatter_tokens backward (dpacked, dmask_token, dpos) --------
+        leaves = [t_.clone().requires_grad_(True) for t_ in (packed, mask_token, pos)]
+        grad = torch.randn(B, N, C, device=dev, dtype=dtype, generator=gen)
+        bwd = lambda make: _backward_of(make, leaves, grad)
+        impls = [
+            Impl(n, bwd(lambda f=f: f(leaves[0], index, leaves[1], leaves[2], B, N)), "invnext")
+            for n, f in s_impls.items()
+        ]
+        impls += [
+            Impl(
+                "eager index_copy (index given)",
+                bwd(lambda: scatter_index_copy(leaves[0], index, leaves[1], leaves[2], B, N)),
+                "index",
+            ),
+            Impl(
+                "eager index_put (index given)",
+                bwd(lambda: scatter_index_put(leaves[0], index, leaves[1], leaves[2], B, N)),
+                "index",
+            ),
+            Impl(
+                "eager bool-mask assign (mask given)",
+                bwd(lambda: scatter_boolean(leaves[0], index, hidden, leaves[1], leaves[2])),
+                "mask",
+            ),
+        ]
+        nbytes = esize * (B * N * C + total * C + N * C + C) + 8 * total
+        rows += measure("scatter_tokens", "bwd", nbytes, impls)
     return rows
 
 
@@ -418,15 +434,17 @@ def _check_agreement(case: Case) -> None:
     packed = tk.gather_visible_triton(x, index, cu, pos, prefix)
     want = gather_boolean(x.float(), case.hidden, pos.float(), prefix.float()).to(torch.bfloat16)
     if not torch.equal(packed, want):
-        raise SystemExit("bench_gather: the Triton gather disagrees with the eager formulation")
+        raise SystemExit("token benchmarks: the Triton gather disagrees with the eager formulation")
     full = tk.scatter_tokens_triton(packed, index, mask_token, pos, case.B, case.N)
     want = scatter_boolean(packed.float(), index, case.hidden, mask_token.float(), pos.float()).to(torch.bfloat16)
     if not torch.equal(full, want):
-        raise SystemExit("bench_gather: the Triton scatter disagrees with the eager formulation")
+        raise SystemExit("token benchmarks: the Triton scatter disagrees with the eager formulation")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = quick_cli("bench_gather", __doc__, "bf16 only, shorter timing (under a minute on an H100)", argv)
+def main(op: str, argv: list[str] | None = None) -> int:
+    """``bench_<op>``: ``op`` (``gather_visible`` or ``scatter_tokens``) on both cases."""
+    name = f"bench_{op}"
+    args = quick_cli(name, __doc__, "bf16 only, shorter timing (under a minute on an H100)", argv)
     if args is None:
         return 0
     dev = torch.device("cuda")
@@ -437,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         case = make(dev)
         _check_agreement(case)
         for dtype in dtypes:
-            rows += bench_case(case, dtype, args.quick, copy_gbps)
+            rows += bench_case(case, dtype, args.quick, copy_gbps, (op,))
             torch.cuda.empty_cache()
     notes = (
         "GB/s counts the minimal bytes (visible rows, touched pos rows, outputs, index). "
@@ -446,11 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "Modes ending in 'graph' time a CUDA-graph replay (device time without launch overhead) "
         "against the best capturable eager code; the others time calls with do_bench."
     )
-    path = write_results("bench_gather" + ("_quick" if args.quick else ""), rows, notes)
+    path = write_results(name + ("_quick" if args.quick else ""), rows, notes)
     print(markdown_table(rows, {"gpu": torch.cuda.get_device_name(0), "peaks": measured_peaks()}))
     print(f"results: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

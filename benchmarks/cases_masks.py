@@ -1,6 +1,10 @@
 """Mask sampling time per batch: the CUDA samplers against the torch reference on the same GPU.
 
-    python -m benchmarks.bench_masks [--quick]
+The cases and the timing of the mask benchmarks, one per op (each takes the cases of its op)::
+
+    python -m benchmarks.bench_tube_mask [--quick]
+    python -m benchmarks.bench_semantic_mask [--quick]
+    python -m benchmarks.bench_multiblock_mask [--quick]
 
 Shapes (kernels.md, method.md): Stage 1 = 16 clips x 16 frames x 16x16 (4096 tokens), semantic
 masks keeping 51 of 256 tokens per frame (80% hidden; "topk" as in the paper, "sample" as in
@@ -24,14 +28,9 @@ wall clock for context.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -155,7 +154,7 @@ def _bench(fn: Callable[[], object], quick: bool) -> tuple[float, float, float]:
 
 
 def _bench_graph(fn: Callable[[], object], quick: bool) -> tuple[float, float, float] | None:
-    return graph_bench(fn, lambda replay: _bench(replay, quick), "bench_masks")
+    return graph_bench(fn, lambda replay: _bench(replay, quick), "mask benchmark")
 
 
 def _cpu_ms(fn: Callable[[], object], reps: int) -> tuple[float, float, float]:
@@ -179,11 +178,11 @@ def bench_case(case: Case, quick: bool) -> list[Row]:
     if ok:
         got = case.call("cuda", cuda)
         if not _same(got, ref):
-            raise SystemExit(f"bench_masks: {case.name}: the cuda mask differs from the reference")
+            raise SystemExit(f"bench_{case.op}: {case.name}: the cuda mask differs from the reference")
         impls["invnext-cuda"] = lambda: case.call("cuda", cuda)
         impls["invnext-cuda + cu_seqlens"] = case.with_cu
     else:
-        print(f"bench_masks: {case.op} backend 'cuda' skipped: {why}")
+        print(f"bench_{case.op}: backend 'cuda' skipped: {why}")
 
     rows: list[Row] = []
     t = {name: _bench(fn, quick) for name, fn in impls.items()}
@@ -223,14 +222,17 @@ def bench_case(case: Case, quick: bool) -> list[Row]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = quick_cli("bench_masks", __doc__, "fp32 attention only, shorter timing (seconds on an H100)", argv)
+def main(op: str, argv: list[str] | None = None) -> int:
+    """``bench_<op>``: every case of ``op`` (``tube_mask``, ``semantic_mask`` or ``multiblock_mask``)."""
+    name = f"bench_{op}"
+    args = quick_cli(name, __doc__, "fp32 attention only, shorter timing (seconds on an H100)", argv)
     if args is None:
         return 0
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows: list[Row] = []
     for case in _cases(dtypes):
-        rows += bench_case(case, args.quick)
+        if case.op == op:
+            rows += bench_case(case, args.quick)
     notes = (
         "Time to sample one batch of masks. 'call' rows are do_bench of the Python call (host pace, "
         "includes launch overhead and, for multi-block, drawing the boxes on the host); 'graph' rows replay a "
@@ -239,11 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Stage-2 target: under {TARGET_STAGE2_US:.0f} us per batch. The cuda masks equal the reference's bit for bit "
         "(checked before timing). '+ cu_seqlens' samplers also write cu_seqlens (4 prefix tokens) on the device."
     )
-    path = write_results("bench_masks" + ("_quick" if args.quick else ""), rows, notes)
+    path = write_results(name + ("_quick" if args.quick else ""), rows, notes)
     print(markdown_table(rows, {"gpu": torch.cuda.get_device_name(0), "peaks": {}}))
     print(f"results: {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

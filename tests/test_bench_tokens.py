@@ -1,4 +1,5 @@
-"""bench_gather's wiring, dry-run on the CPU interpreter with a tiny case.
+"""The token benchmarks' wiring (bench_gather_visible, bench_scatter_tokens: benchmarks/cases_tokens.py),
+dry-run on the CPU interpreter with a tiny case.
 
 The benchmark needs a GPU for its numbers; this runs its agreement check and every timed
 implementation of one case once (gather and scatter, forward and backward, the invnext
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_gather as bg
+from benchmarks import cases_tokens as bg
 
 pytestmark = pytest.mark.triton
 
@@ -33,3 +34,5 @@ def test_every_benchmark_function_runs(monkeypatch, triton_device, bench_wiring)
     copies = [r for r in rows if r.impl == bg.SAME_BYTES_COPY]
     assert {(r.bench, r.mode) for r in copies} >= {(b, m) for b, m in kinds if not m.endswith("graph")}
     assert all(r.extra["of_same_bytes_copy"] == 1.0 for r in ours)
+    # bench_scatter_tokens.py calls main("scatter_tokens"), which passes ("scatter_tokens",): its rows alone
+    assert {r.bench for r in bg.bench_case(case, torch.bfloat16, True, 1000.0, ("scatter_tokens",))} == {"scatter_tokens"}

@@ -1,6 +1,13 @@
 """Diffusion-decoder kernels, a decoder train step and the reverse sampler, against eager PyTorch.
 
-    python -m benchmarks.bench_diffusion [--quick]
+The inputs, decoder and timing of the diffusion benchmarks, one per op (and one for the step)::
+
+    python -m benchmarks.bench_q_sample [--quick] [--sweep]
+    python -m benchmarks.bench_diffusion_loss [--quick] [--sweep]
+    python -m benchmarks.bench_p_sample_step [--quick] [--sweep]
+    python -m benchmarks.bench_adaln_modulate [--quick]
+    python -m benchmarks.bench_p_sample_loop [--quick]        (the sampler below)
+    python -m benchmarks.bench_decoder_train_step [--quick]
 
 Element ops at the Stage-1 shape (method.md): 16 clips x 3300 hidden tokens = 52800 rows of
 C = 588 pixels (3x14x14), bf16 and fp32, timestep t random per row over 1000 cosine steps;
@@ -25,7 +32,7 @@ shift in bf16, the reference q_sample and loss).
 Where a row is 8 bytes off 16-byte alignment (bf16 at C = 588) q_sample and p_sample_step are
 also timed with the paired-row tiling off (``PAIR_ROWS``), so the run shows what it buys.
 
-``--sweep`` adds bf16 timings of alternative (rows, warps) tiles per kernel family
+``--sweep`` adds bf16 timings of alternative (rows, warps) tiles of the op's kernel families
 (``invnext_kernels.diffusion.TUNE``), to re-derive the defaults on a new card.
 
 Sampler: one clip's 4096 tokens, conditions [4096, 1024], the same decoder in bf16 (eval),
@@ -38,14 +45,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-
-if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +137,11 @@ def _decoder_rows(dtype: torch.dtype):
     return gen, sched, x0, noise, t, x_t, mo, g_row
 
 
-def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
+ELEMENT_OPS = ("q_sample", "diffusion_loss", "p_sample_step", "adaln_modulate")
+
+
+def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float, ops: tuple[str, ...] = ELEMENT_OPS) -> list[Row]:
+    """The rows of the element ops ``ops`` in ``dtype``."""
     from invnext.ops import diffusion as R
 
     kd, _ = _kernels()
@@ -146,64 +152,68 @@ def bench_ops(dtype: torch.dtype, quick: bool, copy_gbps: float) -> list[Row]:
     shape = f"{M}x{C}"
     rows: list[Row] = []
 
-    # q_sample
-    timings = {
-        "torch-eager (reference)": _bench(lambda: R.q_sample_reference(x0, noise, t, sched), quick),
-        "invnext-triton": _bench(lambda: kd.q_sample(x0, noise, t, sched), quick),
-    }
-    if kd._pairable("stream", C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
-        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample(x0, noise, t, sched)), quick)
-    rows += _bw_rows("q_sample", "fwd", shape, dtype, 3 * M * C * es, timings, copy_gbps)
-
-    # loss forward + backward w.r.t. model_out
-    def loss_step(fn):
-        m = mo.detach().requires_grad_()
-
-        def run():
-            loss = fn(m, x0, x_t, noise, t, sched)
-            return torch.autograd.grad(loss, m, g_row)
-
-        return run
-
-    timings = {
-        "torch-eager (reference)": _bench(loss_step(R.diffusion_loss_reference), quick),
-        "invnext-triton": _bench(loss_step(kd.diffusion_loss), quick),
-    }
-    rows += _bw_rows("diffusion_loss", "fwd+bwd", shape, dtype, 12 * M * C * es + 8 * M, timings, copy_gbps)
-
-    # one ancestral reverse step
-    timings = {
-        "torch-eager (reference)": _bench(lambda: R.p_sample_step_reference(mo, x_t, t, sched, noise, 1.0), quick),
-        "invnext-triton": _bench(lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0), quick),
-    }
-    if kd._pairable("step", C, (x_t, noise, x_t), mo):
-        timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.p_sample_step(mo, x_t, t, sched, noise, 1.0)), quick)
-    rows += _bw_rows("p_sample_step", "step", shape, dtype, 5 * M * C * es, timings, copy_gbps)
-
-    # AdaLN at W = 1536, per-token modulation
-    W = WIDTH
-    x = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
-    shift = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
-    scale = torch.randn(M, W, device=dev, generator=gen, dtype=dtype) * 0.1
-    dy = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
-    ashape = f"{M}x{W}"
-    with torch.no_grad():
+    if "q_sample" in ops:
         timings = {
-            "torch-eager (reference)": _bench(lambda: R.adaln_modulate_reference(x, shift, scale, 1e-6), quick),
-            "invnext-triton": _bench(lambda: kd.adaln_modulate(x, shift, scale, 1e-6), quick),
+            "torch-eager (reference)": _bench(lambda: R.q_sample_reference(x0, noise, t, sched), quick),
+            "invnext-triton": _bench(lambda: kd.q_sample_triton(x0, noise, t, sched), quick),
         }
-    rows += _bw_rows("adaln_modulate", "fwd", ashape, dtype, 4 * M * W * es + 8 * M, timings, copy_gbps)
+        if kd._pairable("stream", C, (x0, noise, x0)):  # the same kernel on row tiles (8-byte accesses), for comparison
+            timings[ROW_TILES] = _bench(_row_tiles(kd, lambda: kd.q_sample_triton(x0, noise, t, sched)), quick)
+        rows += _bw_rows("q_sample", "fwd", shape, dtype, 3 * M * C * es, timings, copy_gbps)
 
-    def adaln_bwd(fn):
-        args = [z.detach().requires_grad_() for z in (x, shift, scale)]
-        y = fn(*args, 1e-6)
-        return lambda: torch.autograd.grad(y, args, dy, retain_graph=True)
+    if "diffusion_loss" in ops:
+        # loss forward + backward w.r.t. model_out
+        def loss_step(fn):
+            m = mo.detach().requires_grad_()
 
-    timings = {
-        "torch-eager (reference)": _bench(adaln_bwd(R.adaln_modulate_reference), quick),
-        "invnext-triton": _bench(adaln_bwd(kd.adaln_modulate), quick),
-    }
-    rows += _bw_rows("adaln_modulate", "bwd", ashape, dtype, 5 * M * W * es + 8 * M, timings, copy_gbps)
+            def run():
+                loss = fn(m, x0, x_t, noise, t, sched)
+                return torch.autograd.grad(loss, m, g_row)
+
+            return run
+
+        timings = {
+            "torch-eager (reference)": _bench(loss_step(R.diffusion_loss_reference), quick),
+            "invnext-triton": _bench(loss_step(kd.diffusion_loss_triton), quick),
+        }
+        rows += _bw_rows("diffusion_loss", "fwd+bwd", shape, dtype, 12 * M * C * es + 8 * M, timings, copy_gbps)
+
+    if "p_sample_step" in ops:
+        # one ancestral reverse step
+        timings = {
+            "torch-eager (reference)": _bench(lambda: R.p_sample_step_reference(mo, x_t, t, sched, noise, 1.0), quick),
+            "invnext-triton": _bench(lambda: kd.p_sample_step_triton(mo, x_t, t, sched, noise, 1.0), quick),
+        }
+        if kd._pairable("step", C, (x_t, noise, x_t), mo):
+            step = lambda: kd.p_sample_step_triton(mo, x_t, t, sched, noise, 1.0)
+            timings[ROW_TILES] = _bench(_row_tiles(kd, step), quick)
+        rows += _bw_rows("p_sample_step", "step", shape, dtype, 5 * M * C * es, timings, copy_gbps)
+
+    if "adaln_modulate" in ops:
+        # AdaLN at W = 1536, per-token modulation
+        W = WIDTH
+        x = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
+        shift = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
+        scale = torch.randn(M, W, device=dev, generator=gen, dtype=dtype) * 0.1
+        dy = torch.randn(M, W, device=dev, generator=gen, dtype=dtype)
+        ashape = f"{M}x{W}"
+        with torch.no_grad():
+            timings = {
+                "torch-eager (reference)": _bench(lambda: R.adaln_modulate_reference(x, shift, scale, 1e-6), quick),
+                "invnext-triton": _bench(lambda: kd.adaln_modulate_triton(x, shift, scale, 1e-6), quick),
+            }
+        rows += _bw_rows("adaln_modulate", "fwd", ashape, dtype, 4 * M * W * es + 8 * M, timings, copy_gbps)
+
+        def adaln_bwd(fn):
+            args = [z.detach().requires_grad_() for z in (x, shift, scale)]
+            y = fn(*args, 1e-6)
+            return lambda: torch.autograd.grad(y, args, dy, retain_graph=True)
+
+        timings = {
+            "torch-eager (reference)": _bench(adaln_bwd(R.adaln_modulate_reference), quick),
+            "invnext-triton": _bench(adaln_bwd(kd.adaln_modulate_triton), quick),
+        }
+        rows += _bw_rows("adaln_modulate", "bwd", ashape, dtype, 5 * M * W * es + 8 * M, timings, copy_gbps)
     return rows
 
 
@@ -216,7 +226,7 @@ def _modulate_eager(x, shift, scale):
 
 def _modulate_fused(x, shift, scale):
     kd, _ = _kernels()
-    return kd.adaln_modulate(x, shift, scale, 1e-6)
+    return kd.adaln_modulate_triton(x, shift, scale, 1e-6)
 
 
 class _ResBlock(nn.Module):
@@ -292,7 +302,7 @@ def bench_train_step(quick: bool) -> list[Row]:
         return run
 
     t_eager = _bench(step(eager, R.q_sample_reference, R.diffusion_loss_reference), quick)
-    t_fused = _bench(step(fused, kd.q_sample, kd.diffusion_loss), quick)
+    t_fused = _bench(step(fused, kd.q_sample_triton, kd.diffusion_loss_triton), quick)
     params = sum(p.numel() for p in eager.parameters())
     flop = 6 * params * M  # matmul FLOPs of fwd + bwd (every parameter is a weight used once per row)
     shape = f"D{DEPTH} W{WIDTH}, {M} rows x {C}"
@@ -355,7 +365,7 @@ def bench_sampler(quick: bool) -> list[Row]:
             return R.p_sample_loop_reference(eager, cond, sched, x_T, None, seed(), 1.0)
 
         def ours(sched=sched, graph=graph):
-            return ks.p_sample_loop(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)
+            return ks.p_sample_loop_triton(fused, cond, sched, x_T, None, seed(), 1.0, use_graph=graph)
 
         impls = {
             "eager reference loop (torch step, plain decoder)": reference,
@@ -390,23 +400,33 @@ SWEEP = {
 }
 
 
-def bench_sweep(quick: bool, copy_gbps: float, dtype=torch.bfloat16) -> list[Row]:
+# the sweep's kernel families of each op (--sweep)
+SWEEP_KINDS = {"q_sample": ("stream",), "p_sample_step": ("step",), "diffusion_loss": ("loss_fwd", "loss_bwd")}
+
+
+def bench_sweep(
+    quick: bool, copy_gbps: float, dtype=torch.bfloat16, kinds: tuple[str, ...] = tuple(SWEEP)
+) -> list[Row]:
+    """bf16 timings of the alternative tiles of the kernel families ``kinds``."""
     kd, _ = _kernels()
     es = torch.finfo(dtype).bits // 8
     M = ROWS
     _, sched, x0, noise, t, x_t, mo, g_row = _decoder_rows(dtype)
     mo.requires_grad_()
-    loss = kd.diffusion_loss(mo, x0, x_t, noise, t, sched)
+    loss = kd.diffusion_loss_triton(mo, x0, x_t, noise, t, sched)
     cases = {
-        "stream": ("q_sample", 3 * M * C * es, lambda: kd.q_sample(x0, noise, t, sched)),
-        "step": ("p_sample_step", 5 * M * C * es, lambda: kd.p_sample_step(mo.detach(), x_t, t, sched, noise, 1.0)),
+        "stream": ("q_sample", 3 * M * C * es, lambda: kd.q_sample_triton(x0, noise, t, sched)),
+        "step": ("p_sample_step", 5 * M * C * es,
+                 lambda: kd.p_sample_step_triton(mo.detach(), x_t, t, sched, noise, 1.0)),
         "loss_fwd": ("diffusion_loss fwd", 5 * M * C * es + 4 * M,
-                     lambda: kd.diffusion_loss(mo.detach(), x0, x_t, noise, t, sched)),
+                     lambda: kd.diffusion_loss_triton(mo.detach(), x0, x_t, noise, t, sched)),
         "loss_bwd": ("diffusion_loss bwd", 7 * M * C * es + 4 * M,
                      lambda: torch.autograd.grad(loss, mo, g_row, retain_graph=True)),
     }  # fmt: skip
     rows = []
     for kind, configs in SWEEP.items():
+        if kind not in kinds:
+            continue
         name, nbytes, fn = cases[kind]
         d_rows, _, d_warps = kd._tile(kind, C)
         for rows_, warps in configs:
@@ -423,29 +443,35 @@ def bench_sweep(quick: bool, copy_gbps: float, dtype=torch.bfloat16) -> list[Row
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+BENCHMARKS = (*ELEMENT_OPS, "decoder_train_step", "p_sample_loop")
+
+
+def main(name: str, argv: list[str] | None = None) -> int:
+    """``bench_<name>``: an element op of :data:`ELEMENT_OPS` in bf16 and fp32, the decoder train step
+    (``decoder_train_step``) or the sampler (``p_sample_loop``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timings; sampler at 100 steps only")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes (bf16)")
+    if name in SWEEP_KINDS:
+        parser.add_argument("--sweep", action="store_true", help="also time alternative tile shapes (bf16)")
     args = parser.parse_args(argv)
-    if not need_gpu("bench_diffusion"):
+    if not need_gpu(f"bench_{name}"):
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     copy_gbps = measured_peaks().get("copy_gbps", 0.0)
     rows: list[Row] = []
-    for dtype in (torch.bfloat16, torch.float32):
-        rows += bench_ops(dtype, args.quick, copy_gbps)
-        torch.cuda.empty_cache()
-    rows += bench_train_step(args.quick)
-    torch.cuda.empty_cache()
-    rows += bench_sampler(args.quick)
-    if args.sweep:
-        rows += bench_sweep(args.quick, copy_gbps)
-    path = write_results("diffusion", rows, notes="quick" if args.quick else "")
+    if name in ELEMENT_OPS:
+        for dtype in (torch.bfloat16, torch.float32):
+            rows += bench_ops(dtype, args.quick, copy_gbps, (name,))
+            torch.cuda.empty_cache()
+    elif name == "decoder_train_step":
+        rows += bench_train_step(args.quick)
+    elif name == "p_sample_loop":
+        rows += bench_sampler(args.quick)
+    else:
+        raise ValueError(f"unknown diffusion benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if getattr(args, "sweep", False):
+        rows += bench_sweep(args.quick, copy_gbps, kinds=SWEEP_KINDS[name])
+    path = write_results(f"bench_{name}" + ("_quick" if args.quick else ""), rows, notes="quick" if args.quick else "")
     print(markdown_table(rows, {"gpu": torch.cuda.get_device_name(0), "peaks": measured_peaks()}))
     print(f"written: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

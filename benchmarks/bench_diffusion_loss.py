@@ -1,0 +1,13 @@
+"""diffusion_loss forward + backward bandwidth (Triton against the eager reference), bf16 and fp32.
+
+    python -m benchmarks.bench_diffusion_loss [--quick] [--sweep]
+
+Inputs, timing and rows: benchmarks/cases_diffusion.py (its docstring says what is measured), shared by family.
+"""
+import sys
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # run by path (python benchmarks/x.py): the repo root must be importable
+from benchmarks.cases_diffusion import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("diffusion_loss"))
