@@ -419,7 +419,6 @@ class Stage1Config(_Checked):
             )
         else:
             self._require(k <= self.encoder.depth, "teacher", f"aligns {k} layers but the encoder has {self.encoder.depth} blocks")
-        self._require(self.align_frames in ("each", "mean"), "align_frames", "must be 'each' or 'mean'")
         for name in ("align_weight", "pool_weight", "diffusion_weight"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
 

@@ -55,6 +55,8 @@ def test_wrong_types_name_the_path():
 def test_literals_tuples_and_ranges():
     with pytest.raises(ValueError, match=r"Stage1Config\.mask_mode: must be one of 'topk', 'sample', 'tube', got 'top'"):
         from_dict(Stage1Config, {"mask_mode": "top"})
+    with pytest.raises(ValueError, match=r"Stage1Config\.align_frames: must be one of 'each', 'mean', got 'both'"):
+        from_dict(Stage1Config, {"align_frames": "both"})
     with pytest.raises(ValueError, match=r"DecoderConfig\.schedule"):
         from_dict(DecoderConfig, {"schedule": "cos"})
     with pytest.raises(ValueError, match=r"spatial_scale: expected 2 entries"):
