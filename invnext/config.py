@@ -423,6 +423,11 @@ class Stage1Config(_Checked):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
 
     @property
+    def frames_per_alignment(self) -> int:
+        """Teacher frames each alignment head predicts per token: all of its tubelet ("each") or their mean."""
+        return self.encoder.tubelet_size if self.align_frames == "each" else 1
+
+    @property
     def student_layers(self) -> tuple[int, ...]:
         """Student block paired with ``teacher.layers[i]``, for every i."""
         if self.align_layers:

@@ -23,7 +23,7 @@ from invnext.models import (
     save_weights,
 )
 from invnext.models.layers import resize_grid_table, sincos_3d
-from invnext.models.teacher_interface import per_token
+from invnext.models.teacher_interface import token_attention
 
 TINY = get_preset("tiny")
 
@@ -127,7 +127,7 @@ def test_stage1_tube_mask_ablation_ignores_the_teacher():
     hidden = a["hidden"].view(2, T, H * W)
     assert (hidden.sum(-1) == H * W - kept_per_frame(cfg.mask_ratio, H * W)).all()
     assert (hidden == hidden[:, :1]).all()  # a tube: the same places in every frame
-    attn = per_token(tout, cfg.encoder.tubelet_size).attn
+    attn = token_attention(tout.attn, cfg.encoder.tubelet_size)
     semantic = ops.semantic_mask(attn, kept_per_frame(cfg.mask_ratio, H * W), "topk").view(2, T, H * W)
     assert not torch.equal(hidden, semantic)
     assert torch.isfinite(a["loss"])

@@ -42,7 +42,7 @@ from invnext.models.layers import patchify
 from invnext.models.predictor import Predictor
 from invnext.models.stage1 import kept_per_frame
 from invnext.models.teacher import teacher_input
-from invnext.models.teacher_interface import per_token
+from invnext.models.teacher_interface import token_attention
 
 __all__ = ["GAP", "Stage1Parts", "grid_image", "load_stage1", "reconstruct", "unpatchify"]
 
@@ -318,7 +318,7 @@ def reconstruct(
     keep = kept_per_frame(cfg.mask_ratio, S)
     use_semantic = parts.teacher is not None
     if use_semantic:
-        attn = per_token(parts.teacher(teacher_input(rgb, parts.teacher)), enc_cfg.tubelet_size).attn.float()
+        attn = token_attention(parts.teacher(teacher_input(rgb, parts.teacher)).attn, enc_cfg.tubelet_size).float()
         if tuple(attn.shape) != (1, T, S):
             raise ValueError(
                 f"reconstruct: the teacher's token grid {list(attn.shape[1:])} differs from the encoder's ({T}, {S})"

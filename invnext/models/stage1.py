@@ -39,7 +39,7 @@ from invnext.models.encoder import Encoder, EncoderOutput
 from invnext.models.layers import MLPHead, PositionTable, cosine_loss, grid_rows, patchify, true_positions
 from invnext.models.predictor import Predictor
 from invnext.models.teacher import ImageTeacher, TeacherOutput, build_teacher, teacher_input
-from invnext.models.teacher_interface import per_token
+from invnext.models.teacher_interface import token_attention, token_features
 
 
 def kept_per_frame(ratio: float, frame_tokens: int) -> int:
@@ -74,9 +74,8 @@ class Stage1Model(nn.Module):
             )
         Ct, Cp = self.teacher.feature_dim, self.teacher.pooled_dim
         self.align_pos = PositionTable(enc.width, enc.grid, num_prefix=0)
-        # frames each alignment head predicts per token (align_frames "each": all of the token's tubelet)
-        self.frames_per_head = enc.tubelet_size if cfg.align_frames == "each" else 1
-        self.align_heads = nn.ModuleList(MLPHead(enc.width, Ct, Ct * self.frames_per_head) for _ in self.student_layers)
+        u = cfg.frames_per_alignment
+        self.align_heads = nn.ModuleList(MLPHead(enc.width, Ct, Ct * u) for _ in self.student_layers)
         self.pool_head = MLPHead(enc.embed_dim, Cp, Cp)
         self.predictor = Predictor(cfg.predictor, enc.width, enc.grid)
         self.decoder = DiffusionDecoder(cfg.decoder, enc.patch_dim, cfg.predictor.width)
@@ -114,11 +113,10 @@ class Stage1Model(nn.Module):
         return TeacherOutput(*(t.detach() for t in out))
 
     def alignment_targets(self, tout: TeacherOutput) -> torch.Tensor:
-        """``[B, K, N, frames_per_head, Ct]``: what head i predicts at each token place (raster t, h, w)."""
+        """``[B, K, N, cfg.frames_per_alignment, Ct]``: what head i predicts at each token place (raster t, h, w)."""
         u = self.cfg.encoder.tubelet_size
-        if self.frames_per_head == 1:
-            features = per_token(tout, u).features  # [B, K, T, S, Ct]
-            return features.flatten(2, 3)[:, :, :, None]
+        if self.cfg.frames_per_alignment == 1:
+            return token_features(tout.features, u).flatten(2, 3)[:, :, :, None]  # [B, K, T*S, 1, Ct]
         B, K, frames, S, Ct = tout.features.shape
         return tout.features.reshape(B, K, frames // u, u, S, Ct).transpose(3, 4).reshape(B, K, -1, u, Ct)
 
@@ -178,7 +176,7 @@ class Stage1Model(nn.Module):
             if cfg.mask_mode == "tube":  # the ablation: the same ratio, places drawn at random (no teacher)
                 hidden = self.mask_sampler(B, grid, generator=generator, device=video.device)
             else:
-                hidden = self.mask_sampler(per_token(tout, cfg.encoder.tubelet_size).attn.float(), keep=keep, generator=generator)
+                hidden = self.mask_sampler(token_attention(tout.attn, cfg.encoder.tubelet_size).float(), keep=keep, generator=generator)
         with record_function("encoder"):
             enc = self.encoder.forward_masked(
                 video, hidden, num_visible=[T * keep] * B, return_layers=self.student_layers

@@ -41,15 +41,21 @@ class ImageTeacher(Protocol):
         ...
 
 
-def per_token(out: TeacherOutput, tubelet: int) -> TeacherOutput:
-    """The teacher's per-frame output per student token: a token spans ``tubelet`` frames, so its
-    features (re-normalised) and attention are its frames' mean; the pooled embeddings stay per frame.
-    """
-    if tubelet == 1:
-        return out
-    B, K, frames, S, Ct = out.features.shape
+def _frames_to_tokens(x: torch.Tensor, dim: int, tubelet: int) -> torch.Tensor:
+    """Mean over each run of ``tubelet`` frames along ``dim`` (the frames a student token spans)."""
+    frames = x.shape[dim]
     if frames % tubelet:
         raise ValueError(f"the teacher saw {frames} frames, not a multiple of the tubelet size {tubelet}")
-    features = F.normalize(out.features.reshape(B, K, frames // tubelet, tubelet, S, Ct).mean(3), dim=-1)
-    attn = out.attn.reshape(B, frames // tubelet, tubelet, S).mean(2)
-    return TeacherOutput(features, out.pooled, attn)
+    return x.unflatten(dim, (frames // tubelet, tubelet)).mean(dim + 1)
+
+
+def token_attention(attn: torch.Tensor, tubelet: int) -> torch.Tensor:
+    """Teacher attention ``[B, frames, S]`` per student token step: ``[B, frames / tubelet, S]``
+    (a token spans ``tubelet`` frames; rows still sum to 1)."""
+    return attn if tubelet == 1 else _frames_to_tokens(attn, 1, tubelet)
+
+
+def token_features(features: torch.Tensor, tubelet: int) -> torch.Tensor:
+    """Teacher features ``[B, K, frames, S, Ct]`` per student token step, their frames' mean
+    re-normalised: ``[B, K, frames / tubelet, S, Ct]``."""
+    return features if tubelet == 1 else F.normalize(_frames_to_tokens(features, 2, tubelet), dim=-1)

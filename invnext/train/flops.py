@@ -310,14 +310,13 @@ def stage1_step_flops(cfg: Stage1Config, batch_size: int) -> StepFlops:
     P = enc.num_class_tokens
     K = len(tcfg.layers)
     Ct, Cp = tcfg.width, tcfg.pooled_dim
-    frames_per_head = enc.tubelet_size if cfg.align_frames == "each" else 1  # one teacher feature per frame
     lengths = [P + V] * B
     trained = {
         "encoder": encoder_terms(enc, lengths, pool=True),
         "predictor": predictor_terms(cfg.predictor, enc.width, sum(lengths), B, enc.grid),
         "decoder": decoder_terms(cfg.decoder, enc.patch_dim, cfg.predictor.width, B * (N - V)),
         "loss": {
-            "align_heads": K * _mlp_head(B * V, enc.width, Ct, Ct * frames_per_head),
+            "align_heads": K * _mlp_head(B * V, enc.width, Ct, Ct * cfg.frames_per_alignment),
             "pool_head": _mlp_head(B, enc.embed_dim, Cp, Cp),
         },
     }
