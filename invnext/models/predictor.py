@@ -92,7 +92,7 @@ class PredictorLayer(nn.Module):
     def __init__(self, cfg: PredictorConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.is_global = layer_id % cfg.global_every == 0
+        self.is_global = cfg.layer_is_global(layer_id)
         self.attn_norm = (
             nn.Identity() if layer_id == 0 else nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False)
         )
