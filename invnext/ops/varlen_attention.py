@@ -38,22 +38,19 @@ masked softmax over chunks of query rows, and rounds once at the end.
 from __future__ import annotations
 
 import math
-import warnings
 from itertools import pairwise
 
 import torch
 
 from invnext.common import validate as V
 from invnext.ops._dispatch import dispatch, register_reference
+from invnext.ops.attention import warn_gpu_head_dim_fallback
 
 _OP = "varlen_attention"
 HEAD_DIM_RANGE = (1, 256)
 
 # Score elements (heads x query rows x keys) materialised at once per sample in the reference.
 _CHUNK_ELEMENTS = 1 << 24
-
-# The Triton kernels' head-dim limit (kept here as a literal: ops/ does not import the kernels).
-TRITON_HEAD_DIM_RANGE = (16, 128)
 
 
 def _check_int(name: str, value: object) -> int:
@@ -89,19 +86,6 @@ def _lengths_bound(name: str, cu: torch.Tensor, given: object, total: int) -> in
         raise ValueError(f"{_OP}: {name}={bound} is smaller than the longest sample ({longest} tokens)")
     # no sample is longer than its packed batch: a larger bound would only size empty launch grids
     return min(bound, total)
-
-
-def _warn_gpu_fallback(q: torch.Tensor, backend: str) -> None:
-    """``auto`` on a GPU would fall back to the reference for a head dim the kernels cannot take: say so."""
-    lo, hi = TRITON_HEAD_DIM_RANGE
-    d = q.shape[-1]
-    if backend == "auto" and q.device.type == "cuda" and not lo <= d <= hi and q.dtype != torch.float64:
-        warnings.warn(
-            f"{_OP}: head dim D={d} (last dim of q) is outside the Triton kernels' {lo}..{hi}; "
-            "backend='auto' runs the pure-PyTorch reference (slow, O(L^2) memory per chunk). "
-            "Pass backend='torch' to silence this.",
-            stacklevel=3,
-        )
 
 
 # --------------------------------------------------------------------------- public op
@@ -193,7 +177,7 @@ def varlen_attention(
     if causal:
         right = 0  # flash-attn: causal is the window's right side at 0 (left stays as given)
     V.check_finite(_OP, q=q, k=k, v=v)
-    _warn_gpu_fallback(q, backend)
+    warn_gpu_head_dim_fallback(_OP, q, backend)
 
     out, lse = dispatch(_OP, backend, device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         softmax_scale, left, right)
