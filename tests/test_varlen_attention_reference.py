@@ -22,7 +22,7 @@ import torch
 from invnext.ops import varlen_attention
 from invnext.ops._dispatch import BackendUnavailableError
 from invnext.ops.attention import masked_attention
-from invnext.ops.varlen_attention import varlen_attention_reference, varlen_dense_mask
+from invnext.ops.varlen import varlen_attention_reference, varlen_dense_mask
 
 F64 = torch.float64
 
@@ -388,3 +388,14 @@ def test_masked_attention_takes_int64_cu_seqlens():
         a = masked_attention(q, k, v, cu_of(lengths), window=window, num_prefix=1)
         b = masked_attention(q, k, v, cu_of(lengths, torch.int64), window=window, num_prefix=1)
         assert torch.equal(a, b)
+
+
+def test_the_public_name_stays_the_function_after_the_module_is_imported():
+    import importlib
+
+    import invnext.ops as ops
+
+    ops.load_all()
+    importlib.import_module("invnext.ops.varlen")
+    assert callable(ops.varlen_attention) and ops.varlen_attention.__name__ == "varlen_attention"
+    assert "varlen_attention" in dir(ops)

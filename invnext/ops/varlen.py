@@ -1,5 +1,8 @@
 """flash-attn's varlen attention: the public op and its pure-PyTorch reference.
 
+(The module is ``varlen``, not ``varlen_attention``: a submodule named like the function it
+exports would replace that function on ``invnext.ops`` as soon as anything imported it.)
+
 ``varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
 softmax_scale, causal, window_size, return_lse, backend)`` computes what flash-attn's
 ``flash_attn_varlen_func`` computes (without dropout, softcap or ALiBi). Queries and keys are
