@@ -13,7 +13,7 @@ fp32 and only the per-row logsumexp is kept for the backward (FlashAttention-2).
 
 Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` and heads ``D`` apart (views of
 one packed ``qkv[total, 3, H, D]`` need no copy; other layouts are copied once),
-``cu_seqlens int32[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past
+``cu_seqlens`` int32 or int64 ``[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past
 their sample's length exit at once, so lengths are runtime values and nothing recompiles per
 length. Head dims 16..128 are padded to the next power of two with masks (64 and 128 exact;
 80, 88, 96 run as 128).
@@ -37,6 +37,16 @@ before the tile loops (``_attention_rope``), and the loops run the RoPE-free cod
 input dtype, so their results are identical bit for bit; the pre-pass is the default because the
 in-loop rotation spills registers on sm_90 (``python -m benchmarks.compile_report``). Either way
 dq and dk leave through ``R^T``, applied once per output tile after the loop.
+
+varlen_attention (flash-attn's interface) runs the same kernels with three generalisations,
+which masked_attention uses in their trivial form (one ``cu_seqlens`` passed twice, ``group``
+1, no band): queries and keys packed separately (``cu_seqlens_q``, ``cu_seqlens_k``; the
+key-owned dk/dv programs swap the two), key/value head ``h // group`` for query head ``h``
+(GQA/MQA), and a *band* - query ``i`` sees keys ``i + Lk - Lq - left .. i + Lk - Lq + right``
+(flash-attn's bottom-right aligned causal mask and local window) - that each program resolves
+itself: the reachable key blocks, full ones in the middle, masked ones at the two ends; no host
+tile lists. A row that may see no key writes output 0 and lse ``+inf`` (the public op reports
+``-inf``).
 
 Backward: a delta pre-pass, a dk/dv kernel (programs own key blocks) and a dq kernel
 (programs own query blocks); no atomics, so it is deterministic (bitwise reproducible) and
