@@ -278,7 +278,8 @@ def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
             print(f"   {name}: " + ", ".join(f"{m} {v[0]:.3f} ms" for m, v in timings[name][0].items())
                   + f"  (setup+timing {time.perf_counter() - t0:.1f} s)", flush=True)
         except Exception as exc:  # noqa: BLE001 - a missing or failing baseline is a note, not a crash
-            msg = f"{p.label}: {name} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            msg = f"{p.label}: {name} skipped: {type(exc).__name__}: {first}"
             print("   " + msg, flush=True)
             if name == "invnext-triton":
                 traceback.print_exc()

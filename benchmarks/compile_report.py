@@ -468,7 +468,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-configs", action="store_true", help="every autotune candidate, not only the first")
     ap.add_argument("--all-variants", action="store_true", help="every attention dtype and head dim")
     ap.add_argument("--match", default="", help="only attention variants whose label contains this, e.g. 'D=88 rope'")
-    ap.add_argument("--quick", action="store_true", help=f"one variant per family ({', '.join(QUICK_ATTENTION)}, bf16 tokens "
+    ap.add_argument("--quick", action="store_true",
+                    help=f"one variant per family ({', '.join(QUICK_ATTENTION)}, bf16 tokens "
                     "and diffusion); exits 1 if any kernel fails to build")
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

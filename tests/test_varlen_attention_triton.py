@@ -104,13 +104,17 @@ def check_case(lq, lk, hq, hk, dim, dtype, device, *, causal=False, window=(-1, 
     for name, g, g_gt, g_ref in zip("qkv", grads, gt_grads, ref_grads):
         e_k, e_t = max_err(g, g_gt), max_err(g_ref, g_gt)
         bound = max(3 * e_t, floors[name])
-        assert e_k <= bound, f"d{name}: kernel err {e_k:.3g} > max(3x same-dtype torch err {e_t:.3g}, {floors[name]:.3g})"
+        assert e_k <= bound, (f"d{name}: kernel err {e_k:.3g} > max(3x same-dtype torch err {e_t:.3g}, "
+                              f"{floors[name]:.3g})")
     return out, lse, grads
 
 
 def fp32_floor_cross(dout, v, other, scale) -> float:
-    """:func:`test_masked_attention_triton.fp32_floor` where queries and keys are different token sets (``v`` heads repeated to q's)."""
-    terms = torch.einsum("ihd,jhd->hij", dout.abs().double(), v.abs()).max().item() if v.numel() and dout.numel() else 0.0
+    """:func:`test_masked_attention_triton.fp32_floor` where queries and keys are different token
+    sets (``v``'s heads repeated to q's)."""
+    if not (v.numel() and dout.numel()):
+        return 0.0
+    terms = torch.einsum("ihd,jhd->hij", dout.abs().double(), v.abs()).max().item()
     return torch.finfo(torch.float32).eps * scale * terms * (other.abs().max().item() if other.numel() else 0.0)
 
 

@@ -283,7 +283,8 @@ def varlen_attention_reference(
             r1 = min(r0 + rows, lq)
             allowed = None
             if window_left >= 0 or window_right >= 0:
-                d = torch.arange(lk, device=q.device)[None, :] - (torch.arange(r0, r1, device=q.device)[:, None] + lk - lq)
+                diag = torch.arange(r0, r1, device=q.device)[:, None] + (lk - lq)  # bottom-right aligned
+                d = torch.arange(lk, device=q.device)[None, :] - diag
                 allowed = torch.ones(r1 - r0, lk, dtype=torch.bool, device=q.device)
                 if window_left >= 0:
                     allowed &= d >= -window_left
