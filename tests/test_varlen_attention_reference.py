@@ -369,6 +369,11 @@ def test_max_seqlen_none_on_meta_says_what_to_pass():
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_says_why(monkeypatch):
+    from invnext.ops._dispatch import _triton_import_error
+
+    # Import Triton under the suite's setting first: triton.language's own jit helpers (tl.cdiv, ...)
+    # take the interpreter mode of the environment they are first imported in, for the whole process.
+    _triton_import_error()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="varlen_attention: backend 'triton' is unavailable"):
         varlen_attention(**_good(), backend="triton")
