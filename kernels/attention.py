@@ -71,7 +71,7 @@ from . import _attention_plans as plans
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
 from ._attention_fwd import attn_fwd_kernel
-from ._attention_rope import attn_rope_kernel
+from ._attention_rope import attn_rope_kernel, rope_table_kernel
 
 __all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton", "varlen_attention_triton"]
 
@@ -525,6 +525,33 @@ def _band(window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: 
     return [int(left), int(right)]
 
 
+def _rope_tables(x, cos, sin, interleaved: bool, transpose: bool) -> torch.Tensor:
+    """``x [total, H, D]`` rotated by the per-token tables (``R^T`` with ``transpose``), in x's dtype."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total, heads, dim = x.shape
+    if y.numel() == 0:
+        return y
+    x = _tile_layout(x)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    head_dp = head_dim_padded(dim)
+    block = 32 if _interpret() else max(16, 4096 // head_dp)
+    rope_table_kernel[(triton.cdiv(total, block), heads)](
+        x, y, cos, sin, total, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
+        WIDTH=cos.shape[-1], HEAD_DIM=dim, HEAD_DP=head_dp, BLOCK=block, INTERLEAVED=bool(interleaved),
+        TRANSPOSE=bool(transpose), num_warps=4,
+    )
+    return y
+
+
+def _rotated_qk(q, k, tables, interleaved: bool, transpose: bool = False):
+    """``(q, k)`` through the RoPE tables ``(cos_q, sin_q, cos_k, sin_k)``, or as given without them."""
+    cos_q, sin_q, cos_k, sin_k = tables
+    if cos_q is None:
+        return q, k
+    return (_rope_tables(q, cos_q, sin_q, interleaved, transpose),
+            _rope_tables(k, cos_k, sin_k, interleaved, transpose))
+
+
 def _varlen_keys(k, cu_seqlens_k, max_seqlen_k, band):
     return {"cu_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k, "k_heads": k.shape[1], "band": tuple(band)}
 
@@ -534,18 +561,25 @@ def _define_varlen_ops():
     if hasattr(ns, "varlen_attention_triton_fwd") and hasattr(ns, "varlen_attention_triton_bwd"):
         return ns.varlen_attention_triton_fwd, ns.varlen_attention_triton_bwd
 
+    # RoPE tables (cos_q, sin_q, cos_k, sin_k: [total, R] each, or all None) rotate q and k in a
+    # pre-pass before the tile loops, as masked_attention's 3D RoPE does; the backward rotates
+    # again (nothing extra is saved) and sends dq, dk back through R^T in a second pass.
+
     @torch.library.custom_op("invnext::varlen_attention_triton_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, band: list[int],
+        rope_cos_q: torch.Tensor | None = None, rope_sin_q: torch.Tensor | None = None,
+        rope_cos_k: torch.Tensor | None = None, rope_sin_k: torch.Tensor | None = None, rope_interleaved: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [total_q, Hq, D], lse2 fp32 [Hq, total_q])``: lse2 is the base-2 logsumexp of the
         scaled scores, ``+inf`` for a row that may see no key (the backward reads it as is)."""
+        q, k = _rotated_qk(q, k, (rope_cos_q, rope_sin_q, rope_cos_k, rope_sin_k), rope_interleaved)
         return _forward(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale, None, 0.0, [], [], 0,
                         **_varlen_keys(k, cu_seqlens_k, max_seqlen_k, band))
 
     @fwd_op.register_fake
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band):
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band, *rope):
         total, heads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
 
@@ -554,29 +588,36 @@ def _define_varlen_ops():
         dout: torch.Tensor, dlse2: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse2: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, band: list[int],
+        rope_cos_q: torch.Tensor | None = None, rope_sin_q: torch.Tensor | None = None,
+        rope_cos_k: torch.Tensor | None = None, rope_sin_k: torch.Tensor | None = None, rope_interleaved: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tables = (rope_cos_q, rope_sin_q, rope_cos_k, rope_sin_k)
+        q, k = _rotated_qk(q, k, tables, rope_interleaved)
         # lse_nat = lse2 * ln 2, so the gradient of the natural lse is dlse2 * log2(e)
         dlse = None if dlse2 is None else dlse2 * log2e()
-        return _backward(dout, q, k, v, out, lse2, cu_seqlens_q, max_seqlen_q, softmax_scale, None, 0.0, [], [], 0,
-                         dlse=dlse, **_varlen_keys(k, cu_seqlens_k, max_seqlen_k, band))
+        dq, dk, dv = _backward(dout, q, k, v, out, lse2, cu_seqlens_q, max_seqlen_q, softmax_scale, None, 0.0, [], [],
+                               0, dlse=dlse, **_varlen_keys(k, cu_seqlens_k, max_seqlen_k, band))
+        dq, dk = _rotated_qk(dq, dk, tables, rope_interleaved, transpose=True)
+        return dq, dk, dv
 
     @bwd_op.register_fake
     def _(dout, dlse2, q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-          band):
+          band, *rope):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band = inputs
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band, *rope = inputs
         out, lse2 = output
-        ctx.save_for_backward(q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, band)
+        tables = list(rope[:4]) + [None] * (4 - len(rope[:4]))
+        ctx.save_for_backward(q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, *tables)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, band, bool(rope[4]) if len(rope) > 4 else False)
 
     def backward(ctx, dout, dlse2):
-        q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, band = ctx.args
+        q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, *tables = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, softmax_scale, band, interleaved = ctx.args
         dq, dk, dv = bwd_op(dout, dlse2, q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, list(band))
-        return dq, dk, dv, None, None, None, None, None, None
+                            softmax_scale, list(band), *tables, interleaved)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
     return fwd_op, bwd_op
@@ -587,7 +628,7 @@ varlen_attention_triton_fwd, varlen_attention_triton_bwd = _define_varlen_ops()
 
 @implements("varlen_attention", "triton")
 def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                            window_left, window_right):
+                            window_left, window_right, rope=None):
     """Canonical implementation of ``invnext.ops.varlen_attention`` (arguments already validated).
 
     Args (checked by the public op; dtypes and head dims outside the kernel's are declined by
@@ -598,14 +639,22 @@ def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         max_seqlen_q, max_seqlen_k: ints >= every sample's query / key length.
         softmax_scale: float.
         window_left, window_right: ints, -1 = unbounded; causal already folded in (right = 0).
+        rope: None or ``(cos_q, sin_q, cos_k, sin_k, pairing)``: tables ``[total_q or total_k, R]``
+            (any float dtype, constants: no gradient), pairing "rotate_half" or "interleaved".
 
     Returns:
         ``(out [total_q, Hq, D] in q's dtype, lse float32 [Hq, total_q])``, natural log, ``-inf``
         (and output 0) for a row that may see no key; differentiable in q, k, v (and through lse).
     """
     band = _band(int(window_left), int(window_right), int(max_seqlen_q), int(max_seqlen_k))
+    tables = {}
+    if rope is not None:
+        cos_q, sin_q, cos_k, sin_k, pairing = rope
+        tables = {"rope_cos_q": cos_q, "rope_sin_q": sin_q, "rope_cos_k": cos_k, "rope_sin_k": sin_k,
+                  "rope_interleaved": pairing == "interleaved"}
     out, lse2 = varlen_attention_triton_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                                            int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), band)
+                                            int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), band,
+                                            **tables)
     lse = torch.where(torch.isinf(lse2), float("-inf"), lse2 * math.log(2.0))
     return out, lse
 

@@ -48,6 +48,7 @@ import torch
 from invnext.common import validate as V
 from invnext.ops._dispatch import dispatch, register_reference
 from invnext.ops.attention import warn_gpu_head_dim_fallback
+from invnext.ops.rope import ROPE_PAIRINGS, apply_rope_tables, check_rope_tables
 
 _OP = "varlen_attention"
 HEAD_DIM_RANGE = (1, 256)
@@ -91,6 +92,30 @@ def _lengths_bound(name: str, cu: torch.Tensor, given: object, total: int) -> in
     return min(bound, total)
 
 
+def _check_rope(rope, rope_k, pairing, total_q: int, total_k: int, head_dim: int, device):
+    """``(cos_q, sin_q, cos_k, sin_k, pairing)`` with detached tables, or None without ``rope``."""
+    if rope is None:
+        if rope_k is not None:
+            raise ValueError(f"{_OP}: rope_k was given without rope (the queries' tables)")
+        return None
+    if pairing not in ROPE_PAIRINGS:
+        raise ValueError(f"{_OP}: rope_pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
+    cos_q, sin_q = check_rope_tables(_OP, "rope", rope, total_q, head_dim, device)
+    if rope_k is None:
+        if total_k != total_q:
+            raise ValueError(
+                f"{_OP}: rope without rope_k rotates the keys with the queries' tables, which needs "
+                f"total_k == total_q (got {total_k} keys, {total_q} queries): pass rope_k"
+            )
+        cos_k, sin_k = cos_q, sin_q
+    else:
+        cos_k, sin_k = check_rope_tables(_OP, "rope_k", rope_k, total_k, head_dim, device)
+        if cos_k.shape[-1] != cos_q.shape[-1]:
+            raise ValueError(f"{_OP}: rope_k's width R={cos_k.shape[-1]} differs from rope's R={cos_q.shape[-1]}")
+    # constants of the op: no gradient flows to them on any backend
+    return (cos_q.detach(), sin_q.detach(), cos_k.detach(), sin_k.detach(), pairing)
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -107,6 +132,9 @@ def varlen_attention(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_pairing: str = "rotate_half",
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed ragged batches with flash-attn's varlen semantics (module docstring).
@@ -122,6 +150,14 @@ def varlen_attention(
         causal: bottom-right aligned causal mask (sets the window's right side to 0).
         window_size: ``(left, right)`` ints, -1 = unbounded, else >= 0; bottom-right aligned.
         return_lse: also return the logsumexp.
+        rope: ``(cos, sin)``, float ``[total_q, R]`` each (``R`` even, ``<= D``): rotary embedding
+            of the queries from precomputed per-token tables (any frequencies, positions or
+            scaling: one row per token, e.g. transformers' ``cos, sin`` rows packed like q);
+            the first ``R`` channels rotate, the rest pass through. The tables take no gradient.
+        rope_k: ``(cos, sin)`` ``[total_k, R]`` for the keys; default ``rope`` itself, which needs
+            ``total_k == total_q`` (self-attention: keys at the queries' positions).
+        rope_pairing: ``"rotate_half"`` (channel ``c`` with ``c + R/2``: Llama, NeoX, Qwen) or
+            ``"interleaved"`` (``2j`` with ``2j+1``: GPT-J, Cohere); see ``ops.rope.apply_rope_tables``.
         backend: "auto", "torch" or "triton" (Triton: float16/bfloat16/float32, ``16 <= D <= 128``;
             ``auto`` on a GPU warns when D is outside that and it falls back to the reference).
 
@@ -179,11 +215,12 @@ def varlen_attention(
     left, right = _check_window(window_size)
     if causal:
         right = 0  # flash-attn: causal is the window's right side at 0 (left stays as given)
+    rope_args = _check_rope(rope, rope_k, rope_pairing, total_q, total_k, head_dim, device)
     V.check_finite(_OP, q=q, k=k, v=v)
     warn_gpu_head_dim_fallback(_OP, q, backend)
 
     out, lse = dispatch(_OP, backend, device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        softmax_scale, left, right)
+                        softmax_scale, left, right, rope_args)
     return (out, lse) if return_lse else out
 
 
@@ -248,10 +285,13 @@ def varlen_attention_reference(
     softmax_scale: float,
     window_left: int,
     window_right: int,
+    rope: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch ``varlen_attention`` with the canonical (already validated) arguments.
 
     ``window_left``, ``window_right``: -1 = unbounded, causal already folded in (right = 0).
+    ``rope``: None or ``(cos_q, sin_q, cos_k, sin_k, pairing)``, applied in the compute dtype
+    (:func:`invnext.ops.rope.apply_rope_tables`).
     Loops over the samples (host read of both ``cu_seqlens``) and chunks of query rows, with an
     explicit masked softmax in float32 (float64 for float64 inputs); k and v heads are repeated
     to the query heads, so autograd sums each GQA group's gradients.
@@ -262,6 +302,10 @@ def varlen_attention_reference(
     total_q, heads, _ = q.shape
     group = heads // k.shape[1]
     qc, kc, vc = (t.to(cdt) for t in (q, k, v))
+    if rope is not None:
+        cos_q, sin_q, cos_k, sin_k, pairing = rope
+        qc = apply_rope_tables(qc, cos_q, sin_q, pairing)
+        kc = apply_rope_tables(kc, cos_k, sin_k, pairing)
     if group > 1:
         kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
