@@ -405,3 +405,136 @@ def test_the_public_name_stays_the_function_after_the_module_is_imported():
     importlib.import_module("invnext.ops.varlen")
     assert callable(ops.varlen_attention) and ops.varlen_attention.__name__ == "varlen_attention"
     assert "varlen_attention" in dir(ops)
+
+
+# --------------------------------------------------------------------------- RoPE from tables
+
+
+def _positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+
+
+def llama_tables(positions: torch.Tensor, head_dim: int, theta: float = 500.0):
+    """transformers' Llama cos/sin rows for these positions, ``[total, head_dim]`` (float64)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                      rope_parameters={"rope_type": "default", "rope_theta": theta})
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=F64), positions[None])
+    return cos[0], sin[0]
+
+
+def test_rotate_half_tables_are_llamas_apply_rotary_pos_emb():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from invnext.ops.rope import apply_rope_tables
+
+    S, H, D = 11, 3, 16
+    cos, sin = llama_tables(torch.arange(S), D)
+    q, k = torch.randn(S, H, D, dtype=F64), torch.randn(S, H, D, dtype=F64)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    torch.testing.assert_close(apply_rope_tables(q, cos, sin, "rotate_half"), want_q[0].transpose(0, 1),
+                               rtol=0, atol=1e-14)
+    torch.testing.assert_close(apply_rope_tables(k, cos, sin), want_k[0].transpose(0, 1), rtol=0, atol=1e-14)
+
+
+def test_interleaved_tables_are_coheres_apply_rotary_pos_emb():
+    from transformers import CohereConfig
+    from transformers.models.cohere.modeling_cohere import CohereRotaryEmbedding, apply_rotary_pos_emb
+
+    from invnext.ops.rope import apply_rope_tables
+
+    S, H, D = 9, 2, 16
+    cfg = CohereConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=H)
+    cos, sin = CohereRotaryEmbedding(cfg)(torch.zeros(1, dtype=F64), torch.arange(S)[None])
+    q, k = torch.randn(S, H, D, dtype=F64), torch.randn(S, H, D, dtype=F64)
+    want_q, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    got = apply_rope_tables(q, cos[0], sin[0], "interleaved")
+    # (Cohere's function rotates in float32 whatever the input dtype)
+    torch.testing.assert_close(got, want_q[0].transpose(0, 1), rtol=0, atol=1e-6)
+    assert not torch.allclose(got, apply_rope_tables(q, cos[0], sin[0], "rotate_half"), atol=1e-2)
+
+
+def test_partial_interleaved_tables_are_gptjs_rotary_dim():
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
+
+    from invnext.ops.rope import apply_rope_tables
+
+    S, H, D, R = 10, 2, 32, 12
+    sincos = create_sinusoidal_positions(64, R).double()[torch.arange(S)]
+    sin, cos = sincos[:, : R // 2], sincos[:, R // 2 :]
+    q = torch.randn(S, H, D, dtype=F64)
+    rot = apply_rotary_pos_emb(q[None, :, :, :R], sin[None], cos[None])[0]  # GPT-J: [B, S, H, rotary_dim]
+    want = torch.cat([rot, q[..., R:]], dim=-1)
+    got = apply_rope_tables(q, cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1), "interleaved")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("pairing", ["rotate_half", "interleaved"])
+def test_rope_is_attention_over_rotated_q_and_k(pairing):
+    """Per-sample positions (restarting at 0), keys at other positions than the queries (rope_k),
+    GQA, causal: the op with tables equals the op on q, k rotated beforehand; the tables take no
+    gradient, q and k get theirs through the rotation."""
+    from invnext.ops.rope import apply_rope_tables
+
+    lq, lk = [5, 9, 1], [7, 9, 4]
+    D = 16
+    cos_q, sin_q = llama_tables(_positions(lq) + 3, D)
+    cos_k, sin_k = llama_tables(_positions(lk), D)
+    if pairing == "interleaved":  # same angles, interleaved layout
+        cos_q, sin_q, cos_k, sin_k = (t[:, : D // 2].repeat_interleave(2, -1) for t in (cos_q, sin_q, cos_k, sin_k))
+    q = torch.randn(sum(lq), 4, D, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 2, D, dtype=F64, requires_grad=True) for _ in range(2))
+    tables = [t.clone().requires_grad_(True) for t in (cos_q, sin_q)]
+    args = (cu_of(lq), cu_of(lk))
+    got = varlen_attention(q, k, v, *args, causal=True, rope=tuple(tables), rope_k=(cos_k, sin_k), rope_pairing=pairing)
+    want = varlen_attention(apply_rope_tables(q, cos_q, sin_q, pairing), apply_rope_tables(k, cos_k, sin_k, pairing),
+                            v, *args, causal=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    dout = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, (q, k, v), dout)
+    g_want = torch.autograd.grad(want, (q, k, v), dout)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert all(t.grad is None for t in tables)
+    # self-attention: one pair of tables rotates q and k alike
+    x = torch.randn(sum(lq), 2, D, dtype=F64)
+    a = varlen_attention(x, x, x, cu_of(lq), cu_of(lq), rope=(cos_q, sin_q), rope_pairing=pairing)
+    b = varlen_attention(x, x, x, cu_of(lq), cu_of(lq), rope=(cos_q, sin_q), rope_k=(cos_q, sin_q), rope_pairing=pairing)
+    assert torch.equal(a, b)
+
+
+def _rope_good():
+    a = _good()
+    cos, sin = llama_tables(_positions([3, 5]), 16)
+    a["rope"] = (cos, sin)
+    a["rope_k"] = tuple(t[:6] for t in (cos, sin))
+    return a
+
+
+ROPE_BAD = [
+    ("rope not pair", lambda a: a.update(rope=a["rope"][0]), TypeError, "rope must be a pair (cos, sin)"),
+    ("rope rows", lambda a: a.update(rope=tuple(t[:7] for t in a["rope"])), ValueError,
+     "rope tables have 7 rows but the tokens they rotate number 8"),
+    ("rope odd", lambda a: a.update(rope=tuple(t[:, :7] for t in a["rope"])), ValueError, "width R=7 must be even"),
+    ("rope wide", lambda a: a.update(rope=tuple(torch.cat([t, t], 1) for t in a["rope"])), ValueError,
+     "width R=32 must be even and in [2, head dim 16]"),
+    ("rope dtype", lambda a: a.update(rope=(a["rope"][0].long(), a["rope"][1])), TypeError, "rope cos must have dtype"),
+    ("rope shapes", lambda a: a.update(rope=(a["rope"][0], a["rope"][1][:, :8])), ValueError,
+     "rope cos has shape [8, 16] but sin has [8, 8]"),
+    ("rope_k needed", lambda a: a.update(rope_k=None), ValueError, "needs total_k == total_q"),
+    ("rope_k width", lambda a: a.update(rope_k=tuple(t[:, :8] for t in a["rope_k"])), ValueError,
+     "rope_k's width R=8 differs from rope's R=16"),
+    ("rope_k alone", lambda a: a.update(rope=None), ValueError, "rope_k was given without rope"),
+    ("pairing", lambda a: a.update(rope_pairing="neox"), ValueError, "rope_pairing must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,edit,exc,msg", ROPE_BAD, ids=[b[0] for b in ROPE_BAD])
+def test_bad_rope_raises(name, edit, exc, msg):
+    args = _rope_good()
+    varlen_attention(**args)
+    edit(args)
+    with pytest.raises(exc, match="varlen_attention: .*" + re.escape(msg)):
+        varlen_attention(**args)

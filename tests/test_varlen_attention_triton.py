@@ -54,12 +54,33 @@ def same_dtype_attention(q, k, v, allowed, scale):
     return out, lse
 
 
+def same_dtype_rope(x, cos, sin, pairing):
+    """RoPE as transformers computes it in x's dtype: ``x * cos + rotate(x) * sin``, tables cast to it."""
+    width = cos.shape[-1]
+    xr = x[..., :width]
+    if pairing == "rotate_half":
+        rot = torch.cat([-xr[..., width // 2:], xr[..., : width // 2]], dim=-1)
+    else:
+        rot = torch.stack([-xr[..., 1::2], xr[..., 0::2]], dim=-1).flatten(-2)
+    y = xr * cos.to(x.dtype)[:, None] + rot * sin.to(x.dtype)[:, None]
+    return torch.cat([y, x[..., width:]], dim=-1)
+
+
+def rope_tables_for(lengths, width, offset=0, theta=100.0, interleave=False):
+    """Per-token cos/sin rows (positions restart per sample, shifted by ``offset``), float32."""
+    pos = torch.cat([torch.arange(n) for n in lengths]).double() + offset
+    freqs = pos[:, None] * theta ** (-torch.arange(0, width, 2).double() / width)
+    emb = freqs.repeat_interleave(2, -1) if interleave else torch.cat([freqs, freqs], -1)
+    return emb.cos().float(), emb.sin().float()
+
+
 def lse_term(lse, w):
     return (torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).double() * w).sum()
 
 
 def check_case(lq, lk, hq, hk, dim, dtype, device, *, causal=False, window=(-1, -1), scale=None,
-               cu_dtype=torch.int32, seed=0):
+               cu_dtype=torch.int32, seed=0, rope=None, pairing="rotate_half"):
+    """``rope``: None or (width, q position offset): tables from :func:`rope_tables_for`."""
     gen = torch.Generator().manual_seed(seed)
     q0 = torch.randn(sum(lq), hq, dim, generator=gen)
     k0 = torch.randn(sum(lk), hk, dim, generator=gen)
@@ -69,6 +90,13 @@ def check_case(lq, lk, hq, hk, dim, dtype, device, *, causal=False, window=(-1, 
     cq, ck = cu_of(lq, cu_dtype, device), cu_of(lk, cu_dtype, device)
     sc = scale if scale is not None else dim**-0.5
     allowed = allowed_cells(lq, lk, causal, window).to(device)
+    kw = {}
+    if rope is not None:
+        width, offset = rope
+        inter = pairing == "interleaved"
+        tq = tuple(t.to(device) for t in rope_tables_for(lq, width, offset, interleave=inter))
+        tk = tuple(t.to(device) for t in rope_tables_for(lk, width, interleave=inter))
+        kw = {"rope": tq, "rope_k": tk, "rope_pairing": pairing}
 
     def run(dt, fn):
         leaves = [t.to(device=device, dtype=dt).requires_grad_(True) for t in (q0, k0, v0)]
@@ -78,11 +106,16 @@ def check_case(lq, lk, hq, hk, dim, dtype, device, *, causal=False, window=(-1, 
 
     def op(backend):
         return lambda q, k, v: varlen_attention(q, k, v, cq, ck, max(lq), max(lk), softmax_scale=scale, causal=causal,
-                                                window_size=window, return_lse=True, backend=backend)
+                                                window_size=window, return_lse=True, backend=backend, **kw)
+
+    def same_dtype(q, k, v):
+        if kw:
+            q, k = same_dtype_rope(q, *tq, pairing), same_dtype_rope(k, *tk, pairing)
+        return same_dtype_attention(q, k, v, allowed, sc)
 
     gt_out, gt_lse, gt_grads = run(F64, op("torch"))
     out, lse, grads = run(dtype, op("triton"))
-    ref_out, ref_lse, ref_grads = run(dtype, lambda q, k, v: same_dtype_attention(q, k, v, allowed, sc))
+    ref_out, ref_lse, ref_grads = run(dtype, same_dtype)
 
     assert out.dtype == dtype and out.shape == (sum(lq), hq, dim)
     assert lse.dtype == torch.float32 and lse.shape == (hq, sum(lq))
@@ -145,6 +178,35 @@ def test_right_only_window_and_rows_without_keys_fp16(triton_device):
     # window (0, 0) on Lk < Lq: one key per row at most, many rows see none
     check_case([40, 6], [10, 6], 2, 1, 32, torch.float16, triton_device, window=(0, 0), seed=4)
     check_case([9, 30], [30, 9], 2, 2, 32, torch.float16, triton_device, window=(-1, 3), seed=5)
+
+
+def test_rope_tables_rotate_half_gqa_causal_bf16(triton_device):
+    # queries 3 positions past their keys' start (a chunk continuing a sequence), partial rotary (48 of 64)
+    check_case([30, 1, 17], [33, 4, 20], 4, 2, 64, torch.bfloat16, triton_device, causal=True, rope=(48, 3), seed=6)
+
+
+def test_rope_tables_interleaved_window_fp32(triton_device):
+    check_case([40, 9], [40, 9], 2, 1, 32, torch.float32, triton_device, window=(6, 6), rope=(32, 0),
+               pairing="interleaved", seed=7)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_table_kernel_transpose_is_the_rotations_adjoint(triton_device, interleaved):
+    """The backward's ``R^T`` pass is the adjoint of the rotation for any tables (cos and sin of a
+    pair's two channels need not agree): autograd of the reference rotation gives the same."""
+    from invnext.ops.rope import apply_rope_tables
+
+    total, heads, dim, width = 37, 3, 40, 24
+    x = torch.randn(total, heads, dim, dtype=F64, requires_grad=True)
+    g = torch.randn(total, heads, dim, dtype=F64)
+    cos, sin = torch.randn(total, width, dtype=F64), torch.randn(total, width, dtype=F64)
+    pairing = "interleaved" if interleaved else "rotate_half"
+    (want,) = torch.autograd.grad(apply_rope_tables(x, cos, sin, pairing), x, g)
+    dev = triton_device
+    got = kattn._rope_tables(g.float().to(dev), cos.float().to(dev), sin.float().to(dev), interleaved, True)
+    fwd = kattn._rope_tables(x.detach().float().to(dev), cos.float().to(dev), sin.float().to(dev), interleaved, False)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fwd.double().cpu(), apply_rope_tables(x.detach(), cos, sin, pairing), rtol=1e-5, atol=1e-5)
 
 
 def test_loose_max_seqlen_and_empty_samples_change_nothing(triton_device):
