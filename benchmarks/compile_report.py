@@ -271,13 +271,19 @@ def compile_varlen(rec: _Recorder, all_variants: bool, matches: tuple[str, ...])
     for dtype, d, causal, window in _varlen_cases(all_variants):
         name = str(dtype).replace("torch.", "")
         kind = "causal" if causal else ("local" if window != (-1, -1) else "full")
-        rec.variant = f"{name} D={d} varlen {kind} gqa"
+        rec.variant = f"{name} D={d} varlen {kind} gqa{' rope' if causal else ''}"
         if matches and not any(m in rec.variant for m in matches):
             continue
         q = torch.randn(sum(lq), 4, d, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(sum(lk), 2, d, dtype=dtype, requires_grad=True) for _ in range(2))
         right = 0 if causal else window[1]
-        out, _ = varlen_attention_triton(q, k, v, cq, ck, max(lq), max(lk), d**-0.5, window[0], right)
+        # the causal variant also rotates q and k from per-token tables (the RoPE pre-pass and its R^T)
+        rope = None
+        if causal:
+            cos_q, sin_q = torch.randn(sum(lq), d), torch.randn(sum(lq), d)
+            cos_k, sin_k = torch.randn(sum(lk), d), torch.randn(sum(lk), d)
+            rope = (cos_q, sin_q, cos_k, sin_k, "rotate_half")
+        out, _ = varlen_attention_triton(q, k, v, cq, ck, max(lq), max(lk), d**-0.5, window[0], right, rope)
         out.backward(torch.ones_like(out))
 
 

@@ -71,10 +71,12 @@ class VarlenAttention(FusedOp):
         causal: bottom-right aligned causal mask.
         window_size: ``(left, right)``, -1 = unbounded.
         return_lse: forward returns ``(out, lse)``.
+        rope_pairing: "rotate_half" or "interleaved", for the RoPE tables given to forward.
         backend: "auto" | "torch" | "triton".
 
     Forward: ``q [total_q, Hq, D]``, ``k, v [total_k, Hk, D]``, ``cu_seqlens_q``, ``cu_seqlens_k``
-    int32/int64 ``[B+1]``, ``max_seqlen_q``, ``max_seqlen_k`` (host ints: no sync) ->
+    int32/int64 ``[B+1]``, ``max_seqlen_q``, ``max_seqlen_k`` (host ints: no sync), optional
+    ``rope = (cos, sin)`` ``[total_q, R]`` and ``rope_k`` ``[total_k, R]`` per-token tables ->
     ``out [total_q, Hq, D]`` (and ``lse`` float32 ``[Hq, total_q]``).
     """
 
@@ -87,6 +89,7 @@ class VarlenAttention(FusedOp):
         causal: bool = False,
         window_size: tuple[int, int] = (-1, -1),
         return_lse: bool = False,
+        rope_pairing: str = "rotate_half",
         backend: str = "auto",
     ):
         super().__init__(backend)
@@ -94,6 +97,7 @@ class VarlenAttention(FusedOp):
         self.causal = causal
         self.window_size = tuple(window_size)
         self.return_lse = return_lse
+        self.rope_pairing = rope_pairing
 
     def forward(
         self,
@@ -104,12 +108,15 @@ class VarlenAttention(FusedOp):
         cu_seqlens_k: torch.Tensor,
         max_seqlen_q: int | None = None,
         max_seqlen_k: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return ops.varlen_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=self.softmax_scale,
-            causal=self.causal, window_size=self.window_size, return_lse=self.return_lse, backend=self.backend,
+            causal=self.causal, window_size=self.window_size, return_lse=self.return_lse, rope=rope, rope_k=rope_k,
+            rope_pairing=self.rope_pairing, backend=self.backend,
         )  # fmt: skip
 
     def _settings(self) -> dict:
         return {"softmax_scale": self.softmax_scale, "causal": self.causal, "window_size": self.window_size,
-                "return_lse": self.return_lse}  # fmt: skip
+                "return_lse": self.return_lse, "rope_pairing": self.rope_pairing}  # fmt: skip
