@@ -110,9 +110,13 @@ def _cases(device: torch.device) -> list[tuple[str, Callable, list[torch.Tensor]
     # (its own generator: the draws of the cases below stay those their tolerances were set on)
     gv = torch.Generator(device="cpu").manual_seed(1)
     qv, kv, vv = (torch.randn(n, h, 64, generator=gv).to(device) for n, h in ((42, 4), (60, 2), (60, 2)))
+    # RoPE tables over 48 of the 64 channels (angles of positions 0..59, interleaved pairs)
+    angles = torch.arange(60)[:, None] * 100.0 ** (-torch.arange(24) / 24.0)
+    cos_t, sin_t = (f(angles).repeat_interleave(2, -1).to(device) for f in (torch.cos, torch.sin))
 
     def varlen(b, q, k, v):
         return ops.varlen_attention(q, k, v, cq, ck, 37, 40, causal=True, window_size=(9, -1), return_lse=True,
+                                    rope=(cos_t[:42], sin_t[:42]), rope_k=(cos_t, sin_t), rope_pairing="interleaved",
                                     backend=b)
 
     cases.append(("varlen_attention", varlen, _leaves(qv, kv, vv), False))
