@@ -249,9 +249,49 @@ def _attention_cases(all_variants: bool):
                     yield dtype, d, rope, window
 
 
-def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> None:
+def _varlen_cases(all_variants: bool):
+    """(dtype, D, causal, window): the band variants of ``varlen_attention`` (GQA, cross lengths)."""
+    import torch
+
+    dtypes = (torch.bfloat16, torch.float16, torch.float32) if all_variants else (torch.bfloat16, torch.float32)
+    for dtype in dtypes:
+        for d in ((64, 128) if dtype != torch.float32 else (64,)):
+            yield dtype, d, False, (-1, -1)
+            yield dtype, d, True, (-1, -1)
+            yield dtype, d, False, (256, 64)
+
+
+def compile_varlen(rec: _Recorder, all_variants: bool, matches: tuple[str, ...]) -> None:
+    import torch
+    from invnext_kernels.attention import varlen_attention_triton
+
+    lq, lk = [1000, 37], [700, 1028]
+    cq = torch.tensor([0, lq[0], sum(lq)], dtype=torch.int32)
+    ck = torch.tensor([0, lk[0], sum(lk)], dtype=torch.int32)
+    for dtype, d, causal, window in _varlen_cases(all_variants):
+        name = str(dtype).replace("torch.", "")
+        kind = "causal" if causal else ("local" if window != (-1, -1) else "full")
+        rec.variant = f"{name} D={d} varlen {kind} gqa{' rope' if causal else ''}"
+        if matches and not any(m in rec.variant for m in matches):
+            continue
+        q = torch.randn(sum(lq), 4, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(sum(lk), 2, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        right = 0 if causal else window[1]
+        # the causal variant also rotates q and k from per-token tables (the RoPE pre-pass and its R^T)
+        rope = None
+        if causal:
+            cos_q, sin_q = torch.randn(sum(lq), d), torch.randn(sum(lq), d)
+            cos_k, sin_k = torch.randn(sum(lk), d), torch.randn(sum(lk), d)
+            rope = (cos_q, sin_q, cos_k, sin_k, "rotate_half")
+        out, _ = varlen_attention_triton(q, k, v, cq, ck, max(lq), max(lk), d**-0.5, window[0], right, rope)
+        out.backward(torch.ones_like(out))
+
+
+def compile_attention(rec: _Recorder, all_variants: bool, match: str | tuple[str, ...] = "") -> None:
     import torch
     from invnext_kernels.attention import masked_attention_triton
+
+    matches = (match,) if isinstance(match, str) and match else tuple(m for m in match if m)
 
     lens = [1000, 1028]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
@@ -261,7 +301,7 @@ def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> No
     for dtype, d, rope, window in _attention_cases(all_variants):
         name = str(dtype).replace("torch.", "")
         rec.variant = f"{name} D={d}{' rope' if rope else ''}{' window' if window else ''}"
-        if match and match not in rec.variant:
+        if matches and not any(m in rec.variant for m in matches):
             continue
         total = sum(lens)
         qkv = torch.randn(total, 3, heads, d, dtype=dtype, requires_grad=True)
@@ -270,6 +310,7 @@ def compile_attention(rec: _Recorder, all_variants: bool, match: str = "") -> No
         out = masked_attention_triton(q, k, v, cu, max(lens), d**-0.5, coords,
                                (10000.0, sections) if rope else None, (3, 5, 5) if window else None, 1)
         out.backward(torch.ones_like(out))
+    compile_varlen(rec, all_variants, matches)
 
 
 def compile_tokens(rec: _Recorder, dtypes=None) -> None:
@@ -325,7 +366,7 @@ def compile_diffusion(rec: _Recorder, dtypes=None, rows: int = 1000) -> None:
 
 # ``--quick``: one variant per kernel family, the one that exercises the most code (CI's check
 # that every kernel still builds for the GPU, a minute or two on a 2-core CPU).
-QUICK_ATTENTION = "bfloat16 D=64 rope window"
+QUICK_ATTENTION = ("bfloat16 D=64 rope window", "bfloat16 D=64 varlen causal gqa")
 
 
 def compile_triton(groups, arch: str, all_configs: bool, all_variants: bool, match: str = "",
@@ -433,7 +474,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-configs", action="store_true", help="every autotune candidate, not only the first")
     ap.add_argument("--all-variants", action="store_true", help="every attention dtype and head dim")
     ap.add_argument("--match", default="", help="only attention variants whose label contains this, e.g. 'D=88 rope'")
-    ap.add_argument("--quick", action="store_true", help=f"one variant per family ({QUICK_ATTENTION!r}, bf16 tokens "
+    ap.add_argument("--quick", action="store_true",
+                    help=f"one variant per family ({', '.join(QUICK_ATTENTION)}, bf16 tokens "
                     "and diffusion); exits 1 if any kernel fails to build")
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

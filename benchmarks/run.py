@@ -19,8 +19,8 @@ tiny preset and the pytest-benchmark micro-benchmarks of the CPU references
 
 Time caps (seconds; ``--quick`` / full). ``--quick`` on a GPU is budgeted to fit a short slot
 together with the extension build (``scripts/gpu_check.sh``: under 8 minutes in all):
-peaks ~5, masked_attention 150 / 1800, step 120 / 2400 (it starts no new variant after 85% of its
-cap), the token ops 35 / 600 (gather_visible 20, scatter_tokens 15 with --quick), the diffusion ops
+peaks ~5, masked_attention 150 / 1800, varlen_attention 90 / 900, step 120 / 2400 (it starts no new
+variant after 85% of its cap), the token ops 35 / 600 (gather_visible 20, scatter_tokens 15 with --quick), the diffusion ops
 and decoder step 57 / 1050 (p_sample_loop 15, decoder_train_step 10, each element op 8), the masks
 28 / 300, cpu_micro 90 / 300 (CPU); ``REGISTRY`` has each one's caps.
 ``--budget-s S`` shares S seconds among the modules still to run in proportion to their
@@ -68,6 +68,7 @@ class Entry:
 
 REGISTRY: tuple[Entry, ...] = (
     Entry("masked_attention", "benchmarks.bench_masked_attention", "gpu", (150, 1800), max_seconds=True),
+    Entry("varlen_attention", "benchmarks.bench_varlen_attention", "gpu", (90, 900), max_seconds=True),
     # The end-to-end step is issue #9's headline: first after attention, so a short budget cuts the kernels' tail.
     Entry("step", "benchmarks.bench_step", "any", (120, 2400), max_seconds=True),
     # One benchmark per op, named by it (cases shared per family in benchmarks/cases_*.py).

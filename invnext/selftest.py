@@ -103,6 +103,23 @@ def _cases(device: torch.device) -> list[tuple[str, Callable, list[torch.Tensor]
                                     window=(3, 3, 5), num_prefix=P, backend=b)  # fmt: skip
 
     cases.append(("masked_attention", attention, _leaves(q, k, v), False))
+    # varlen: 4 query heads on 2 kv heads, q/k lengths (37, 5) / (40, 20), causal with a left window of 9
+    # (every row sees a key: an lse of -inf would make the projected comparison NaN)
+    cq = torch.tensor([0, 37, 42], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 40, 60], dtype=torch.int64, device=device)
+    # (its own generator: the draws of the cases below stay those their tolerances were set on)
+    gv = torch.Generator(device="cpu").manual_seed(1)
+    qv, kv, vv = (torch.randn(n, h, 64, generator=gv).to(device) for n, h in ((42, 4), (60, 2), (60, 2)))
+    # RoPE tables over 48 of the 64 channels (angles of positions 0..59, interleaved pairs)
+    angles = torch.arange(60)[:, None] * 100.0 ** (-torch.arange(24) / 24.0)
+    cos_t, sin_t = (f(angles).repeat_interleave(2, -1).to(device) for f in (torch.cos, torch.sin))
+
+    def varlen(b, q, k, v):
+        return ops.varlen_attention(q, k, v, cq, ck, 37, 40, causal=True, window_size=(9, -1), return_lse=True,
+                                    rope=(cos_t[:42], sin_t[:42]), rope_k=(cos_t, sin_t), rope_pairing="interleaved",
+                                    backend=b)
+
+    cases.append(("varlen_attention", varlen, _leaves(qv, kv, vv), False))
     # tokens: 3 clips of 40 tokens x 64, one with nothing visible, 2 prefix tokens, a shared position table
     B, N, C = 3, 40, 64
     hidden = torch.rand(B, N, generator=g) < 0.6

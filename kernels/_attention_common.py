@@ -47,7 +47,8 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", 
 # itself, for views of a packed qkv), and as a runtime int a stride like 88 - not a multiple of
 # 16, so Triton assumes nothing of it - left every q/k/v tile on 16-bit loads with no cp.async
 # pipelining at D = 88 on sm_90 (benchmarks/results/compile_*).
-NO_SPECIALIZE = ["num_heads", "num_prefix", "rad_t", "rad_h", "rad_w", "list_nq", "list_nk", "SEQ_BUCKET"]
+NO_SPECIALIZE = ["num_heads", "num_prefix", "rad_t", "rad_h", "rad_w", "band_left", "band_right", "list_nq",
+                 "list_nk", "SEQ_BUCKET"]
 
 
 @triton.jit
@@ -108,6 +109,18 @@ def program_block(CU, BLOCK: tl.constexpr):
     start = tl.load(CU + b)
     L = tl.load(CU + b + 1) - start
     return pid, h, b, start, L, pid * BLOCK
+
+
+@triton.jit
+def program_blocks(CU_OWN, CU_STR, BLOCK: tl.constexpr):
+    """:func:`program_block` for a program whose own rows (``CU_OWN``: queries, or keys in the
+    key-owned backward) and streamed rows (``CU_STR``) come from two packings: (block index,
+    head, sample, own start, own length, streamed start, streamed length, first row). Self-attention
+    passes one ``cu_seqlens`` twice."""
+    pid, h, b, start, L, r0 = program_block(CU_OWN, BLOCK)
+    s_start = tl.load(CU_STR + b)
+    s_len = tl.load(CU_STR + b + 1) - s_start
+    return pid, h, b, start, L, s_start, s_len, r0
 
 
 @triton.jit
@@ -228,62 +241,135 @@ def block_window(crd_w, rows, ok, num_prefix, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def tile_visible(own, crd_w, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w, HAS_WINDOW: tl.constexpr):
-    """bool mask of a masked tile: the window rule, or without a window the keys inside the sample."""
+def band_ok(own_rows, str_rows, str_ok, band):
+    """bool ``[R_own, R_str]``: streamed row ``s`` is allowed for own row ``o`` iff
+    ``o + lo <= s <= o + hi`` (``band = (lo, hi)``, see :func:`band_span`) and ``s`` is in its sample."""
+    lo, hi = band
+    d = str_rows[None, :] - own_rows[:, None]
+    return (d >= lo) & (d <= hi) & str_ok[None, :]
+
+
+@triton.jit
+def tile_visible(own, crd_w, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w, band,
+                 HAS_WINDOW: tl.constexpr, IS_BAND: tl.constexpr):
+    """bool mask of a masked tile: the window rule, the band rule, or the keys inside the sample.
+    Without a window ``own``'s coordinates are the own rows themselves (:func:`block_window`),
+    which is what the band rule compares."""
     if HAS_WINDOW:
         ok = window_ok(own, crd_w, offs_n, n_ok, num_prefix, rad_t, rad_h, rad_w)
+    elif IS_BAND:
+        ok = band_ok(own[1], offs_n, n_ok, band)
     else:
         ok = n_ok[None, :]
     return ok
 
 
 @triton.jit
-def tile_counts(FULL_CNT, PART_CNT, row, list_len, L, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """(full tiles, masked tiles, offset of the program's list row) for :func:`tile_span`. With a
-    window, row ``row`` of the host's lists (:func:`window_lists`, rows ``list_len`` long);
-    without one, the sample's whole blocks (the masked pass is its partial last one, if any)."""
-    if HAS_WINDOW:
-        n_full = tl.load(FULL_CNT + row)
-        n_part = tl.load(PART_CNT + row)
-        list_off = row * list_len
+def band_shifts(off, left, right, KEY_OWNED: tl.constexpr):
+    """``(lo, hi)`` of :func:`band_ok` for a causal / local band ``left <= i + off - j <= ...``:
+    query ``i`` sees key ``j`` iff ``i + off - left <= j <= i + off + right`` with ``off = Lk - Lq``
+    (flash-attn's bottom-right alignment). Query-owned programs stream keys; key-owned ones
+    stream the queries ``j - off - right <= i <= j - off + left``."""
+    if KEY_OWNED:
+        lo = -off - right
+        hi = left - off
     else:
-        n_full = L // BLOCK
-        n_part = 0
-        list_off = 0
-    return n_full, n_part, list_off
-
-
-@triton.jit
-def tile_span(n_full, n_part, L, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Loop bounds of the full (``MASKED`` false) or masked pass over a program's tiles."""
-    if MASKED:
-        if HAS_WINDOW:
-            lo = 0
-            hi = n_part
-        else:
-            # Evaluated here, after the full pass: computed before it, the bound stays live through
-            # that loop (fp32 forward on sm_90: 80 -> 92 registers).
-            lo = n_full
-            hi = tl.cdiv(L, BLOCK)
-    else:
-        lo = 0
-        hi = n_full
+        lo = off - left
+        hi = off + right
     return lo, hi
 
 
 @triton.jit
+def band_span(o0, L_own, L_str, band, OWN: tl.constexpr, BLOCK: tl.constexpr):
+    """``(lo, flo, fhi, hi)``: streamed blocks ``[lo, hi)`` hold an allowed pair for some own row
+    of ``[o0, o0 + OWN)`` (inside the sample), and the blocks ``[flo, fhi)`` among them are full:
+    whole, every pair allowed. The band is contiguous, so the masked blocks are its two ends."""
+    b_lo, b_hi = band
+    o1 = tl.minimum(o0 + OWN, L_own) - 1
+    s_lo = tl.maximum(o0 + b_lo, 0)
+    s_hi = tl.minimum(o1 + b_hi, L_str - 1)
+    lo = s_lo // BLOCK
+    hi = tl.where(s_hi >= s_lo, s_hi // BLOCK + 1, lo)
+    # first block starting at or after o1 + b_lo; blocks ending at or before o0 + b_hi (and the sample)
+    flo = tl.cdiv(tl.maximum(o1 + b_lo, 0), BLOCK)
+    fhi = tl.maximum(tl.minimum(o0 + b_hi, L_str - 1) + 1, 0) // BLOCK
+    flo = tl.minimum(tl.maximum(flo, lo), hi)
+    fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    return lo, flo, fhi, hi
+
+
+@triton.jit
+def tile_counts(FULL_CNT, PART_CNT, row, list_len, L, o0, L_own, band,
+                OWN: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_BAND: tl.constexpr):
+    """The program's ``span`` for :func:`tile_span`: with a window, (full tiles, masked tiles,
+    offset of the program's list row) from row ``row`` of the host's lists
+    (:func:`window_lists`, rows ``list_len`` long); with a band, :func:`band_span`; else the
+    streamed sample's whole blocks (the masked pass is its partial last one, if any)."""
+    if HAS_WINDOW:
+        n_full = tl.load(FULL_CNT + row)
+        n_part = tl.load(PART_CNT + row)
+        span = (n_full, n_part, row * list_len, 0)
+    elif IS_BAND:
+        span = band_span(o0, L_own, L, band, OWN, BLOCK)
+    else:
+        span = (L // BLOCK, 0, 0, 0)
+    return span
+
+
+@triton.jit
+def tile_span(span, L, BLOCK: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              IS_BAND: tl.constexpr):
+    """Loop bounds of the full (``MASKED`` false) or masked pass over a program's tiles."""
+    if IS_BAND:
+        b_lo, b_flo, b_fhi, b_hi = span
+        if MASKED:  # both ends of the band, renumbered from 0 (:func:`tile_block`)
+            lo = 0
+            hi = (b_flo - b_lo) + (b_hi - b_fhi)
+        else:
+            lo = b_flo
+            hi = b_fhi
+    else:
+        n_full, n_part, _, _ = span
+        if MASKED:
+            if HAS_WINDOW:
+                lo = 0
+                hi = n_part
+            else:
+                # Evaluated here, after the full pass: computed before it, the bound stays live through
+                # that loop (fp32 forward on sm_90: 80 -> 92 registers).
+                lo = n_full
+                hi = tl.cdiv(L, BLOCK)
+        else:
+            lo = 0
+            hi = n_full
+    return lo, hi
+
+
+@triton.jit
+def tile_block(list_ptr, it, span, MASKED: tl.constexpr, USE_LIST: tl.constexpr, IS_BAND: tl.constexpr):
+    """Streamed block of step ``it``: entry ``it`` of ``list_ptr``, a band end, or block ``it``."""
+    if USE_LIST:
+        blk = tl.load(list_ptr + it)
+    elif IS_BAND and MASKED:
+        b_lo, b_flo, b_fhi, _ = span
+        n_left = b_flo - b_lo
+        blk = tl.where(it < n_left, b_lo + it, b_fhi + (it - n_left))
+    else:
+        blk = it
+    return blk
+
+
+@triton.jit
 def stream_tile(
-    list_ptr, it, L, x_base, y_base, stride_xt, stride_yt, crd_r, offs_d, rope, num_prefix,
+    list_ptr, it, span, L, x_base, y_base, stride_xt, stride_yt, crd_r, offs_d, rope, num_prefix,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK: tl.constexpr,
     MASKED: tl.constexpr, USE_LIST: tl.constexpr, HAS_ROPE: tl.constexpr, FAST_TRIG: tl.constexpr,
+    IS_BAND: tl.constexpr,
 ):
     """Step ``it`` of a tile loop: (rows ``[BLOCK]``, row in sample, ``x`` rows rotated when
     ``HAS_ROPE``, ``y`` rows) - k, v in the query-block loops, q, dO in the key-block loop.
-    ``USE_LIST``: the block is entry ``it`` of ``list_ptr``, else block ``it`` itself."""
-    if USE_LIST:
-        r0 = tl.load(list_ptr + it) * BLOCK
-    else:
-        r0 = it * BLOCK
+    The block is :func:`tile_block`'s."""
+    r0 = tile_block(list_ptr, it, span, MASKED, USE_LIST, IS_BAND) * BLOCK
     rows = r0 + tl.arange(0, BLOCK)
     ok = rows < L
     x = load_tile_rope(x_base, rows, ok, offs_d, stride_xt, crd_r, num_prefix, rope, HEAD_DIM, HEAD_DP, MASKED,
@@ -341,9 +427,9 @@ def window_geometry(window, coords: torch.Tensor | None, cu_seqlens: torch.Tenso
     if isinstance(window, int) or len(window) == 1:
         w = window if isinstance(window, int) else window[0]
         device = cu_seqlens.device
-        tok = torch.arange(total, device=device, dtype=torch.int32)
+        tok = torch.arange(total, device=device, dtype=cu_seqlens.dtype)  # int32 or int64, as cu_seqlens
         seg = torch.searchsorted(cu_seqlens, tok, right=True) - 1
-        pos = tok - cu_seqlens[seg]
+        pos = (tok - cu_seqlens[seg]).to(torch.int32)
         wc = torch.zeros(total, 3, dtype=torch.int32, device=device)
         wc[:, 2] = pos
         return wc, (0, 0, w // 2)

@@ -52,3 +52,46 @@ def attn_rope_kernel(
                  HEAD_DIM, HEAD_DP)
     _rotate_rows(K, KR, start64, h, rows, ok, offs_d, partner, c, s, sgn, stride_kt, stride_kh, stride_rt, stride_rh,
                  HEAD_DIM, HEAD_DP)
+
+
+@triton.jit(do_not_specialize=["total"])
+def rope_table_kernel(
+    X, Y, COS, SIN, total, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, stride_st,
+    WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK: tl.constexpr,
+    INTERLEAVED: tl.constexpr, TRANSPOSE: tl.constexpr,
+):  # fmt: skip
+    """RoPE from precomputed per-token tables (``varlen_attention``'s ``rope``): ``BLOCK`` tokens
+    of one head. Channel ``c < WIDTH`` pairs with ``c +- WIDTH/2`` (rotate-half) or ``c ^ 1``
+    (``INTERLEAVED``), sign -1 on a pair's first channel::
+
+        y[c] = x[c] cos[c] + sign[c] x[partner] sin[c]               (rotation R)
+        y[c] = x[c] cos[c] - sign[c] x[partner] sin[partner]         (``TRANSPOSE``: R^T, the backward)
+
+    in fp32, rounded to the output dtype; channels past ``WIDTH`` pass through (cos 1, sin 0)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ok = rows < total
+    offs_d = tl.arange(0, HEAD_DP)
+    rot = offs_d < WIDTH
+    if INTERLEAVED:
+        first = offs_d % 2 == 0
+        partner = offs_d ^ 1
+    else:
+        first = offs_d < WIDTH // 2
+        partner = tl.where(first, offs_d + WIDTH // 2, offs_d - WIDTH // 2)
+    partner = tl.where(rot, partner, offs_d)
+    sgn = tl.where(first, -1.0, 1.0)
+    tab = ok[:, None] & rot[None, :]
+    c = tl.load(COS + rows[:, None] * stride_ct + offs_d[None, :], mask=tab, other=1.0).to(tl.float32)
+    if TRANSPOSE:
+        s = tl.load(SIN + rows[:, None] * stride_st + partner[None, :], mask=tab, other=0.0).to(tl.float32)
+        sgn = -sgn
+    else:
+        s = tl.load(SIN + rows[:, None] * stride_st + offs_d[None, :], mask=tab, other=0.0).to(tl.float32)
+    base = X + h * stride_xh + rows[:, None] * stride_xt
+    x = load_tile(base + offs_d[None, :], ok, offs_d, HEAD_DIM, HEAD_DP, True)
+    xp = load_tile(base + partner[None, :], ok, offs_d, HEAD_DIM, HEAD_DP, True)
+    y = x.to(tl.float32) * c + sgn[None, :] * xp.to(tl.float32) * s
+    out = Y + h * stride_yh + rows[:, None] * stride_yt + offs_d[None, :]
+    tl.store(out, y.to(Y.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -13,7 +13,7 @@ fp32 and only the per-row logsumexp is kept for the backward (FlashAttention-2).
 
 Layout: ``q, k, v [total, H, D]`` with unit stride on ``D`` and heads ``D`` apart (views of
 one packed ``qkv[total, 3, H, D]`` need no copy; other layouts are copied once),
-``cu_seqlens int32[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past
+``cu_seqlens`` int32 or int64 ``[B+1]``. Launch grid ``(ceil(max_seqlen / BLOCK_M), H, B)``: programs past
 their sample's length exit at once, so lengths are runtime values and nothing recompiles per
 length. Head dims 16..128 are padded to the next power of two with masks (64 and 128 exact;
 80, 88, 96 run as 128).
@@ -38,6 +38,16 @@ input dtype, so their results are identical bit for bit; the pre-pass is the def
 in-loop rotation spills registers on sm_90 (``python -m benchmarks.compile_report``). Either way
 dq and dk leave through ``R^T``, applied once per output tile after the loop.
 
+varlen_attention (flash-attn's interface) runs the same kernels with three generalisations,
+which masked_attention uses in their trivial form (one ``cu_seqlens`` passed twice, ``group``
+1, no band): queries and keys packed separately (``cu_seqlens_q``, ``cu_seqlens_k``; the
+key-owned dk/dv programs swap the two), key/value head ``h // group`` for query head ``h``
+(GQA/MQA), and a *band* - query ``i`` sees keys ``i + Lk - Lq - left .. i + Lk - Lq + right``
+(flash-attn's bottom-right aligned causal mask and local window) - that each program resolves
+itself: the reachable key blocks, full ones in the middle, masked ones at the two ends; no host
+tile lists. A row that may see no key writes output 0 and lse ``+inf`` (the public op reports
+``-inf``).
+
 Backward: a delta pre-pass, a dk/dv kernel (programs own key blocks) and a dq kernel
 (programs own query blocks); no atomics, so it is deterministic (bitwise reproducible) and
 needs no separate ``deterministic`` mode. Tuning: ``triton.autotune`` over 2-3 warp/stage
@@ -49,6 +59,7 @@ fp32 softmax; fp32 inputs run them in full fp32 (``input_precision="ieee"``, no 
 PyTorch does by default. RoPE angles, cos/sin and the rotation run in fp32; the rotated tile
 is rounded to the input dtype before its matmul, as a PyTorch RoPE-then-attention would be.
 """
+import math
 import os
 
 import torch
@@ -60,9 +71,9 @@ from . import _attention_plans as plans
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_common import head_dim_padded, log2e, rope_tables, window_geometry, window_lists
 from ._attention_fwd import attn_fwd_kernel
-from ._attention_rope import attn_rope_kernel
+from ._attention_rope import attn_rope_kernel, rope_table_kernel
 
-__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton"]
+__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton", "varlen_attention_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
@@ -146,7 +157,7 @@ def _autotune_enabled() -> bool:
     return os.environ.get("INVNEXT_ATTN_AUTOTUNE", "1") not in ("", "0")
 
 
-def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
+def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool, band: bool = False):
     """The kernel itself under the interpreter; on the GPU an autotuner (one per kernel and
     variant) keyed on the head dim, flags and a power-of-two bucket of max_seqlen (Triton adds
     the tensors' dtypes to the key), or the kernel bound to its first config."""
@@ -155,12 +166,12 @@ def _launcher(kind: str, kernel, head_dp: int, window: bool, fp32: bool):
     if not _autotune_enabled():
         cfg = _configs(kind, head_dp, window, fp32)[0]
         return _Bound(kernel, cfg)
-    key = (kind, head_dp, window, fp32)
+    key = (kind, head_dp, window, fp32, band)
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(
             configs=_configs(kind, head_dp, window, fp32),
-            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "SEQ_BUCKET"]
+            key=["HEAD_DIM", "HEAD_DP", "HAS_ROPE", "HAS_WINDOW", "IS_BAND", "SEQ_BUCKET"]
             + (["ROPE_OUT"] if kind != "fwd" else []),
         )(kernel)
         _TUNERS[key] = tuner
@@ -211,12 +222,23 @@ def _static_geometry(win, coords, cu_seqlens, total):
 
 
 class _Prep:
-    """Everything the three launches share: shapes, RoPE tables, window coords and radius."""
+    """Everything the launches share: shapes, RoPE tables, window coords and radius, band.
 
-    def __init__(self, q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
+    ``cu_k``, ``max_seqlen_k``, ``k_heads`` describe the keys when they differ from the queries
+    (``varlen_attention``); ``band`` is ``()`` or ``(left, right)``, both >= 0 (``varlen_attention``'s
+    causal / local window, unbounded sides already replaced by the longest sample)."""
+
+    def __init__(self, q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix,
+                 *, cu_k=None, max_seqlen_k=None, k_heads=None, band=()):
         self.total, self.heads, self.head_dim = q.shape
         self.batch = cu_seqlens.numel() - 1
         self.max_seqlen = int(max_seqlen)
+        self.cu_k = cu_seqlens if cu_k is None else cu_k
+        self.max_seqlen_k = self.max_seqlen if max_seqlen_k is None else int(max_seqlen_k)
+        self.k_heads = self.heads if k_heads is None else int(k_heads)
+        self.group = self.heads // self.k_heads if self.k_heads else 1
+        self.has_band = len(band) == 2
+        self.band = (int(band[0]), int(band[1])) if self.has_band else (0, 0)
         self.head_dp = head_dim_padded(self.head_dim)
         self.sm_scale = float(softmax_scale)
         self.qk_scale = self.sm_scale * log2e()
@@ -245,13 +267,13 @@ class _Prep:
                 self.crd_w, self.radius = window_geometry(win, coords, cu_seqlens, self.total)
         else:
             self.crd_w, self.radius = cu_seqlens, (0, 0, 0)
-        self.bucket = _seq_bucket(self.max_seqlen)
-        self.variant = (self.head_dp, self.has_window, self.fp32)
+        self.bucket = _seq_bucket(max(self.max_seqlen, self.max_seqlen_k))
+        self.variant = (self.head_dp, self.has_window, self.fp32, self.has_band)
 
     def lists(self, kind: str):
         """Window tile lists for ``kind`` (dummies without a window) and their row lengths."""
         bm, bn = _blocks(kind, self.head_dp, self.fp32)
-        nq, nk = triton.cdiv(self.max_seqlen, bm), triton.cdiv(self.max_seqlen, bn)
+        nq, nk = triton.cdiv(self.max_seqlen, bm), triton.cdiv(self.max_seqlen_k, bn)
         if not self.has_window:
             d = self.cu
             return (d, d, d, d), nq, nk
@@ -266,25 +288,28 @@ class _Prep:
     def common(self):
         rt, rh, rw = self.radius
         return {
-            "total": self.total, "num_heads": self.heads, "qk_scale": self.qk_scale, "num_prefix": self.num_prefix,
-            "rad_t": rt, "rad_h": rh, "rad_w": rw,
+            "total": self.total, "num_heads": self.heads, "group": self.group, "qk_scale": self.qk_scale,
+            "num_prefix": self.num_prefix, "rad_t": rt, "rad_h": rh, "rad_w": rw,
+            "band_left": self.band[0], "band_right": self.band[1],
         }
 
     def flags(self):
         return {
             "SEQ_BUCKET": self.bucket, "HEAD_DIM": self.head_dim, "HEAD_DP": self.head_dp,
             "HAS_ROPE": self.has_rope and not self.rope_prepass, "HAS_WINDOW": self.has_window,
-            "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig,
+            "DOT_PREC": self.dot_prec, "FAST_TRIG": self.fast_trig, "IS_BAND": self.has_band,
         }
 
     def launcher(self, kind: str, kernel, rows: str):
         """``kernel`` ready to launch over this batch: ``(ceil(max_seqlen / meta[rows]), H, B)``
-        programs, with its tuned (or first) config and the tile sizes ``lists(kind)`` was built for."""
+        programs (key-owned ``dkdv``: the keys' longest sample and heads), with its tuned (or first)
+        config and the tile sizes ``lists(kind)`` was built for."""
         fn = _launcher(kind, kernel, *self.variant)
-        meta = _meta(kind, *self.variant)
+        meta = _meta(kind, *self.variant[:3])
+        longest, heads = (self.max_seqlen_k, self.k_heads) if kind == "dkdv" else (self.max_seqlen, self.heads)
 
         def grid(m):
-            return (triton.cdiv(self.max_seqlen, m[rows]), self.heads, self.batch)
+            return (triton.cdiv(longest, m[rows]), heads, self.batch)
 
         return lambda *args, **kwargs: fn[grid](*args, **kwargs, **meta)
 
@@ -304,20 +329,24 @@ class _Prep:
         return qr, kr
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix):
-    """The forward launch: ``(out, lse)``. Shapes, RoPE tables and window geometry (``_Prep``),
-    the layout the kernel's constant head strides need, the RoPE pre-pass, the window's tile
-    lists, then one program per (query block, head, sample)."""
-    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
+def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix,
+             **keys):
+    """The forward launch: ``(out, lse)``. Shapes, RoPE tables and window geometry (``_Prep``;
+    ``keys``: its key-side and band arguments), the layout the kernel's constant head strides need,
+    the RoPE pre-pass, the window's tile lists, then one program per (query block, head, sample)."""
+    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix,
+                 **keys)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((prep.heads, prep.total), dtype=torch.float32, device=q.device)
     if prep.total == 0 or prep.max_seqlen == 0 or prep.heads == 0:
         return out, lse
+    if k.shape[0] == 0 or prep.max_seqlen_k == 0:  # no sample has a key: every row sees nothing
+        return out.zero_(), lse.fill_(float("inf"))
     q, k, v = _tile_layout(q), _tile_layout(k), _tile_layout(v)
     q, k = prep.rotated(q, k)
     (fi, fc, pi, pc), nq, nk = prep.lists("fwd")
     prep.launcher("fwd", attn_fwd_kernel, rows="BLOCK_M")(
-        q, k, v, out, lse, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, fi, fc, pi, pc,
+        q, k, v, out, lse, cu_seqlens, prep.cu_k, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, fi, fc, pi, pc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         list_nq=nq, list_nk=nk, **prep.common(), **prep.flags(),
     )
@@ -325,16 +354,18 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta,
 
 
 def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections,
-              window, num_prefix):
+              window, num_prefix, dlse=None, **keys):
     """The backward launches: ``(dq, dk, dv)`` from the delta pre-pass, then dk/dv (programs own
-    key blocks) and dq (programs own query blocks), each over its own window tile lists."""
-    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix)
+    key blocks of a key/value head) and dq (programs own query blocks), each over its own window
+    tile lists or band. ``dlse``: the gradient of the natural-log lse, or None."""
+    prep = _Prep(q, cu_seqlens, max_seqlen, softmax_scale, coords, rope_theta, rope_sections, window, num_prefix,
+                 **keys)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if prep.total == 0 or prep.heads == 0:
+    if prep.total == 0 and k.shape[0] == 0 or prep.heads == 0:
         return dq, dk, dv
-    if prep.max_seqlen == 0:
+    if prep.max_seqlen == 0 or prep.max_seqlen_k == 0 or prep.total == 0 or k.shape[0] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     q, k, v, out, dout = (_tile_layout(t) for t in (q, k, v, out, dout))
     q, k = prep.rotated(q, k)
@@ -345,6 +376,8 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), prep.total,
         HEAD_DIM=prep.head_dim, HEAD_DP=prep.head_dp, BLOCK=block,
     )
+    if dlse is not None:  # (_attention_bwd: dS = P * (dP - delta + dlse))
+        delta = delta - dlse.to(torch.float32)
     common = prep.common()
     common["sm_scale"] = prep.sm_scale
     common["ROPE_OUT"] = prep.has_rope  # dq, dk leave through R^T in either RoPE mode
@@ -353,14 +386,14 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, co
 
     (fi, fc, pi, pc), nq, nk = prep.lists("dkdv")
     prep.launcher("dkdv", attn_bwd_dkdv_kernel, rows="BLOCK_N")(
-        q, k, v, dout, dk, dv, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
-        fi, fc, pi, pc, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens, prep.cu_k, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab,
+        prep.pmat, fi, fc, pi, pc, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         list_nk=nk, list_nq=nq, **common, **prep.flags(),
     )
     (fi, fc, pi, pc), nq, nk = prep.lists("dq")
     prep.launcher("dq", attn_bwd_dq_kernel, rows="BLOCK_M")(
-        q, k, v, dout, dq, lse, delta, cu_seqlens, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab, prep.pmat,
-        fi, fc, pi, pc, *strides, dq.stride(0), dq.stride(1),
+        q, k, v, dout, dq, lse, delta, cu_seqlens, prep.cu_k, prep.crd_r, prep.crd_w, prep.ftab, prep.ptab,
+        prep.pmat, fi, fc, pi, pc, *strides, dq.stride(0), dq.stride(1),
         list_nq=nq, list_nk=nk, **common, **prep.flags(),
     )
     return dq, dk, dv
@@ -461,7 +494,7 @@ def masked_attention_triton(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coor
     return out
 
 
-def _unsupported(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix) -> str | None:
+def _unsupported(q, k, v, *_) -> str | None:
     """Why this kernel cannot take these inputs (None when it can); ``backend="auto"`` then uses the reference."""
     if q.dtype not in SUPPORTED_DTYPES:
         return f"the Triton kernel takes float16/bfloat16/float32, not {str(q.dtype).replace('torch.', '')}"
@@ -472,3 +505,163 @@ def _unsupported(q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, w
 
 
 masked_attention_triton.unsupported = _unsupported
+
+
+# --------------------------------------------------------------------------- varlen_attention
+# flash-attn's varlen interface over the same kernels: queries and keys packed separately
+# (cu_seqlens_q, cu_seqlens_k), GQA through ``group``, and causal / local windows as a band
+# that the kernels resolve per tile (no host-side tile lists, nothing recompiled per length).
+
+
+def _band(window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int) -> list[int]:
+    """``[left, right]`` for the kernels, or ``[]`` when neither side is bounded. An unbounded
+    side (-1) or one past every sample becomes the longest sample: ``j - i - (Lk - Lq)`` lies in
+    ``[-(Lk - 1), Lq - 1]``, so ``left >= max Lk`` and ``right >= max Lq`` bound nothing (and stay
+    small enough for the kernels' 32-bit arithmetic)."""
+    if window_left < 0 and window_right < 0:
+        return []
+    left = max_seqlen_k if window_left < 0 else min(window_left, max_seqlen_k)
+    right = max_seqlen_q if window_right < 0 else min(window_right, max_seqlen_q)
+    return [int(left), int(right)]
+
+
+def _rope_tables(x, cos, sin, interleaved: bool, transpose: bool) -> torch.Tensor:
+    """``x [total, H, D]`` rotated by the per-token tables (``R^T`` with ``transpose``), in x's dtype."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total, heads, dim = x.shape
+    if y.numel() == 0:
+        return y
+    x = _tile_layout(x)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    head_dp = head_dim_padded(dim)
+    block = 32 if _interpret() else max(16, 4096 // head_dp)
+    rope_table_kernel[(triton.cdiv(total, block), heads)](
+        x, y, cos, sin, total, x.stride(0), x.stride(1), y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
+        WIDTH=cos.shape[-1], HEAD_DIM=dim, HEAD_DP=head_dp, BLOCK=block, INTERLEAVED=bool(interleaved),
+        TRANSPOSE=bool(transpose), num_warps=4,
+    )
+    return y
+
+
+def _rotated_qk(q, k, tables, interleaved: bool, transpose: bool = False):
+    """``(q, k)`` through the RoPE tables ``(cos_q, sin_q, cos_k, sin_k)``, or as given without them."""
+    cos_q, sin_q, cos_k, sin_k = tables
+    if cos_q is None:
+        return q, k
+    return (_rope_tables(q, cos_q, sin_q, interleaved, transpose),
+            _rope_tables(k, cos_k, sin_k, interleaved, transpose))
+
+
+def _varlen_keys(k, cu_seqlens_k, max_seqlen_k, band):
+    return {"cu_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k, "k_heads": k.shape[1], "band": tuple(band)}
+
+
+def _define_varlen_ops():
+    ns = torch.ops.invnext
+    if hasattr(ns, "varlen_attention_triton_fwd") and hasattr(ns, "varlen_attention_triton_bwd"):
+        return ns.varlen_attention_triton_fwd, ns.varlen_attention_triton_bwd
+
+    # RoPE tables (cos_q, sin_q, cos_k, sin_k: [total, R] each, or all None) rotate q and k in a
+    # pre-pass before the tile loops, as masked_attention's 3D RoPE does; the backward rotates
+    # again (nothing extra is saved) and sends dq, dk back through R^T in a second pass.
+
+    @torch.library.custom_op("invnext::varlen_attention_triton_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, band: list[int],
+        rope_cos_q: torch.Tensor | None = None, rope_sin_q: torch.Tensor | None = None,
+        rope_cos_k: torch.Tensor | None = None, rope_sin_k: torch.Tensor | None = None, rope_interleaved: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [total_q, Hq, D], lse2 fp32 [Hq, total_q])``: lse2 is the base-2 logsumexp of the
+        scaled scores, ``+inf`` for a row that may see no key (the backward reads it as is)."""
+        q, k = _rotated_qk(q, k, (rope_cos_q, rope_sin_q, rope_cos_k, rope_sin_k), rope_interleaved)
+        return _forward(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale, None, 0.0, [], [], 0,
+                        **_varlen_keys(k, cu_seqlens_k, max_seqlen_k, band))
+
+    @fwd_op.register_fake
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band, *rope):
+        total, heads, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((heads, total), dtype=torch.float32)
+
+    @torch.library.custom_op("invnext::varlen_attention_triton_bwd", mutates_args=())
+    def bwd_op(
+        dout: torch.Tensor, dlse2: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        out: torch.Tensor, lse2: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, band: list[int],
+        rope_cos_q: torch.Tensor | None = None, rope_sin_q: torch.Tensor | None = None,
+        rope_cos_k: torch.Tensor | None = None, rope_sin_k: torch.Tensor | None = None, rope_interleaved: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tables = (rope_cos_q, rope_sin_q, rope_cos_k, rope_sin_k)
+        q, k = _rotated_qk(q, k, tables, rope_interleaved)
+        # lse_nat = lse2 * ln 2, so the gradient of the natural lse is dlse2 * log2(e)
+        dlse = None if dlse2 is None else dlse2 * log2e()
+        dq, dk, dv = _backward(dout, q, k, v, out, lse2, cu_seqlens_q, max_seqlen_q, softmax_scale, None, 0.0, [], [],
+                               0, dlse=dlse, **_varlen_keys(k, cu_seqlens_k, max_seqlen_k, band))
+        dq, dk = _rotated_qk(dq, dk, tables, rope_interleaved, transpose=True)
+        return dq, dk, dv
+
+    @bwd_op.register_fake
+    def _(dout, dlse2, q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+          band, *rope):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, band, *rope = inputs
+        out, lse2 = output
+        tables = list(rope[:4]) + [None] * (4 - len(rope[:4]))
+        ctx.save_for_backward(q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, *tables)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, band, bool(rope[4]) if len(rope) > 4 else False)
+
+    def backward(ctx, dout, dlse2):
+        q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, *tables = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, softmax_scale, band, interleaved = ctx.args
+        dq, dk, dv = bwd_op(dout, dlse2, q, k, v, out, lse2, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, list(band), *tables, interleaved)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+varlen_attention_triton_fwd, varlen_attention_triton_bwd = _define_varlen_ops()
+
+
+@implements("varlen_attention", "triton")
+def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            window_left, window_right, rope=None):
+    """Canonical implementation of ``invnext.ops.varlen_attention`` (arguments already validated).
+
+    Args (checked by the public op; dtypes and head dims outside the kernel's are declined by
+    ``varlen_attention_triton.unsupported`` before this runs):
+        q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hk, D]``, ``Hq % Hk == 0``; float16/bfloat16/
+            float32, one dtype; ``16 <= D <= 128``.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 ``[B+1]``.
+        max_seqlen_q, max_seqlen_k: ints >= every sample's query / key length.
+        softmax_scale: float.
+        window_left, window_right: ints, -1 = unbounded; causal already folded in (right = 0).
+        rope: None or ``(cos_q, sin_q, cos_k, sin_k, pairing)``: tables ``[total_q or total_k, R]``
+            (any float dtype, constants: no gradient), pairing "rotate_half" or "interleaved".
+
+    Returns:
+        ``(out [total_q, Hq, D] in q's dtype, lse float32 [Hq, total_q])``, natural log, ``-inf``
+        (and output 0) for a row that may see no key; differentiable in q, k, v (and through lse).
+    """
+    band = _band(int(window_left), int(window_right), int(max_seqlen_q), int(max_seqlen_k))
+    tables = {}
+    if rope is not None:
+        cos_q, sin_q, cos_k, sin_k, pairing = rope
+        tables = {"rope_cos_q": cos_q, "rope_sin_q": sin_q, "rope_cos_k": cos_k, "rope_sin_k": sin_k,
+                  "rope_interleaved": pairing == "interleaved"}
+    out, lse2 = varlen_attention_triton_fwd(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                                            int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), band,
+                                            **tables)
+    lse = torch.where(torch.isinf(lse2), float("-inf"), lse2 * math.log(2.0))
+    return out, lse
+
+
+def _varlen_unsupported(q, k, v, *rest) -> str | None:
+    """Why the kernels cannot take these inputs (None when they can)."""
+    return _unsupported(q, k, v)
+
+
+varlen_attention_triton.unsupported = _varlen_unsupported

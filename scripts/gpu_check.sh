@@ -51,7 +51,7 @@ log "selftest: every kernel on this card against its reference (small inputs)"
 INVNEXT_ATTN_AUTOTUNE=0 timeout "$(cap "$CAP_SELFTEST")" python3 -m invnext doctor --selftest > "$OUT/selftest.txt" 2>&1  # one config: correctness only
 echo "selftest rc=$?"; sed -n '/^selftest on/,$p' "$OUT/selftest.txt"
 
-ATTN_TESTS="tests/test_masked_attention_triton.py tests/test_masked_attention_reference.py"
+ATTN_TESTS="tests/test_masked_attention_triton.py tests/test_varlen_attention_triton.py tests/test_masked_attention_reference.py"
 log "attention GPU tests"
 # --maxfail, not -x: a first GPU run should show every way it fails, within the cap.
 timeout "$(cap "$CAP_ATTN_TESTS")" python3 -m pytest -q --maxfail=8 -m "requires_cuda or triton" -p no:cacheprovider $ATTN_TESTS > "$OUT/pytest_attention.log" 2>&1

@@ -19,6 +19,7 @@ KERNELS_MD_OPS = {
     "gather_visible",
     "scatter_tokens",
     "masked_attention",
+    "varlen_attention",  # issue 18 (flash-attn's varlen interface); not yet in the design notes' kernels.md
     "q_sample",
     "diffusion_loss",
     "p_sample_step",

@@ -611,7 +611,7 @@ BAD = [
         ValueError,
         "head dim",
     ),
-    ("cu dtype", lambda a: a.update(cu_seqlens=a["cu_seqlens"].long()), TypeError, "cu_seqlens"),
+    ("cu dtype", lambda a: a.update(cu_seqlens=a["cu_seqlens"].float()), TypeError, "cu_seqlens must have dtype"),
     ("cu decreasing", lambda a: a.update(cu_seqlens=_cu(0, 6, 3, 8)), ValueError, "cu_seqlens must be non-decreasing"),
     ("cu end", lambda a: a.update(cu_seqlens=_cu(0, 3, 7)), ValueError, "cu_seqlens must end at total"),
     ("cu start", lambda a: a.update(cu_seqlens=_cu(1, 3, 8)), ValueError, "cu_seqlens must start at 0"),

@@ -48,6 +48,27 @@ def test_masked_attention_module_is_the_op():
     assert "window=(3, 3, 5)" in repr(module) and "backend='torch'" in repr(module)
 
 
+def test_varlen_attention_module_is_the_op():
+    torch.manual_seed(0)
+    lq, lk = [7, 1, 13], [4, 9, 0]
+    cq, ck = make_cu(lq), make_cu(lk)
+    q = torch.randn(sum(lq), 4, 16, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 2, 16, dtype=F64, requires_grad=True) for _ in range(2))
+    settings = {"softmax_scale": 0.3, "causal": True, "window_size": (3, -1), "return_lse": True,
+                "rope_pairing": "interleaved"}
+    tables_q = (torch.rand(sum(lq), 8, dtype=F64), torch.rand(sum(lq), 8, dtype=F64))
+    tables_k = (torch.rand(sum(lk), 8, dtype=F64), torch.rand(sum(lk), 8, dtype=F64))
+    module = inn.VarlenAttention(**settings, backend="torch")
+    got, lse = module(q, k, v, cq, ck, max(lq), max(lk), tables_q, tables_k)
+    want, want_lse = ops.varlen_attention(q, k, v, cq, ck, max(lq), max(lk), rope=tables_q, rope_k=tables_k,
+                                          backend="torch", **settings)
+    assert torch.equal(got, want) and torch.equal(lse, want_lse)
+    (gk,) = torch.autograd.grad(got.sum(), k)
+    assert torch.isfinite(gk).all() and gk.abs().sum() > 0
+    assert list(module.parameters()) == []
+    assert "window_size=(3, -1)" in repr(module) and "causal=True" in repr(module)
+
+
 def test_gather_and_scatter_modules_own_their_tokens():
     torch.manual_seed(1)
     B, N, C, P = 3, 10, 8, 2

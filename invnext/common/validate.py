@@ -165,20 +165,26 @@ def check_shape(op: str, name: str, t: torch.Tensor, shape: Sequence[int | None]
         raise ValueError(f"{op}: {name} must have shape {want}, got {list(t.shape)}")
 
 
-def check_cu_seqlens(op: str, cu_seqlens: object, total: int, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens``: int32[B+1], starts at 0, non-decreasing, ends at ``total``."""
-    t = check_tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cu_seqlens(
+    op: str, cu_seqlens: object, total: int, device: torch.device, *, name: str = "cu_seqlens",
+    dtypes: Sequence[torch.dtype] = (torch.int32,),
+) -> torch.Tensor:
+    """``name``: 1D ``[B+1]`` of one of ``dtypes``, starts at 0, non-decreasing, ends at ``total``."""
+    t = check_tensor(op, name, cu_seqlens, ndim=1, dtypes=dtypes, device=device)
     if t.numel() < 2:
-        raise ValueError(f"{op}: cu_seqlens must have B+1 >= 2 entries, got {t.numel()}")
+        raise ValueError(f"{op}: {name} must have B+1 >= 2 entries, got {t.numel()}")
     if values_checked(t):
         host = t.cpu()
         if int(host[0]) != 0:
-            raise ValueError(f"{op}: cu_seqlens must start at 0, got {int(host[0])}")
+            raise ValueError(f"{op}: {name} must start at 0, got {int(host[0])}")
         if bool((host[1:] < host[:-1]).any()):
-            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {host.tolist()}")
+            raise ValueError(f"{op}: {name} must be non-decreasing, got {host.tolist()}")
         if int(host[-1]) != total:
             raise ValueError(
-                f"{op}: cu_seqlens must end at total={total} (the packed tensors' first dimension), got {int(host[-1])}"
+                f"{op}: {name} must end at total={total} (the packed tensors' first dimension), got {int(host[-1])}"
             )
     return t
 

@@ -17,7 +17,7 @@ and :func:`invnext.models.switches.set_ops_backend` switches every such module o
 from __future__ import annotations
 
 from ._base import FusedOp  # the base that set_ops_backend looks for; __all__ lists the ops' modules only
-from .attention import MaskedAttention
+from .attention import MaskedAttention, VarlenAttention
 from .diffusion import AdaLNModulate, DDIMSampleLoop, DDIMStep, DiffusionLoss, PSampleLoop, PSampleStep, QSample
 from .masks import MotionMask, MultiblockMask, SemanticMask, TubeMask
 from .tokens import GatherVisible, ScatterTokens
@@ -37,4 +37,5 @@ __all__ = [
     "ScatterTokens",
     "SemanticMask",
     "TubeMask",
+    "VarlenAttention",
 ]

@@ -19,6 +19,7 @@ from ._dispatch import BackendUnavailableError, availability, ops
 _EXPORTS = {
     "attention": ("masked_attention", "dense_attention_mask", "prefix_mask", "static_structure"),
     "rope": ("apply_rope_3d",),
+    "varlen": ("varlen_attention",),
     "diffusion": (
         "DiffusionSchedule",
         "make_schedule",
@@ -65,3 +66,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .philox import philox4x32, philox_uniform, seed_from  # noqa: F401
     from .rope import apply_rope_3d  # noqa: F401
     from .tokens import PackedTokens, gather_visible, packed_structure, scatter_tokens  # noqa: F401
+    from .varlen import varlen_attention  # noqa: F401

@@ -31,6 +31,7 @@ _AUTO_ORDER_DEFAULT = ("cuda", "triton", "torch")
 # these agree with what the backends register).
 _ACCELERATED: dict[str, tuple[str, ...]] = {
     "masked_attention": ("triton",),
+    "varlen_attention": ("triton",),
     "gather_visible": ("cuda", "triton"),
     "scatter_tokens": ("cuda", "triton"),
     "diffusion_loss": ("triton",),

@@ -28,8 +28,9 @@ are ignored everywhere (they may hold anything).
 
 Inputs: ``q, k, v`` ``[total, H, D]`` of one float dtype (float32/float16/bfloat16/float64) and
 device, or one packed ``qkv[total, 3, H, D]`` passed as ``q`` with ``k = v = None``; head dim
-``D`` in [16, 256] (the Triton kernel supports a subset, see its module); ``cu_seqlens``
-int32[B+1] (None = one sample of all ``total`` tokens); ``max_seqlen`` an int >= every sample
+``D`` in [16, 256] (the Triton kernel takes 16..128; ``auto`` on a GPU warns when it falls back
+to the reference for a larger one); ``cu_seqlens`` int32 or int64 ``[B+1]`` (None = one sample
+of all ``total`` tokens); ``max_seqlen`` an int >= every sample
 length (None = computed from ``cu_seqlens``, a host sync on GPU); ``coords`` int32/int64
 ``[total, 3]``, needed by ``rope`` and a 3D ``window`` (passed on as int32).
 Output: ``[total, H, D]`` in q's dtype.
@@ -39,6 +40,7 @@ The reference computes in float32 (float64 for float64 inputs) and rounds once a
 from __future__ import annotations
 
 import math
+import warnings
 from itertools import pairwise
 
 import torch
@@ -117,6 +119,25 @@ def _unpack_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Te
     return q, k, v
 
 
+# The Triton kernels' head dims (a literal: ops/ does not import the kernels; tests/test_varlen_attention_triton.py
+# checks it against invnext_kernels.attention.HEAD_DIM_RANGE).
+TRITON_HEAD_DIM_RANGE = (16, 128)
+
+
+def warn_gpu_head_dim_fallback(op: str, q: torch.Tensor, backend: str) -> None:
+    """``auto`` on a GPU falls back to the reference for a head dim the Triton kernels cannot
+    take: warn (naming the argument) rather than let a model silently run the slow path."""
+    lo, hi = TRITON_HEAD_DIM_RANGE
+    d = q.shape[-1]
+    if backend == "auto" and q.device.type == "cuda" and q.dtype != torch.float64 and not lo <= d <= hi:
+        warnings.warn(
+            f"{op}: head dim D={d} (last dim of q) is outside the Triton kernels' {lo}..{hi}, so "
+            "backend='auto' runs the pure-PyTorch reference (slower, more memory); "
+            "pass backend='torch' to choose it explicitly",
+            stacklevel=3,
+        )
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -139,7 +160,7 @@ def masked_attention(
     Args:
         q, k, v: ``[total, H, D]``, one float dtype and device; or ``q = qkv[total, 3, H, D]``
             with ``k = v = None``. ``16 <= D <= 256``.
-        cu_seqlens: int32 ``[B+1]``: 0, non-decreasing, ends at ``total``. None = one sample.
+        cu_seqlens: int32 or int64 ``[B+1]``: 0, non-decreasing, ends at ``total``. None = one sample.
         max_seqlen: int >= every sample length (a larger bound is taken as ``total``). None =
             computed from ``cu_seqlens`` (not possible for meta tensors).
         softmax_scale: finite float > 0; default ``1 / sqrt(D)``.
@@ -166,7 +187,7 @@ def masked_attention(
 
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=device)
-    cu_seqlens = V.check_cu_seqlens(_OP, cu_seqlens, total, device)
+    cu_seqlens = V.check_cu_seqlens(_OP, cu_seqlens, total, device, dtypes=V.CU_SEQLENS_DTYPES)
     num_prefix = _check_int("num_prefix", num_prefix)
     if num_prefix < 0:
         raise ValueError(f"{_OP}: num_prefix must be >= 0, got {num_prefix}")
@@ -214,6 +235,7 @@ def masked_attention(
         rope = check_rope(_OP, rope, head_dim)
     window = _check_window(window, coords)
     V.check_finite(_OP, q=q, k=k, v=v)
+    warn_gpu_head_dim_fallback(_OP, q, backend)
 
     return dispatch(_OP, backend, device, q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
 
@@ -237,7 +259,7 @@ def static_structure(
     (version counter) and rebuilds, but a write that bypasses the counter (through ``.data``,
     or to the numpy array under ``torch.from_numpy``) would reuse a stale plan.
     """
-    V.check_tensor("static_structure", "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    V.check_tensor("static_structure", "cu_seqlens", cu_seqlens, ndim=1, dtypes=V.CU_SEQLENS_DTYPES)
     if coords is not None:
         V.check_tensor("static_structure", "coords", coords, ndim=2, dtypes=COORD_DTYPES, device=cu_seqlens.device)
     for t in (cu_seqlens, coords):

@@ -137,3 +137,78 @@ def apply_rope_3d(
         off += s
     pieces.append(xc[..., off:])
     return torch.cat(pieces, dim=-1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- RoPE from tables
+
+ROPE_PAIRINGS = ("rotate_half", "interleaved")
+
+
+def check_rope_tables(op: str, name: str, tables: object, total: int, head_dim: int, device) -> tuple:
+    """``tables = (cos, sin)``: float tensors ``[total, R]``, ``R`` even, ``2 <= R <= head_dim``."""
+    if not (isinstance(tables, (tuple, list)) and len(tables) == 2):
+        raise TypeError(f"{op}: {name} must be a pair (cos, sin) of [total, R] tensors, got {type(tables).__name__}")
+    cos, sin = tables
+    for part, t in (("cos", cos), ("sin", sin)):
+        check_tensor(op, f"{name} {part}", t, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    if cos.shape != sin.shape:
+        raise ValueError(f"{op}: {name} cos has shape {list(cos.shape)} but sin has {list(sin.shape)}")
+    rows, width = cos.shape
+    if rows != total:
+        raise ValueError(f"{op}: {name} tables have {rows} rows but the tokens they rotate number {total}")
+    if width % 2 or not 2 <= width <= head_dim:
+        raise ValueError(f"{op}: {name} tables' width R={width} must be even and in [2, head dim {head_dim}]")
+    return cos, sin
+
+
+def rope_pairs(width: int, pairing: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partner int64[R], sign[R])``: channel ``c`` of the rotated width pairs with ``partner[c]``
+    and takes ``sign[c] * x[partner[c]] * sin[c]`` (-1 on the pair's first channel, +1 on its second).
+
+    ``rotate_half`` (Llama, GPT-NeoX, Qwen, most of transformers): ``c`` pairs with ``c +- R/2``.
+    ``interleaved`` (GPT-J, Cohere, the original RoFormer): ``2j`` pairs with ``2j + 1``.
+    """
+    c = torch.arange(width, device=device)
+    if pairing == "rotate_half":
+        half = width // 2
+        first = c < half
+        partner = torch.where(first, c + half, c - half)
+    elif pairing == "interleaved":
+        first = c % 2 == 0
+        partner = c ^ 1
+    else:
+        raise ValueError(f"rope pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
+    return partner, torch.where(first, -1.0, 1.0)
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "rotate_half") -> torch.Tensor:
+    """Rotate every head of every token by its precomputed ``cos``/``sin`` row (any convention).
+
+    For the first ``R`` channels (the tables' width; the rest pass through)::
+
+        y[c] = x[c] cos[c] + sign[c] x[partner[c]] sin[c]
+
+    with the pairing of :func:`rope_pairs`. This is transformers' ``q * cos + rotate_half(q) * sin``
+    for ``rotate_half`` (cos/sin as ``LlamaRotaryEmbedding`` returns them, one row per token) and
+    the ``rotate_every_two`` form for ``interleaved``, with partial rotary when ``R < D``.
+
+    Args:
+        x: ``[total, H, D]``, any float dtype (the math runs in float32, float64 for float64).
+        cos, sin: ``[total, R]`` float, one row per token of ``x``; ``R`` even, ``<= D``.
+        pairing: ``"rotate_half"`` or ``"interleaved"``.
+
+    Returns:
+        ``[total, H, D]`` in ``x``'s dtype. Differentiable in ``x`` (and in the tables).
+    """
+    op = "apply_rope_tables"
+    check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_rope_tables(op, "(cos, sin)", (cos, sin), x.shape[0], x.shape[-1], x.device)
+    if pairing not in ROPE_PAIRINGS:
+        raise ValueError(f"{op}: pairing must be one of {ROPE_PAIRINGS}, got {pairing!r}")
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    width = cos.shape[-1]
+    partner, sign = rope_pairs(width, pairing, x.device)
+    xc = x.to(cdt)
+    xr = xc[..., :width]
+    y = xr * cos.to(cdt)[:, None, :] + sign.to(cdt) * xr[..., partner] * sin.to(cdt)[:, None, :]
+    return torch.cat([y, xc[..., width:]], dim=-1).to(x.dtype)
