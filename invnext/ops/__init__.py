@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from invnext.common.lazy import lazy_exports
 
-from ._dispatch import BackendUnavailableError, availability, ops
+from ._dispatch import BackendUnavailableError, Explanation, availability, explain, ops
 
 _EXPORTS = {
     "attention": ("masked_attention", "dense_attention_mask", "prefix_mask", "static_structure"),
@@ -37,7 +37,7 @@ _EXPORTS = {
     "tokens": ("PackedTokens", "gather_visible", "scatter_tokens", "packed_structure", "keep_structure", "token_coords"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
-__all__ = ["BackendUnavailableError", "availability", "ops", "load_all", *sorted(sum(_EXPORTS.values(), ()))]
+__all__ = ["BackendUnavailableError", "Explanation", "availability", "explain", "ops", "load_all", *sorted(sum(_EXPORTS.values(), ()))]
 
 
 def load_all() -> None:
