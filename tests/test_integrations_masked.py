@@ -130,3 +130,18 @@ def test_keep_ids_and_num_visible_give_the_same_packing():
 def test_unknown_model_is_named():
     with pytest.raises(TypeError, match="no built-in split for Linear; build a ModelParts"):
         masked.encode_visible(torch.nn.Linear(2, 2), torch.randn(1, 2), torch.zeros(1, 1, dtype=torch.bool))
+
+
+def test_a_model_whose_attention_is_not_invnexts_is_refused():
+    # Packed samples through the model's own attention would attend to each other.
+    ref, _, _ = _models("videomae")
+    video = torch.randn(1, 4, 3, 32, 32)
+    with pytest.raises(ValueError, match="runs attn_implementation='(sdpa|eager)'; packed samples would attend"):
+        masked.encode_visible(ref, video, torch.zeros(1, 32, dtype=torch.bool))
+
+
+def test_an_unpatched_timm_model_is_refused():
+    timm = pytest.importorskip("timm", reason=TIMM_MISSING)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    with pytest.raises(ValueError, match="is not patched; packed samples would attend to each other"):
+        masked.encode_visible(vit, torch.randn(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.bool))

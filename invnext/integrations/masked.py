@@ -83,7 +83,22 @@ class MaskedOutput:
         return self.tokens[rows]
 
 
+def _require_invnext_hf(model) -> None:
+    """A packed batch through attention that is not invnext's would mix the samples: refuse."""
+    from transformers import AttentionInterface
+
+    name = getattr(model.config, "_attn_implementation", None)
+    fn = AttentionInterface._global_mapping.get(name) if isinstance(name, str) else None
+    if getattr(fn, "__name__", None) != "invnext_attention_forward":
+        raise ValueError(
+            f"invnext.integrations.masked: {type(model).__name__} runs attn_implementation={name!r}; packed samples "
+            "would attend to each other. Call invnext.integrations.transformers.register() and "
+            "model.set_attn_implementation('invnext') first"
+        )
+
+
 def _videomae_parts(model) -> ModelParts:
+    _require_invnext_hf(model)
     base = getattr(model, "videomae", model)
 
     def embed(pixel_values):
@@ -97,6 +112,7 @@ def _videomae_parts(model) -> ModelParts:
 
 
 def _vjepa2_parts(model) -> ModelParts:
+    _require_invnext_hf(model)
     encoder = model.encoder
 
     def embed(pixel_values_videos):
@@ -111,6 +127,9 @@ def _vjepa2_parts(model) -> ModelParts:
 
 
 def _timm_vit_parts(model) -> ModelParts:
+    if not all("_invnext_backend" in block.attn.__dict__ for block in model.blocks):
+        raise ValueError(f"invnext.integrations.masked: the attention of {type(model).__name__} is not patched; "
+                         "packed samples would attend to each other. Run inside invnext.integrations.timm.patch(model)")
     P = int(model.num_prefix_tokens)
 
     def embed(images):
