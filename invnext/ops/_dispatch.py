@@ -262,7 +262,7 @@ def _verdicts(op: str, device, args: tuple) -> dict[str, tuple[bool, str]]:
 
 def _warn_reference_on_gpu(op: str, device, args: tuple) -> None:
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if not _on_gpu(dev):
+    if not _on_gpu(dev) or torch.compiler.is_compiling():  # a warning would split a compiled graph
         return
     _warned.add(op)
     declines = "; ".join(f"{name}: {why}" for name, (ok, why) in _verdicts(op, dev, args).items()
