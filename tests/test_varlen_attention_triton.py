@@ -286,7 +286,8 @@ def test_band_parameters():
 def test_head_dim_range_literal_matches_the_kernels():
     from invnext.ops.attention import TRITON_HEAD_DIM_RANGE
 
-    assert TRITON_HEAD_DIM_RANGE == kattn.HEAD_DIM_RANGE
+    assert TRITON_HEAD_DIM_RANGE == {"masked_attention": kattn.HEAD_DIM_RANGE,
+                                     "varlen_attention": kattn.VARLEN_HEAD_DIM_RANGE}
 
 
 # --------------------------------------------------------------------------- torch.library / compile
@@ -331,11 +332,18 @@ def test_rejects_float64(triton_device):
         varlen_attention(q, q, q, cu, cu, backend="triton")
 
 
-def test_rejects_head_dim_over_128(triton_device):
-    q = torch.randn(4, 1, 160, device=triton_device)
+def test_rejects_head_dims_outside_8_to_256(triton_device):
     cu = cu_of([4], device=triton_device)
-    with pytest.raises(BackendUnavailableError, match="head dims 16..128, not 160"):
-        varlen_attention(q, q, q, cu, cu, backend="triton")
+    for d in (4, 7):
+        q = torch.randn(4, 1, d, device=triton_device)
+        with pytest.raises(BackendUnavailableError, match=f"head dims 8..256, not {d}"):
+            varlen_attention(q, q, q, cu, cu, backend="triton")
+
+
+def test_head_dims_256_and_8(triton_device):
+    # D = 200 pads to 256 (the smaller GPU tiles); D = 8 pads to 16
+    check_case([20, 1], [37, 3], 2, 1, 200, torch.bfloat16, triton_device, causal=True, seed=8)
+    check_case([33, 5], [12, 40], 2, 2, 8, torch.float16, triton_device, window=(4, 9), seed=9)
 
 
 def test_auto_takes_the_kernel_where_it_can(triton_device, monkeypatch):
@@ -356,7 +364,7 @@ def test_auto_takes_the_kernel_where_it_can(triton_device, monkeypatch):
 
 @pytest.mark.requires_cuda
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels only (TRITON_INTERPRET=0)")
-@pytest.mark.parametrize("dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("dim", [32, 64, 80, 128, 192, 256])
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (200, 37))])
 def test_gpu_large_bf16(dim, causal, window):
     torch.manual_seed(dim)

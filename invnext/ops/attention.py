@@ -119,15 +119,15 @@ def _unpack_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Te
     return q, k, v
 
 
-# The Triton kernels' head dims (a literal: ops/ does not import the kernels; tests/test_varlen_attention_triton.py
-# checks it against invnext_kernels.attention.HEAD_DIM_RANGE).
-TRITON_HEAD_DIM_RANGE = (16, 128)
+# The Triton kernels' head dims per op (literals: ops/ does not import the kernels;
+# tests/test_varlen_attention_triton.py checks them against invnext_kernels.attention).
+TRITON_HEAD_DIM_RANGE = {"masked_attention": (16, 128), "varlen_attention": (8, 256)}
 
 
 def warn_gpu_head_dim_fallback(op: str, q: torch.Tensor, backend: str) -> None:
     """``auto`` on a GPU falls back to the reference for a head dim the Triton kernels cannot
     take: warn (naming the argument) rather than let a model silently run the slow path."""
-    lo, hi = TRITON_HEAD_DIM_RANGE
+    lo, hi = TRITON_HEAD_DIM_RANGE[op]
     d = q.shape[-1]
     if backend == "auto" and q.device.type == "cuda" and q.dtype != torch.float64 and not lo <= d <= hi:
         warnings.warn(

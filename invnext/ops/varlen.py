@@ -158,7 +158,7 @@ def varlen_attention(
             ``total_k == total_q`` (self-attention: keys at the queries' positions).
         rope_pairing: ``"rotate_half"`` (channel ``c`` with ``c + R/2``: Llama, NeoX, Qwen) or
             ``"interleaved"`` (``2j`` with ``2j+1``: GPT-J, Cohere); see ``ops.rope.apply_rope_tables``.
-        backend: "auto", "torch" or "triton" (Triton: float16/bfloat16/float32, ``16 <= D <= 128``;
+        backend: "auto", "torch" or "triton" (Triton: float16/bfloat16/float32, ``8 <= D <= 256``;
             ``auto`` on a GPU warns when D is outside that and it falls back to the reference).
 
     Under ``INVNEXT_CHECK_VALUES=1`` a NaN or inf in q, k or v is an error naming it.
