@@ -155,7 +155,12 @@ if __name__ == "__main__":
         extras_require={
             # kernels: Hugging Face's package that transformers 5.x imports; tests/test_install.py checks that
             # the repository's kernels/ folder does not shadow it when run from the root.
-            "test": ["pytest", "pytest-benchmark", "transformers>=4.50", "kernels"],
+            # transformers>=5.0: invnext.integrations.transformers uses its attention and mask registries.
+            "test": ["pytest", "pytest-benchmark", "transformers>=5.0", "kernels"],
+            # timm imports torchvision, whose PyPI wheels need pip's default (CUDA) torch: installing it
+            # next to the CPU torch that scripts/setup.sh puts on a CPU machine would replace that torch.
+            # tests/test_integrations_timm.py skips, saying so, where timm is not importable.
+            "timm": ["timm>=1.0"],
         },
         entry_points={"console_scripts": ["invnext = invnext.cli:main"]},
         zip_safe=False,

@@ -96,7 +96,7 @@ def test_scatter_tokens_fwd(benchmark, gen):
     mask = torch.randn(C_PRED, generator=gen)
     pos = torch.randn(1, N, C_PRED, generator=gen)
     _info(benchmark, "torch reference", "fwd", f"scatter_tokens B={B} N={N} C={C_PRED}")
-    out = benchmark(lambda: ops.scatter_tokens(packed.tokens, packed.index, mask, pos, N, batch_size=B, backend="torch"))
+    out = benchmark(lambda: ops.scatter_tokens(packed.tokens, packed.index, mask, pos=pos, N=N, batch_size=B, backend="torch"))
     assert out.shape == (B, N, C_PRED) and torch.isfinite(out).all()
 
 

@@ -271,7 +271,7 @@ class PredictorConfig(_Checked):
     heads: int = 16
     mlp_hidden: int = 2624  # GeGLU: Wi maps width -> 2 * mlp_hidden
     first_layer_id: int = 23  # ModernBERT index of our first layer (28 - 5): fixes which layers are global
-    global_every: int = 3  # layer_id % global_every == 0 -> global attention
+    global_every: int = 3  # layer_id % global_every == 0 -> global attention; 0: every layer local
     local_window: int = 128  # ModernBERT local_attention: sees |i - j| <= 64 in raster order
     local_window_3d: tuple[int, int, int] | None = None  # (wt, wh, ww) box instead of the 1D window
     global_rope_theta: float = 160000.0
@@ -286,14 +286,19 @@ class PredictorConfig(_Checked):
     init: Literal["modernbert", "fan_in"] = "modernbert"
 
     def validate(self) -> None:
-        for name in ("width", "depth", "heads", "mlp_hidden", "global_every", "local_window"):
+        for name in ("width", "depth", "heads", "mlp_hidden", "local_window"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        self._require(self.global_every >= 0, "global_every", "must be >= 0 (0: no global layer)")
         self._require(self.first_layer_id >= 0, "first_layer_id", "must be >= 0")
         self._require(self.width % self.heads == 0, "heads", f"must divide width={self.width}")
         self._require((self.width // self.heads) % 2 == 0, "heads", "must leave an even head dim (RoPE pairs)")
         if self.local_window_3d is not None:
             self._require(all(w >= 1 for w in self.local_window_3d), "local_window_3d", "sizes must be >= 1")
         self._require(self.global_rope_theta > 0 and self.local_rope_theta > 0, "global_rope_theta", "thetas must be > 0")
+
+    def layer_is_global(self, layer_id: int) -> bool:
+        """Whether ModernBERT layer ``layer_id`` attends globally (else within the local window)."""
+        return self.global_every > 0 and layer_id % self.global_every == 0
 
 
 @dataclass(frozen=True)
@@ -372,14 +377,24 @@ class TeacherConfig(_Checked):
 
 @dataclass(frozen=True)
 class MaskViewConfig(_Checked):
-    """One multi-block view of Stage 2 (V-JEPA style): hidden = union of ``num_blocks`` boxes."""
+    """One view of Stage 2: what the student sees and the predictor fills in.
+
+    By default a multi-block view (V-JEPA style): hidden = the union of ``num_blocks`` boxes.
+    ``hide_last = k > 0`` makes it a future view instead: the last ``k`` token steps of the clip
+    are hidden at every place, so the predictor extrapolates them from the earlier steps (the
+    box fields are then unused). With a predictor whose attention is local (``global_every: 0``
+    and a ``local_window_3d`` box), a hidden place only sees its neighbourhood one step earlier,
+    so the encoder's tokens there must carry where their content is moving (README, finding E).
+    """
 
     num_blocks: int = 8
     spatial_scale: tuple[float, float] = (0.15, 0.15)
     aspect_ratio: tuple[float, float] = (0.75, 1.5)
     temporal_scale: tuple[float, float] = (1.0, 1.0)  # (1, 1): tubes through every frame
+    hide_last: int = 0  # > 0: a future view hiding the clip's last `hide_last` token steps
 
     def validate(self) -> None:
+        self._require(self.hide_last >= 0, "hide_last", "must be >= 0 (0: a multi-block view)")
         self._require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
         for name, hi in (("spatial_scale", 1.0), ("temporal_scale", 1.0), ("aspect_ratio", float("inf"))):
             lo_v, hi_v = getattr(self, name)
@@ -489,9 +504,15 @@ def _tiny() -> Preset:
         kind="tiny", name="tiny", img_size=112, patch_size=16, width=64, depth=4, heads=2, layers=(1, 3), pooled_dim=64,
         patch_embed="conv",
     )
+    # Stage 2 predicts the clip's last one and two token steps from the earlier ones (future views)
+    # with a predictor that only attends within a 3x3x3 box: a hidden place sees its neighbourhood
+    # one step earlier, so the encoder must carry where content moves. The paper's tube views with a
+    # global predictor lower the motion the probe reads (README, findings C and E).
+    pred2 = dataclasses.replace(pred, first_layer_id=1, global_every=0, local_window_3d=(3, 3, 3))
+    views2 = (MaskViewConfig(hide_last=1), MaskViewConfig(hide_last=2))
     return Preset(
         stage1=Stage1Config(encoder=enc, predictor=pred, decoder=dec, teacher=teacher),
-        stage2=Stage2Config(encoder=enc, predictor=pred),
+        stage2=Stage2Config(encoder=enc, predictor=pred2, views=views2),
     )
 
 

@@ -129,8 +129,8 @@ def _cases(device: torch.device) -> list[tuple[str, Callable, list[torch.Tensor]
     packed = ops.gather_visible(x, hidden, pos, prefix, backend="torch")
     cases.append(("gather_visible", lambda b, x, pos, pre: ops.gather_visible(x, hidden, pos, pre, backend=b),
                   _leaves(x, pos, prefix), True))  # fmt: skip
-    cases.append(("scatter_tokens", lambda b, t, m, pos: ops.scatter_tokens(t, packed.index, m, pos, N, batch_size=B,
-                                                                            backend=b),
+    cases.append(("scatter_tokens",
+                  lambda b, t, m, pos: ops.scatter_tokens(t, packed.index, m, pos=pos, N=N, batch_size=B, backend=b),
                   _leaves(packed.tokens, mask_token, pos), True))  # fmt: skip
     # diffusion: 37 rows of 48 channels over a 50-step cosine schedule, t = 0 and the last step included
     sched = ops.make_schedule(1000, "cosine", respace=50, device=device)

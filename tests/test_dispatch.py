@@ -142,8 +142,97 @@ def test_auto_passes_over_an_implementation_that_declines_the_inputs(monkeypatch
 
     monkeypatch.setattr(_dispatch, "_candidates", lambda op, device: iter([("triton", fast), ("torch", reference)]))
     assert _dispatch.dispatch("q_sample", "auto", "cuda", torch.zeros(1)) == "fast"
-    assert _dispatch.dispatch("q_sample", "auto", "cuda", torch.zeros(1, dtype=torch.float64)) == "torch"
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="q_sample: backend='auto' on cuda runs the pure-PyTorch reference"):
+        assert _dispatch.dispatch("q_sample", "auto", "cuda", torch.zeros(1, dtype=torch.float64)) == "torch"
     monkeypatch.setattr(_dispatch, "resolve", lambda op, backend, device: ("triton", fast))
     with pytest.raises(BackendUnavailableError, match="cannot run these inputs: float64 not supported"):
         _dispatch.dispatch("q_sample", "triton", "cuda", torch.zeros(1, dtype=torch.float64))
     assert calls == ["fast", "torch"]
+
+
+# --------------------------------------------------------------------------- saying what runs (issue 18)
+
+
+def test_dir_of_ops_lists_every_op():
+    import invnext.ops as ops
+
+    listed = dir(ops)
+    missing = [name for name in [*_dispatch.ops(), *ops.__all__] if name not in listed]
+    assert not missing, f"dir(invnext.ops) misses {missing}"
+    assert {"explain", "token_coords", "masked_attention", "gather_visible"} <= set(listed)
+
+
+def test_explain_on_cpu_names_the_reference_and_why_the_others_decline(monkeypatch):
+    import invnext.ops as ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 6, 4)
+    hidden = torch.rand(2, 6) < 0.5
+    report = ops.explain("gather_visible", x, hidden)
+    assert report.op == "gather_visible" and report.chosen == "torch" and report.device == torch.device("cpu")
+    assert report.verdicts["cuda"] == (False, "auto runs the reference for cpu tensors")
+    assert not report.verdicts["triton"][0]
+    text = str(report)
+    assert text.startswith("invnext.ops.gather_visible on cpu: backend='auto' runs 'torch'")
+    assert "cuda   declines: auto runs the reference for cpu tensors" in text
+    assert "torch  runs: pure-PyTorch reference invnext.ops.tokens.gather_visible_reference" in text
+    # The function itself works as the op argument; an explicit backend is reported with the verdict.
+    again = ops.explain(ops.gather_visible, x, keep_ids=[[0, 1], [2]], backend="cuda")
+    assert again.requested == "cuda" and "it raises BackendUnavailableError" in str(again)
+    assert ops.explain("motion_mask", torch.randn(1, 2, 3, 4), 0.5).verdicts["triton"] == (
+        False, "no triton implementation of this op exists")
+
+
+def test_explain_runs_the_argument_checks_and_no_implementation(monkeypatch):
+    import invnext.ops as ops
+
+    called = []
+    monkeypatch.setitem(_dispatch._REFERENCE, "tube_mask", lambda *a: called.append(a))
+    ops.explain("tube_mask", 2, (1, 4, 4), [0.5, 0.25], seed=3)
+    assert called == []
+    with pytest.raises(ValueError, match=r"tube_mask: ratio\[1\] must lie in \[0, 1\)"):
+        ops.explain("tube_mask", 2, (1, 4, 4), [0.5, 1.5], seed=3)
+    with pytest.raises(ValueError, match="explain: op must be one of the dispatched ops"):
+        ops.explain("mask_counts", torch.zeros(1, 2, dtype=torch.bool))
+    assert _dispatch._capture is None
+    ops.tube_mask(1, (1, 2, 2), 0.5, seed=0)  # dispatch runs normally afterwards
+    assert len(called) == 1
+
+
+def test_explain_sees_a_kernel_that_declines_on_a_gpu(monkeypatch):
+    # A GPU faked from the device check alone: the Triton attention (under the interpreter) is
+    # available but declines a head dim above its limit; auto then runs the reference.
+    import invnext.ops as ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "_on_gpu", lambda dev: True)
+    q = torch.randn(5, 1, 256)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    report = ops.explain(ops.masked_attention, q, q, q, cu, 5)
+    assert report.chosen == "torch"
+    ok, why = report.verdicts["triton"]
+    assert not ok and why.startswith("declines these inputs:") and "256" in why
+    small = ops.explain(ops.masked_attention, q[..., :64], q[..., :64], q[..., :64], cu, 5)
+    assert small.chosen == "triton"
+
+
+def test_auto_falling_back_to_the_reference_on_a_gpu_warns_once(monkeypatch):
+    import warnings
+
+    import invnext.ops as ops
+
+    monkeypatch.setattr(_dispatch, "_on_gpu", lambda dev: True)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=r"invnext.ops.tube_mask: backend='auto' on cpu runs the pure-PyTorch "
+                                            r"reference \(cuda: the CUDA kernels need CUDA tensors"):
+        ops.tube_mask(2, (1, 4, 4), 0.5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.tube_mask(2, (1, 4, 4), 0.5, seed=0)  # once per op
+        ops.motion_mask(torch.randn(1, 2, 3, 4), 0.5)  # no accelerated backend: nothing to report
+    monkeypatch.setattr(_dispatch, "_on_gpu", lambda dev: False)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.tube_mask(2, (1, 4, 4), 0.5, seed=0)  # the CPU's reference is the plan, not a fallback

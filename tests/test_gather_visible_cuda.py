@@ -81,3 +81,30 @@ def test_gather_visible_misaligned_and_bad_indices(kernels_from, dtype):
     rows = [r for r in range(len(index)) if r not in (0, 2, 5, 6)]  # prefix rows 0 and 5, bad rows 2 and 6
     dx[index[rows]] = grad.cpu()[rows]
     _assert_same(x.grad, dx.view(B, N, C), "d x")
+
+
+@pytest.mark.requires_cuda
+def test_keep_ids_in_any_order_through_the_public_op(kernels_from):
+    # Index lists (unsorted, ragged, one empty) with an fp32 table under bf16 tokens: the CUDA
+    # gather and scatter equal the reference, values and gradients (copies and exact sums).
+    from invnext import ops
+
+    dev = torch.device("cuda")
+    B, N, C, P = 3, 24, 32, 2
+    keep_ids = [torch.tensor([5, 0, 23, 7], device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
+                torch.tensor([11, 3], device=dev)]  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randint(-8, 9, (B, N, C), generator=gen) / 4).to(torch.bfloat16).to(dev)
+    pos = (torch.randint(-8, 9, (1, N, C), generator=gen) / 4).to(dev)
+    prefix = (torch.randint(-8, 9, (1, P, C), generator=gen) / 4).to(torch.bfloat16).to(dev)
+    g = (torch.randint(-8, 9, (B, N, C), generator=gen) / 4).to(torch.bfloat16).to(dev)
+    results = {}
+    for backend in ("torch", "cuda"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, pos, prefix)]
+        packed = ops.gather_visible(leaves[0], pos=leaves[1], prefix=leaves[2], keep_ids=keep_ids, backend=backend)
+        out = ops.scatter_tokens(packed.tokens, packed.index, torch.zeros(1, 1, C, device=dev), pos=leaves[1], N=N,
+                                 batch_size=B, backend=backend)  # fmt: skip
+        out.backward(g)
+        results[backend] = [packed.tokens.detach(), out.detach()] + [t.grad for t in leaves]
+    for name, a, b in zip(("packed", "scattered", "dx", "dpos", "dprefix"), results["torch"], results["cuda"]):
+        _assert_same(b, a.cpu(), name)

@@ -104,7 +104,7 @@ def test_packed_structure_without_sync_inputs():
         ),
         (
             lambda: gather_visible(
-                torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.bool), pos=torch.randn(1, 5, 3, dtype=torch.float64)
+                torch.randn(2, 5, 3), torch.zeros(2, 5, dtype=torch.bool), pos=torch.ones(1, 5, 3, dtype=torch.int64)
             ),
             "pos must have dtype",
         ),
@@ -150,4 +150,82 @@ def test_nonfinite_token_inputs_are_named_when_values_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="gather_visible: x holds 1 non-finite value"):
         gather_visible(x, hidden)
     with pytest.raises(ValueError, match="scatter_tokens: mask_token holds 3 non-finite value"):
-        scatter_tokens(torch.randn(2, 3), torch.tensor([0, 1]), torch.full((3,), float("nan")), None, 4, batch_size=1)
+        scatter_tokens(torch.randn(2, 3), torch.tensor([0, 1]), torch.full((3,), float("nan")), N=4, batch_size=1)
+
+
+# --------------------------------------------------------------------------- keep_ids, dtypes (issue 18)
+
+
+def test_keep_ids_in_raster_order_equal_the_mask():
+    B, N, C, P = 3, 20, 6, 2
+    x, pos = torch.randn(B, N, C, dtype=torch.float64), torch.randn(B, N, C, dtype=torch.float64)
+    prefix = torch.randn(1, P, C, dtype=torch.float64)
+    keep = torch.stack([torch.randperm(N)[:7].sort().values for _ in range(B)])
+    hidden = torch.ones(B, N, dtype=torch.bool).scatter_(1, keep, False)
+    a = gather_visible(x, hidden, pos, prefix)
+    for ids in (keep, keep.int(), list(keep), [row.tolist() for row in keep]):
+        b = gather_visible(x, pos=pos, prefix=prefix, keep_ids=ids)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.index, b.index)
+        assert torch.equal(a.cu_seqlens, b.cu_seqlens) and a.max_seqlen == b.max_seqlen
+
+
+def test_keep_ids_keep_their_order_and_may_be_ragged():
+    B, N, C = 3, 10, 4
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    keep_ids = [torch.tensor([7, 2, 9]), torch.tensor([], dtype=torch.int64), torch.tensor([0, 5, 4, 1, 3])]
+    out = gather_visible(x, keep_ids=keep_ids, prefix=torch.zeros(1, 1, C, dtype=torch.float64))
+    want = torch.cat([torch.cat([torch.zeros(1, C, dtype=torch.float64), x[b, ids]]) for b, ids in enumerate(keep_ids)])
+    assert torch.equal(out.tokens, want)
+    assert out.cu_seqlens.tolist() == [0, 4, 5, 11] and out.max_seqlen == 6
+    assert out.index.tolist() == [-1, 7, 2, 9, -1, -1, 20, 25, 24, 21, 23]
+    g = torch.randn_like(out.tokens)
+    out.tokens.backward(g)
+    want_grad = torch.zeros_like(x)
+    for b, ids in enumerate(keep_ids):
+        lo = int(out.cu_seqlens[b]) + 1
+        want_grad[b, ids] = g[lo : lo + ids.numel()]
+    assert torch.equal(x.grad, want_grad)
+    # Scattering back puts every row at its own place, whatever the order.
+    back = scatter_tokens(out.tokens, out.index, torch.zeros(C, dtype=torch.float64), N=N, batch_size=B)
+    for b, ids in enumerate(keep_ids):
+        assert torch.equal(back[b, ids], x[b, ids].detach())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"hidden": torch.zeros(2, 5, dtype=torch.bool), "keep_ids": torch.zeros(2, 1, dtype=torch.int64)},
+         ValueError, "pass exactly one of hidden .* and keep_ids .*, got both"),
+        ({}, ValueError, "pass exactly one of hidden .* and keep_ids .*, got neither"),
+        ({"keep_ids": torch.zeros(3, 1, dtype=torch.int64)}, ValueError, r"keep_ids must have shape \[B=2, K\]"),
+        ({"keep_ids": torch.zeros(2, 1)}, TypeError, "keep_ids must have dtype"),
+        ({"keep_ids": torch.tensor([[0, 5], [1, 2]])}, ValueError, r"keep_ids must lie in \[0, N=5\), sample 0"),
+        ({"keep_ids": [torch.tensor([1]), torch.tensor([-1])]}, ValueError, r"keep_ids must lie in .* sample 1"),
+        ({"keep_ids": [torch.tensor([1, 1]), torch.tensor([0])]}, ValueError, "keep_ids of sample 0 name a token"),
+        ({"keep_ids": [torch.tensor([1])]}, ValueError, r"keep_ids must hold one entry per sample \(2\), got 1"),
+        ({"keep_ids": [torch.tensor([1]), torch.tensor([[0]])]}, ValueError, r"keep_ids\[1\] must have 1 dim"),
+        ({"keep_ids": "01"}, TypeError, "keep_ids must be an integer tensor"),
+        ({"keep_ids": [[0], [1]], "num_visible": [1, 1]}, ValueError, "num_visible goes with hidden"),
+    ],
+)
+def test_keep_ids_errors_name_the_argument(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        gather_visible(torch.randn(2, 5, 3), **kwargs)
+
+
+def test_fp32_tables_meet_bf16_tokens():
+    # Under bf16 autocast a Linear gives bf16 tokens while the position table stays an fp32
+    # parameter: the table is cast to the tokens' dtype (and its gradient comes back in fp32).
+    B, N, C = 2, 12, 8
+    lin = torch.nn.Linear(C, C)
+    pos = torch.randn(1, N, C, requires_grad=True)
+    prefix = torch.randn(1, 2, C, requires_grad=True)
+    hidden = torch.rand(B, N) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = lin(torch.randn(B, N, C))
+        out = gather_visible(x, hidden, pos, prefix)
+    assert x.dtype == out.tokens.dtype == torch.bfloat16
+    want = gather_visible(x.detach(), hidden, pos.detach().bfloat16(), prefix.detach().bfloat16())
+    assert torch.equal(out.tokens, want.tokens)
+    out.tokens.float().sum().backward()
+    assert pos.grad.dtype == torch.float32 and prefix.grad.dtype == torch.float32

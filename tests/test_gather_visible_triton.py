@@ -251,7 +251,7 @@ def test_no_host_sync(triton_device):
         ({"x": torch.randn(2, 5)}, ValueError, "gather_visible: x must have 3 dimensions"),
         ({"x": torch.randn(2, 5, 4).int()}, TypeError, "gather_visible: x must have dtype"),
         ({"pos": torch.randn(3, 5, 4)}, ValueError, "gather_visible: pos must have shape"),
-        ({"pos": torch.randn(1, 5, 4, dtype=torch.float64)}, TypeError, "gather_visible: pos must have dtype"),
+        ({"pos": torch.ones(1, 5, 4, dtype=torch.int32)}, TypeError, "gather_visible: pos must have dtype"),
         ({"prefix": torch.randn(1, 1, 3)}, ValueError, "gather_visible: prefix must have shape"),
     ],
 )
@@ -288,9 +288,36 @@ def test_public_ops_triton_matches_torch_backend(triton_device, dtype):
     for backend in ("torch", "triton"):
         leaves = [t.clone().requires_grad_(True) for t in (x, pos, prefix, mask_token)]
         packed = ops.gather_visible(leaves[0], hidden, pos=leaves[1], prefix=leaves[2], backend=backend)
-        out = ops.scatter_tokens(packed.tokens, packed.index, leaves[3], leaves[1], N, batch_size=B, backend=backend)
+        out = ops.scatter_tokens(packed.tokens, packed.index, leaves[3], pos=leaves[1], N=N, batch_size=B, backend=backend)
         out.backward(g)
         results[backend] = [packed.tokens.detach(), out.detach()] + [t.grad for t in leaves]
+    names = ("packed", "scattered", "dx", "dpos", "dprefix", "dmask_token")
+    for name, a, b in zip(names, results["torch"], results["triton"]):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_public_keep_ids_triton_matches_torch_backend(triton_device, dtype):
+    # Index lists in any order (ragged, one empty sample) with an fp32 position table and a
+    # [1, 1, C] mask token cast to bf16 tokens: the kernels take the same index as the reference.
+    ops = _public_tokens()
+    B, C, P = 3, 16, 2
+    keep_ids = [torch.tensor([5, 0, 23, 7]), torch.tensor([], dtype=torch.int64), torch.tensor([11, 3])]
+    keep_ids = [ids.to(triton_device) for ids in keep_ids]
+    x = torch.randn(B, N, C).to(dtype).to(triton_device)
+    pos = torch.randn(1, N, C).to(triton_device)
+    prefix = torch.randn(1, P, C).to(dtype).to(triton_device)
+    mask_token = torch.randn(1, 1, C).to(triton_device)
+    g = _dyadic((B, N, C), dtype, triton_device)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, pos, prefix, mask_token)]
+        packed = ops.gather_visible(leaves[0], pos=leaves[1], prefix=leaves[2], keep_ids=keep_ids, backend=backend)
+        out = ops.scatter_tokens(packed.tokens, packed.index, leaves[3], pos=leaves[1], N=N, batch_size=B,
+                                 backend=backend)  # fmt: skip
+        out.backward(g)
+        results[backend] = [packed.tokens.detach(), out.detach()] + [t.grad for t in leaves]
+    assert results["torch"][0].shape == (3 * P + 6, C)
     names = ("packed", "scattered", "dx", "dpos", "dprefix", "dmask_token")
     for name, a, b in zip(names, results["torch"], results["triton"]):
         assert torch.equal(a, b), name

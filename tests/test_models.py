@@ -233,6 +233,59 @@ def test_stage2_masks_with_host_counts():
         model(video, masks=[views[0], (views[1][0],)])
 
 
+def test_stage2_future_views_hide_the_last_token_steps():
+    """The tiny preset's views (``hide_last`` 1 and 2) hide whole last token steps of every sample;
+    a mix with a multi-block view keeps that view's sampler; a view longer than the clip is named."""
+    cfg = override(TINY.stage2, {"encoder": {"depth": 1}, "predictor": {"depth": 1}})
+    assert [v.hide_last for v in cfg.views] == [1, 2]
+    model = Stage2Model(cfg).eval()
+    T, H, W = cfg.encoder.grid
+    step = torch.arange(T * H * W) // (H * W)
+    views = model.view_masks(3, cfg.encoder.grid, "cpu", torch.Generator().manual_seed(0))
+    for (hidden, counts), k in zip(views, (1, 2)):
+        assert torch.equal(hidden, (step >= T - k).expand(3, -1)) and counts.tolist() == [k * H * W] * 3
+    with torch.no_grad():
+        out = model(_video(2, cfg.encoder), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and torch.equal(out["hidden1"], (step >= T - 2).expand(2, -1))
+
+    mixed = override(cfg, {"views": [{"num_blocks": 2, "spatial_scale": [0.7, 0.7]}, {"hide_last": 1}]})
+    m = Stage2Model(mixed)
+    assert len(m.view_samplers) == 1
+    (box, _), (last, _) = m.view_masks(2, mixed.encoder.grid, "cpu", torch.Generator().manual_seed(0))
+    assert box[:, step < T - 1].any() and torch.equal(last, (step >= T - 1).expand(2, -1))
+
+    too_long = Stage2Model(override(cfg, {"views": [{"hide_last": T}]}))
+    with pytest.raises(ValueError, match=rf"views\[\]\.hide_last={T} must lie in \[1, {T - 1}\]"):
+        too_long.view_masks(1, cfg.encoder.grid, "cpu", None)
+    with pytest.raises(ValueError, match="hide_last"):
+        override(cfg, {"views": [{"hide_last": -1}]})
+
+
+def test_predictor_without_global_layers_attends_only_in_its_box():
+    """``global_every: 0`` makes every layer local: with a 3x3x3 box each layer reaches one place
+    further, so after ``depth`` layers a token changes nothing beyond that Chebyshev distance."""
+    cfg = TINY.stage2.predictor
+    assert cfg.global_every == 0 and cfg.local_window_3d == (3, 3, 3)
+    assert not any(cfg.layer_is_global(cfg.first_layer_id + i) for i in range(cfg.depth))
+    torch.manual_seed(0)
+    grid = TINY.stage2.encoder.grid
+    pred = Predictor(cfg, 96, grid).eval()
+    T, H, W = grid
+    N = T * H * W
+    x = torch.randn(N, 96)
+    index = torch.arange(N)
+    y = x.clone()
+    y[0] += 1.0  # the token at (t, h, w) = (0, 0, 0)
+    with torch.no_grad():
+        changed = (pred(x, index, 1, grid) - pred(y, index, 1, grid)).abs().reshape(N, -1).amax(1) > 0
+    coords = torch.stack((index // (H * W), index // W % H, index % W), 1)
+    reach = coords.amax(1)
+    assert changed[0] and changed[reach <= 1].all()
+    assert (reach > cfg.depth).any() and not changed[reach > cfg.depth].any()
+    with pytest.raises(ValueError, match="global_every"):
+        override(cfg, {"global_every": -1})
+
+
 # --------------------------------------------------------------------------- alignment pairing
 
 

@@ -163,7 +163,7 @@ def test_python_side_matches_the_c_api():
     assert "csrc/mask_ops.cu" in (ROOT / "CMakeLists.txt").read_text()
 
 
-def test_cuda_backend_on_cpu_says_why():
+def test_cuda_backend_on_cpu_says_why(monkeypatch):
     for op in ("tube_mask", "multiblock_mask", "semantic_mask"):
         ok, why = availability(op, "cuda", "cpu")
         assert not ok and "CUDA tensors" in why
@@ -174,6 +174,11 @@ def test_cuda_backend_on_cpu_says_why():
     assert nm.tube_mask_cuda.unsupported(2, (1, 4, 4), 0.5, 0, torch.device("cpu")).startswith(
         "the CUDA kernels need a CUDA device"
     )
+    monkeypatch.setattr(nm, "_common_reason", lambda *args: None)
+    ratios = tuple(i / 16 for i in range(nm.TUBE_MAX_DISTINCT_COUNTS + 1))  # S = 16: counts 0, 1, 2, ...
+    assert "distinct hidden counts" in nm.tube_mask_cuda.unsupported(len(ratios), (1, 4, 4), ratios, 0, "cpu")
+    assert nm.tube_mask_cuda.unsupported(len(ratios) - 1, (1, 4, 4), ratios[:-1], 0, "cpu") is None
+    monkeypatch.undo()
     assert "CUDA device" in nm.semantic_mask_cuda.unsupported(torch.rand(1, 2, 3), 1, "topk", 0)
     boxes = ops_masks.multiblock_boxes(2, (1, 4, 4), 2, (0.1, 0.2), (1.0, 1.0), (1.0, 1.0), 0)
     assert "CUDA device" in nm.multiblock_mask_cuda.unsupported(boxes, (1, 4, 4), torch.device("cpu"))
@@ -257,6 +262,10 @@ def test_mask_wrappers_pass_what_the_c_api_reads(monkeypatch):
         hidden, cu, max_seqlen = nm.tube_mask_with_cu_seqlens(B, grid, ratio, 11, cpu, 2)
         assert (torch.equal(hidden, want), max_seqlen) == (True, ops_masks.mask_counts(want, 2)[1])
         assert torch.equal(cu, ops_masks.mask_counts(want, 2)[0])
+    # Per-sample ratios: one launch per distinct hidden count, each row from its own count's launch.
+    for B, grid, ratios in [(5, (2, 3, 5), (0.6, 0.1, 0.6, 0.0, 0.9)), (2, (1, 4, 4), (0.5, 0.5))]:
+        want = ops_masks.tube_mask(B, grid, list(ratios), seed=12)
+        assert torch.equal(nm.tube_mask_cuda(B, grid, ratios, 12, cpu), want)
     base = torch.rand(2, 3, 20, dtype=torch.float64)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for mode in ("topk", "sample"):

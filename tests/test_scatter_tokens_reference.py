@@ -97,3 +97,47 @@ def test_scatter_duplicate_index_is_rejected_where_values_are_checked():
 def test_scatter_bool_sizes_are_rejected():
     with pytest.raises(ValueError, match="scatter_tokens: batch_size must be a positive int, got True"):
         scatter_tokens(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3), None, 4, batch_size=True)
+
+
+# --------------------------------------------------------------------------- mask_token shapes, keywords (issue 18)
+
+
+def test_mask_token_as_c_1c_or_11c_and_keyword_order():
+    B, N, C = 2, 6, 5
+    packed = gather_visible(torch.randn(B, N, C, dtype=torch.float64), torch.rand(B, N) < 0.5)
+    pos = torch.randn(1, N, C, dtype=torch.float64)
+    token = torch.randn(C, dtype=torch.float64)
+    want = scatter_tokens(packed.tokens, packed.index, token, pos, N, batch_size=B)  # the positional form
+    for shape in ((C,), (1, C), (1, 1, C)):
+        t = token.reshape(shape).clone().requires_grad_(True)
+        got = scatter_tokens(packed.tokens, packed.index, t, pos=pos, N=N, batch_size=B)
+        assert torch.equal(got, want)
+        got.sum().backward()
+        assert t.grad.shape == shape
+    kw = scatter_tokens(packed=packed.tokens, index=packed.index, mask_token=token, batch_size=B, N=N, pos=pos)
+    assert torch.equal(kw, want)
+
+
+def test_fp32_mask_token_and_pos_meet_bf16_packed():
+    B, N, C = 2, 6, 4
+    packed = gather_visible(torch.randn(B, N, C).bfloat16(), torch.rand(B, N) < 0.5)
+    token, pos = torch.randn(1, 1, C), torch.randn(1, N, C)
+    out = scatter_tokens(packed.tokens, packed.index, token, pos=pos, N=N, batch_size=B)
+    want = scatter_tokens(packed.tokens, packed.index, token.bfloat16().view(C), pos=pos.bfloat16(), N=N, batch_size=B)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"mask_token": torch.zeros(2, 4)}, ValueError, r"mask_token must have shape \[4\], \[1, 4\] or \[1, 1, 4\]"),
+        ({"mask_token": torch.zeros(1, 1, 1, 4)}, ValueError, "mask_token must have 1 or 2 or 3 dimensions"),
+        ({"N": None}, TypeError, r"scatter_tokens: N \(places per sample\) is required"),
+    ],
+)
+def test_scatter_shape_errors(kwargs, exc, match):
+    args = {"packed": torch.randn(2, 4), "index": torch.tensor([0, 3]), "mask_token": torch.zeros(4), "N": 2,
+            "batch_size": 2}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        scatter_tokens(**args)

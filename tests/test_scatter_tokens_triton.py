@@ -82,7 +82,7 @@ def test_scatter_of_gather_round_trip(triton_device):
         ({"packed": torch.randn(7)}, ValueError, "scatter_tokens: packed must have 2 dimensions"),
         ({"index": torch.zeros(6, dtype=torch.int64)}, ValueError, "scatter_tokens: index must have shape"),
         ({"mask_token": torch.zeros(5)}, ValueError, "scatter_tokens: mask_token must have shape"),
-        ({"mask_token": torch.zeros(4, dtype=torch.float16)}, TypeError, "scatter_tokens: mask_token must have dtype"),
+        ({"mask_token": torch.zeros(4, dtype=torch.int32)}, TypeError, "scatter_tokens: mask_token must have dtype"),
         ({"pos": torch.randn(1, 4, 4)}, ValueError, "scatter_tokens: pos must have shape"),
         ({"batch_size": 0}, ValueError, "scatter_tokens: batch_size must be a positive int"),
         ({"N": 2.5}, ValueError, "scatter_tokens: N must be a positive int"),

@@ -32,6 +32,8 @@ SMALL_SETS = [
     "stage1.model.overrides.teacher={img_size: 32, depth: 2, layers: [0, 1], width: 16, heads: 1, pooled_dim: 16}",
     "stage1.teacher=random",
     "stage2.init=random",
+    # the paper's multi-block views: the tiny preset's future views need more than this clip's one token step
+    "stage2.model.overrides.views=[{num_blocks: 8}, {num_blocks: 2, spatial_scale: [0.7, 0.7]}]",
     "data={source: synthetic, workers: 0, synthetic_clips: 16}",
     "schedule={steps: 4, warmup_steps: 1}",
     "batch={global_size: 4, per_device: 2}",

@@ -26,3 +26,12 @@ def test_tube_equals_reference(kernels_from, B, grid):
         _assert_equal(got, ops_masks.tube_mask(B, grid, ratio, seed=seed, device=CUDA, backend="torch"), what)
         if seed in SEEDS[:2]:
             _assert_equal(got, ops_masks.tube_mask(B, grid, ratio, seed=seed), what + " (CPU reference)")
+
+
+@pytest.mark.requires_cuda
+def test_tube_per_sample_ratios_equal_reference(kernels_from):
+    for B, grid, ratios in [(6, (3, 7, 5), [0.0, 0.9, 0.5, 0.5, 1 / 3, 0.999]), (3, (2, 16, 16), [0.75, 0.4, 0.75])]:
+        for seed in SEEDS[:3]:
+            got = ops_masks.tube_mask(B, grid, ratios, seed=seed, device=CUDA, backend="cuda")
+            want = ops_masks.tube_mask(B, grid, ratios, seed=seed)
+            _assert_equal(got.cpu(), want, f"tube per-sample B={B} grid={grid} seed={seed}")

@@ -76,6 +76,63 @@ def test_tube_seeds_and_generators():
     assert torch.equal(tube_mask(9, g, 0.6, seed=10)[:4], a)
 
 
+# --------------------------------------------------------------------------- per-sample ratios (issue 18)
+
+
+@pytest.mark.parametrize("as_type", [list, tuple, torch.tensor])
+def test_tube_per_sample_ratios_give_per_sample_counts(as_type):
+    # S = 63: 0.0 -> 0, 0.3 -> 19, 0.5 -> 31.5 -> 32, 0.75 -> 47, 0.999 -> 63 capped at 62.
+    T, H, W = 3, 7, 9
+    ratios, counts = [0.0, 0.3, 0.5, 0.75, 0.999], [0, 19, 32, 47, 62]
+    m = tube_mask(5, (T, H, W), as_type(ratios), seed=4)
+    frames = m.view(5, T, H * W)
+    assert frames.sum(-1).tolist() == [[c] * T for c in counts]
+    assert torch.equal(frames, frames[:, :1].expand_as(frames))
+
+
+def test_tube_per_sample_ratio_rows_equal_the_single_ratio_masks():
+    # Sample b's mask depends on (seed, b, its own count) only: row b of a per-sample call is row b
+    # of the one-ratio call with ratio_b, and a larger ratio hides a superset.
+    g, ratios = (2, 5, 6), [0.6, 0.1, 0.6, 0.9, 0.35, 0.0]
+    m = tube_mask(6, g, ratios, seed=21)
+    for b, r in enumerate(ratios):
+        assert torch.equal(m[b], tube_mask(6, g, r, seed=21)[b])
+    low, high = tube_mask(6, g, 0.2, seed=21), tube_mask(6, g, 0.7, seed=21)
+    assert bool((high | ~low).all())  # low implies high
+    assert torch.equal(tube_mask(6, g, torch.tensor(ratios, dtype=torch.float64), seed=21), m)
+    assert torch.equal(tube_mask(6, g, torch.tensor(0.6), seed=21), tube_mask(6, g, 0.6, seed=21))
+
+
+def test_tube_per_sample_position_frequency_uniform():
+    # Each sample's hidden set is a uniform k_b-subset: over many clips alternating two ratios,
+    # every position of the even (odd) samples is hidden with probability k_even / S (k_odd / S).
+    M, H, W = 4000, 7, 9
+    S = H * W
+    m = tube_mask(M, (1, H, W), [0.3, 0.7] * (M // 2), seed=5)
+    for start, k in ((0, 19), (1, 44)):
+        rows = m[start::2]
+        assert (rows.sum(1) == k).all()
+        assert_binomial(rows.double().mean(0), torch.full((S,), k / S), M // 2)
+
+
+@pytest.mark.parametrize(
+    "ratio,exc,match",
+    [
+        ([0.5, 0.5, 0.5], ValueError, r"ratio must have one entry per sample \(batch_size=2\), got 3"),
+        ([0.5, 1.0], ValueError, r"ratio\[1\] must lie in \[0, 1\), got 1.0"),
+        ([0.5, "0.1"], TypeError, r"ratio\[1\] must be a real number"),
+        ([0.5, True], TypeError, r"ratio\[1\] must be a real number"),
+        (torch.zeros(2, 1), TypeError, "ratio as a tensor must be 1-D real"),
+        (torch.zeros(2, dtype=torch.bool), TypeError, "ratio as a tensor must be 1-D real"),
+        (torch.tensor([0.2, -0.1]), ValueError, r"ratio\[1\] must lie in \[0, 1\)"),
+        (torch.zeros(2, device="meta"), ValueError, "ratio is a meta tensor"),
+    ],
+)
+def test_tube_per_sample_ratio_errors_name_the_entry(ratio, exc, match):
+    with pytest.raises(exc, match=match):
+        tube_mask(2, (2, 4, 4), ratio, seed=0)
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [

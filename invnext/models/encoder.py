@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from invnext import nn as inn
+from invnext import ops
 from invnext.config import EncoderConfig
 from invnext.models.layers import (
     LayerScale,
@@ -30,7 +31,6 @@ from invnext.models.layers import (
     PositionTable,
     check_rgb_frames,
     drop_path_packed,
-    grid_coords,
     init_linear_trunc_normal,
     make_packing,
     patchify,
@@ -306,7 +306,7 @@ class Encoder(CheckpointedBlocks, nn.Module):
         x = self.patch_embed(video)
         prefix, pos = self.positions(grid, x.dtype)
         packed = self.gather(x, hidden, pos, num_visible, prefix=prefix)
-        coords = grid_coords(packed.index, grid) if self.rope is not None else None
+        coords = ops.token_coords(packed.index, grid) if self.rope is not None else None
         return self.forward_packed(
             packed.tokens, packed.cu_seqlens, packed.max_seqlen, coords,
             index=packed.index, grid=grid, return_layers=return_layers, pool=pool,
@@ -323,7 +323,7 @@ class Encoder(CheckpointedBlocks, nn.Module):
         cu = uniform_cu_seqlens(B, L, x.device)
         n = torch.arange(L, device=x.device) - self.num_prefix
         index = (torch.arange(B, device=x.device)[:, None] * N + n[None, :]).masked_fill(n[None, :] < 0, -1).reshape(-1)
-        coords = grid_coords(index, grid) if self.rope is not None else None
+        coords = ops.token_coords(index, grid) if self.rope is not None else None
         return self.forward_packed(
             tokens, cu, L, coords, index=index, grid=grid, return_layers=return_layers, pool=pool
         )

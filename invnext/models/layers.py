@@ -74,14 +74,6 @@ def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     return out[:count]
 
 
-def grid_coords(index: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """int32[total, 3]: (t, h, w) of every row from its flat index ``b*N + n``; rows with index -1 get 0."""
-    T, H, W = grid
-    n = index.clamp_min(0) % (T * H * W)
-    c = torch.stack((n // (H * W), (n // W) % H, n % W), dim=1)
-    return c.masked_fill((index < 0)[:, None], 0).to(torch.int32)
-
-
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
 

@@ -172,7 +172,7 @@ def _check_config(pcfg, config: dict, num_layers: int, where: str) -> None:
     for i in range(pcfg.depth):
         j = first + i
         theirs = _layer_is_global(config, j)
-        ours = j % pcfg.global_every == 0
+        ours = pcfg.layer_is_global(j)
         need(
             theirs == ours,
             f"ModernBERT layer {j} is {'global' if theirs else 'local'} but predictor layer {i} (layer_id {j}, "

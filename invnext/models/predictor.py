@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from invnext import nn as inn
 from invnext import ops
 from invnext.config import PredictorConfig
-from invnext.models.layers import MLPHead, PositionTable, grid_coords, uniform_cu_seqlens
+from invnext.models.layers import MLPHead, PositionTable, uniform_cu_seqlens
 from invnext.models.modernbert import load_modernbert_layers
 from invnext.models.switches import CheckpointedBlocks
 
@@ -92,7 +92,7 @@ class PredictorLayer(nn.Module):
     def __init__(self, cfg: PredictorConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.is_global = layer_id % cfg.global_every == 0
+        self.is_global = cfg.layer_is_global(layer_id)
         self.attn_norm = (
             nn.Identity() if layer_id == 0 else nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False)
         )
@@ -187,7 +187,7 @@ class Predictor(CheckpointedBlocks, nn.Module):
             N = grid[0] * grid[1] * grid[2]
             n = torch.arange(N, device=device, dtype=torch.int64).repeat(B)
             coords_1d = F.pad(n[:, None], (2, 0)).to(torch.int32)  # (0, 0, n)
-            coords_3d = grid_coords(n, grid) if self.cfg.local_window_3d is not None else None
+            coords_3d = ops.token_coords(n, grid) if self.cfg.local_window_3d is not None else None
             hit = (uniform_cu_seqlens(B, N, device), coords_1d, coords_3d)
             if not torch.compiler.is_compiling():
                 ops.static_structure(hit[0], coords_1d)

@@ -52,8 +52,10 @@ class Stage2Model(nn.Module):
         self.target.eval()
         self.predictor = Predictor(cfg.predictor, cfg.encoder.width, cfg.encoder.grid)
         self.head = MLPHead(cfg.predictor.width, cfg.predictor.width, cfg.encoder.width)
-        self.view_samplers = nn.ModuleList(
-            inn.MultiblockMask(v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale) for v in cfg.views
+        self.view_samplers = nn.ModuleList(  # the multi-block views', in order; future views need none
+            inn.MultiblockMask(v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale)
+            for v in cfg.views
+            if v.hide_last == 0
         )
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
@@ -79,9 +81,12 @@ class Stage2Model(nn.Module):
         The sampler draws the boxes on the host, so the counts that size the packed batch
         come without reading the GPU: the step never waits for the teacher to finish.
         """
+        samplers = iter(self.view_samplers)
         return [
-            sample(batch_size, grid, generator=generator, device=device, return_counts=True)
-            for sample in self.view_samplers
+            future_mask(batch_size, grid, view.hide_last, device)
+            if view.hide_last
+            else next(samplers)(batch_size, grid, generator=generator, device=device, return_counts=True)
+            for view in self.cfg.views
         ]
 
     def forward(
@@ -147,3 +152,17 @@ def _with_counts(
             f"got {getattr(counts, 'shape', type(counts).__name__)}"
         )
     return hidden, counts
+
+
+def future_mask(
+    batch_size: int, grid: tuple[int, int, int], steps: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A future view: ``(hidden bool[B, N], num_hidden int64[B] on the CPU)`` hiding the last
+    ``steps`` token steps at every place (tokens in (t, h, w) order)."""
+    T, H, W = grid
+    if not 0 < steps < T:
+        raise ValueError(f"Stage2Model: views[].hide_last={steps} must lie in [1, {T - 1}] for a grid of {T} token steps")
+    hidden = torch.zeros(T, H * W, dtype=torch.bool, device=device)
+    hidden[T - steps :] = True
+    hidden = hidden.reshape(1, -1).expand(batch_size, -1).contiguous()
+    return hidden, torch.full((batch_size,), steps * H * W, dtype=torch.int64)

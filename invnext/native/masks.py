@@ -81,7 +81,15 @@ def _outputs(op: str, B: int, N: int, P: int | None, device: torch.device) -> tu
 # --------------------------------------------------------------------------- tube
 
 
-def _tube(batch_size, grid, ratio, seed, device, num_prefix):
+# Per-sample ratios: the kernel takes one hidden count per launch, and sample b's keys depend
+# only on (seed, b), so one launch per distinct count over the whole batch, each sample's row
+# taken from the launch of its own count, equals the reference bit for bit. The bound keeps a
+# batch with a different ratio in every sample from launching B kernels (auto then takes the
+# reference, which sorts once for any counts).
+TUBE_MAX_DISTINCT_COUNTS = 8
+
+
+def _tube(batch_size, grid, num_hidden, seed, device, num_prefix):
     lib = _lib("tube_mask")
     device = torch.device(device)
     T, H, W = grid
@@ -89,19 +97,33 @@ def _tube(batch_size, grid, ratio, seed, device, num_prefix):
     hidden, cu = _outputs("tube_mask", batch_size, T * S, num_prefix, device)
     with _on(device):
         code = lib.tube_mask(
-            _ptr(hidden), _ptr(cu), batch_size, T, H, W, hidden_count(ratio, S), seed, num_prefix or 0,
-            _stream(device),
+            _ptr(hidden), _ptr(cu), batch_size, T, H, W, num_hidden, seed, num_prefix or 0, _stream(device),
         )  # fmt: skip
     _check(lib, code, "tube_mask")
     return hidden, cu
 
 
+def _tube_counts(batch_size, grid, ratio) -> list[int]:
+    S = grid[1] * grid[2]
+    ratios = ratio if isinstance(ratio, tuple) else (ratio,) * batch_size
+    return [hidden_count(r, S) for r in ratios]
+
+
 @implements("tube_mask", "cuda")
 def tube_mask_cuda(
-    batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
+    batch_size: int, grid: tuple[int, int, int], ratio: float | tuple[float, ...], seed: int, device: torch.device
 ) -> torch.Tensor:
-    """``tube_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA)."""
-    return _tube(batch_size, grid, ratio, seed, device, None)[0]
+    """``tube_mask_reference`` on the GPU: ``bool[B, T*H*W]`` on ``device`` (CUDA). ``ratio``:
+    one float, or a tuple of B floats (one launch per distinct hidden count)."""
+    counts = _tube_counts(batch_size, grid, ratio)
+    distinct = sorted(set(counts))
+    hidden = _tube(batch_size, grid, distinct[0], seed, device, None)[0]
+    if len(distinct) > 1:
+        per_sample = torch.tensor(counts, dtype=torch.int64).to(hidden.device, non_blocking=True)
+        for k in distinct[1:]:
+            rows = (per_sample == k)[:, None]
+            hidden = torch.where(rows, _tube(batch_size, grid, k, seed, device, None)[0], hidden)
+    return hidden
 
 
 def _tube_unsupported(batch_size, grid, ratio, seed, device) -> str | None:
@@ -109,6 +131,11 @@ def _tube_unsupported(batch_size, grid, ratio, seed, device) -> str | None:
     why = _common_reason("tube_mask", torch.device(device), batch_size, T * H * W)
     if why is None and H * W * 4 > MASK_KEY_BYTES:
         why = f"a frame of {H * W} positions exceeds the shared-memory sort ({MASK_KEY_BYTES // 4} positions)"
+    if why is None:
+        distinct = len(set(_tube_counts(batch_size, grid, ratio)))
+        if distinct > TUBE_MAX_DISTINCT_COUNTS:
+            why = (f"per-sample ratios give {distinct} distinct hidden counts; the kernel takes one count per "
+                   f"launch and runs at most {TUBE_MAX_DISTINCT_COUNTS}")
     return why
 
 
@@ -120,8 +147,8 @@ def tube_mask_with_cu_seqlens(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(hidden bool[B, N], cu_seqlens int32[B+1], max_seqlen)``; every sample keeps
     ``P + T * (H*W - hidden_count(ratio, H*W))`` tokens, so ``max_seqlen`` is exact."""
-    hidden, cu = _tube(batch_size, grid, ratio, seed, device, num_prefix)
     T, H, W = grid
+    hidden, cu = _tube(batch_size, grid, hidden_count(ratio, H * W), seed, device, num_prefix)
     return hidden, cu, num_prefix + T * (H * W - hidden_count(ratio, H * W))
 
 

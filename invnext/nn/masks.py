@@ -12,7 +12,8 @@ from ._base import FusedOp
 
 class TubeMask(FusedOp):
     """VideoMAE tube mask (``ratio`` of every frame hidden, the same places in every frame):
-    forward ``(batch_size, grid, *, seed=None, generator=None, device=None) -> bool[B, N]``."""
+    forward ``(batch_size, grid, *, seed=None, generator=None, device=None) -> bool[B, N]``.
+    ``ratio``: one float, or one per sample (a sequence or 1-D tensor of ``batch_size`` reals)."""
 
     op = "tube_mask"
 

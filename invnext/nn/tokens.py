@@ -27,8 +27,9 @@ class GatherVisible(FusedOp):
         num_prefix: P >= 0 learned prefix tokens (``prefix``, ``[1, P, C]``, N(0, 0.02) init).
         backend: "auto" | "torch" | "triton" | "cuda".
 
-    Forward: ``x [B, N, C]``, ``hidden bool[B, N]``, ``pos [B or 1, N, C]`` or None,
-    ``num_visible`` host ints (no sync) -> :class:`invnext.ops.PackedTokens`. A module without
+    Forward: ``x [B, N, C]``, ``hidden bool[B, N]`` (or ``keep_ids=``, int [B, K] or B 1-D int
+    tensors), ``pos [B or 1, N, C]`` or None, ``num_visible`` host ints (no sync) ->
+    :class:`invnext.ops.PackedTokens`. A module without
     learned tokens (``num_prefix=0``) may be given ``prefix [B or 1, P, C]`` per call: tokens its
     model derives (an encoder's class tokens with their positions added).
     """
@@ -51,17 +52,20 @@ class GatherVisible(FusedOp):
     def forward(
         self,
         x: torch.Tensor,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | None = None,
         pos: torch.Tensor | None = None,
         num_visible: Sequence[int] | torch.Tensor | None = None,
         *,
         prefix: torch.Tensor | None = None,
+        keep_ids: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> ops.PackedTokens:
         if self.prefix is not None:
             if prefix is not None:
                 raise ValueError("GatherVisible: this module places its own learned prefix; pass prefix=None")
-            prefix = self.prefix.to(x.dtype)
-        return ops.gather_visible(x, hidden, pos, prefix, num_visible=num_visible, backend=self.backend)
+            prefix = self.prefix
+        return ops.gather_visible(
+            x, hidden, pos, prefix, keep_ids=keep_ids, num_visible=num_visible, backend=self.backend
+        )  # fmt: skip
 
     def _settings(self) -> dict:
         return {"dim": self.dim, "num_prefix": self.num_prefix}
@@ -78,8 +82,8 @@ class ScatterTokens(FusedOp):
         backend: "auto" | "torch" | "triton" | "cuda".
 
     Forward: ``packed [total, C]``, ``index int64[total]`` (:class:`invnext.ops.PackedTokens`'
-    ``index``: -1 rows are dropped), ``N``, ``batch_size``, ``pos`` or None, and ``mask_token [C]``
-    exactly when the module holds none -> ``[B, N, C]``.
+    ``index``: -1 rows are dropped), ``N``, ``batch_size``, ``pos`` or None, and ``mask_token``
+    (``[C]``, ``[1, C]`` or ``[1, 1, C]``) exactly when the module holds none -> ``[B, N, C]``.
     """
 
     op = "scatter_tokens"
@@ -102,9 +106,7 @@ class ScatterTokens(FusedOp):
             held = "no mask token: pass one" if self.mask_token is None else "a learned mask token: pass none"
             raise ValueError(f"ScatterTokens: this module holds {held}")
         token = self.mask_token if mask_token is None else mask_token
-        return ops.scatter_tokens(
-            packed, index, token.to(packed.dtype), pos, N, batch_size=batch_size, backend=self.backend
-        )
+        return ops.scatter_tokens(packed, index, token, pos=pos, N=N, batch_size=batch_size, backend=self.backend)
 
     def _settings(self) -> dict:
         return {"dim": self.dim, "learned_token": self.mask_token is not None}

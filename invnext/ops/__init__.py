@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from invnext.common.lazy import lazy_exports
 
-from ._dispatch import BackendUnavailableError, availability, ops
+from ._dispatch import BackendUnavailableError, Explanation, availability, explain, ops
 
 _EXPORTS = {
     "attention": ("masked_attention", "dense_attention_mask", "prefix_mask", "static_structure"),
@@ -35,10 +35,10 @@ _EXPORTS = {
     ),
     "masks": ("tube_mask", "multiblock_mask", "semantic_mask", "motion_mask", "mask_counts"),
     "philox": ("philox_uniform", "philox4x32", "seed_from"),
-    "tokens": ("PackedTokens", "gather_visible", "scatter_tokens", "packed_structure"),
+    "tokens": ("PackedTokens", "gather_visible", "scatter_tokens", "packed_structure", "keep_structure", "token_coords"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
-__all__ = ["BackendUnavailableError", "availability", "ops", "load_all", *sorted(sum(_EXPORTS.values(), ()))]
+__all__ = ["BackendUnavailableError", "Explanation", "availability", "explain", "ops", "load_all", *sorted(sum(_EXPORTS.values(), ()))]
 
 
 def load_all() -> None:
@@ -65,5 +65,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .masks import mask_counts, motion_mask, multiblock_mask, semantic_mask, tube_mask  # noqa: F401
     from .philox import philox4x32, philox_uniform, seed_from  # noqa: F401
     from .rope import apply_rope_3d  # noqa: F401
-    from .tokens import PackedTokens, gather_visible, packed_structure, scatter_tokens  # noqa: F401
+    from .tokens import (  # noqa: F401
+        PackedTokens,
+        gather_visible,
+        keep_structure,
+        packed_structure,
+        scatter_tokens,
+        token_coords,
+    )
     from .varlen import varlen_attention  # noqa: F401

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
+import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -164,10 +167,17 @@ def availability(op: str, backend: str, device: torch.device | str | None) -> tu
     return True, f"{fn.__module__}.{fn.__qualname__}"
 
 
+def _on_gpu(dev: torch.device) -> bool:
+    """Whether ``dev`` is a GPU, where ``auto`` looks past the reference and warns when it falls
+    back to it. Read from the device alone, never by querying a GPU (tests fake it to walk the
+    GPU path on the CPU)."""
+    return dev.type == "cuda"
+
+
 def _candidates(op: str, device: torch.device | str | None):
     """Implementations ``auto`` may use on ``device``, fastest first; the reference is always last."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type != "cpu":
+    if dev.type != "cpu" or _on_gpu(dev):
         for name in _AUTO_ORDER_DEFAULT:
             if name != "torch" and availability(op, name, dev)[0]:
                 yield name, implementation(op, name)
@@ -193,10 +203,14 @@ def dispatch(op: str, backend: str, device: torch.device | str | None, *args):
     does not handle (a dtype, a head dim): ``auto`` then passes it over for the next one, and an
     explicit request raises :class:`BackendUnavailableError` with that reason.
     """
+    if _capture is not None and _capture == threading.get_ident():
+        raise _Captured(op, backend, device, args)
     if backend == "auto":
-        for _, impl in _candidates(op, device):
+        for name, impl in _candidates(op, device):
             check = getattr(impl, "unsupported", None)
             if check is None or check(*args) is None:
+                if name == "torch" and op not in _warned and _ACCELERATED[op]:
+                    _warn_reference_on_gpu(op, device, args)
                 return impl(*args)
     name, impl = resolve(op, backend, device)
     check = getattr(impl, "unsupported", None)
@@ -204,6 +218,129 @@ def dispatch(op: str, backend: str, device: torch.device | str | None, *args):
     if why:
         raise BackendUnavailableError(f"invnext.ops.{op}: backend {name!r} cannot run these inputs: {why}")
     return impl(*args)
+
+
+# --------------------------------------------------------------------------- saying what runs
+
+_warned: set[str] = set()  # ops whose fallback to the reference on a GPU was reported
+_capture: int | None = None  # the thread in which explain() runs an op up to its dispatch
+
+
+class _Captured(Exception):
+    """Raised by :func:`dispatch` while :func:`explain` runs: the op's canonical arguments."""
+
+    def __init__(self, op: str, backend: str, device, args: tuple):
+        super().__init__(op)
+        self.op, self.backend, self.device, self.args = op, backend, device, args
+
+
+def _verdicts(op: str, device, args: tuple) -> dict[str, tuple[bool, str]]:
+    """backend -> (whether it takes these canonical arguments on ``device``, what runs or why not),
+    every backend in ``auto``'s order, for the device ``auto`` sees."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    looks_past = dev.type != "cpu" or _on_gpu(dev)
+    out: dict[str, tuple[bool, str]] = {}
+    for name in _AUTO_ORDER_DEFAULT:
+        if name == "torch":
+            fn = _REFERENCE[op]
+            out[name] = (True, f"pure-PyTorch reference {fn.__module__}.{fn.__qualname__}")
+            continue
+        if name not in _ACCELERATED[op]:
+            out[name] = (False, f"no {name} implementation of this op exists")
+            continue
+        if not looks_past:
+            out[name] = (False, f"auto runs the reference for {dev.type} tensors")
+            continue
+        ok, why = availability(op, name, dev)
+        if ok:
+            check = getattr(implementation(op, name), "unsupported", None)
+            declined = check(*args) if check is not None else None
+            if declined:
+                ok, why = False, f"declines these inputs: {declined}"
+        out[name] = (ok, why)
+    return out
+
+
+def _warn_reference_on_gpu(op: str, device, args: tuple) -> None:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if not _on_gpu(dev) or torch.compiler.is_compiling():  # a warning would split a compiled graph
+        return
+    _warned.add(op)
+    declines = "; ".join(f"{name}: {why}" for name, (ok, why) in _verdicts(op, dev, args).items()
+                         if name != "torch" and name in _ACCELERATED[op])
+    warnings.warn(
+        f"invnext.ops.{op}: backend='auto' on {dev} runs the pure-PyTorch reference ({declines}). "
+        f"invnext.ops.explain({op!r}, ...) says why for given inputs; this warning is shown once per op.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` found: the backend ``auto`` picks for one call and why each other
+    backend does not run. ``str()`` (and the REPL) show it as a short report.
+
+    op:        the op's name
+    device:    the device of the call's tensors (what ``auto`` decides on)
+    chosen:    the backend ``auto`` runs ("torch" is the reference)
+    requested: the ``backend`` argument of the call ("auto" unless given)
+    verdicts:  backend -> (whether it runs these inputs, what runs or why not), in ``auto``'s order
+    """
+
+    op: str
+    device: torch.device
+    chosen: str
+    requested: str
+    verdicts: dict
+
+    def __str__(self) -> str:
+        lines = [f"invnext.ops.{self.op} on {self.device}: backend='auto' runs {self.chosen!r}"]
+        for name, (ok, why) in self.verdicts.items():
+            mark = "runs" if name == self.chosen else ("could run" if ok else "declines")
+            lines.append(f"  {name:6s} {mark}: {why}")
+        if self.requested != "auto":
+            ok, why = self.verdicts[self.requested]
+            lines.append(f"  (this call asks for backend={self.requested!r}: "
+                         + ("it runs" if ok else f"it raises BackendUnavailableError: {why}") + ")")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def explain(op: str | Callable, *args, **kwargs) -> Explanation:
+    """Which backend ``auto`` picks for ``op(*args, **kwargs)`` and why each other one declines.
+
+    The op runs its argument checks and preparation (so bad arguments raise as in a call, and a
+    ``generator`` argument is advanced as by a call) and stops before any implementation runs.
+
+    Args:
+        op: the op's name (``"masked_attention"``) or the function (``invnext.ops.masked_attention``).
+        *args, **kwargs: the arguments of a call of that op.
+    Returns:
+        :class:`Explanation`; print it for the report.
+    """
+    global _capture
+    name = getattr(op, "__name__", op)
+    if not isinstance(name, str) or name not in _ACCELERATED:
+        raise ValueError(f"explain: op must be one of the dispatched ops ({', '.join(ops())}) or one of their "
+                         f"functions, got {op!r}")
+    import invnext.ops
+
+    fn = getattr(invnext.ops, name)
+    _capture = threading.get_ident()
+    try:
+        fn(*args, **kwargs)
+    except _Captured as captured:
+        call = captured
+    else:
+        raise RuntimeError(f"explain: invnext.ops.{name} returned without dispatching")  # pragma: no cover
+    finally:
+        _capture = None
+    dev = torch.device(call.device) if call.device is not None else torch.device("cpu")
+    verdicts = _verdicts(call.op, dev, call.args)
+    chosen = next(b for b, (ok, _) in verdicts.items() if ok)
+    return Explanation(call.op, dev, chosen, call.backend, verdicts)
 
 
 # --------------------------------------------------------------------------- model-wide choice

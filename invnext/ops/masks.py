@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -70,6 +71,42 @@ def _check_ratio(op: str, ratio: object) -> float:
     return float(ratio)
 
 
+def _check_ratios(op: str, ratio: object, batch_size: int) -> float | tuple[float, ...]:
+    """One ratio for the batch (a float) or one per sample (a sequence or a 1-D tensor of
+    ``batch_size`` reals), each in [0, 1). A tensor's values are read on the host."""
+    if isinstance(ratio, torch.Tensor):
+        if ratio.ndim == 0:
+            ratio = ratio.item()
+        else:
+            if ratio.ndim != 1 or ratio.is_complex() or ratio.dtype == torch.bool:
+                raise TypeError(f"{op}: ratio as a tensor must be 1-D real [batch_size], got "
+                                f"{ratio.dtype} of shape {list(ratio.shape)}")
+            check_host_readable(op, "ratio", ratio, "the per-sample counts are read from it")
+            ratio = ratio.tolist()
+    if isinstance(ratio, (list, tuple)):
+        if len(ratio) != batch_size:
+            raise ValueError(f"{op}: ratio must have one entry per sample (batch_size={batch_size}), "
+                             f"got {len(ratio)}")
+        out = []
+        for b, r in enumerate(ratio):
+            if not isinstance(r, numbers.Real) or isinstance(r, bool):
+                raise TypeError(f"{op}: ratio[{b}] must be a real number, got {type(r).__name__}")
+            if not 0.0 <= float(r) < 1.0:
+                raise ValueError(f"{op}: ratio[{b}] must lie in [0, 1), got {r}")
+            out.append(float(r))
+        return tuple(out)
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool):
+        raise TypeError(f"{op}: ratio must be a real number or one per sample (a sequence or 1-D tensor), "
+                        f"got {type(ratio).__name__}")
+    return _check_ratio(op, ratio)
+
+
+def tube_hidden_counts(ratio: float | tuple[float, ...], batch_size: int, frame_size: int) -> list[int]:
+    """Hidden positions per frame of every sample: ``hidden_count(ratio_b, S)``, host ints [B]."""
+    ratios = ratio if isinstance(ratio, tuple) else (ratio,) * batch_size
+    return [hidden_count(r, frame_size) for r in ratios]
+
+
 def _seed(op: str, generator: object, seed: object) -> int:
     try:
         return seed_from(generator, seed)  # type: ignore[arg-type]
@@ -100,7 +137,7 @@ def _hide_all_but(order: torch.Tensor, keep: int) -> torch.Tensor:
 def tube_mask(
     batch_size: int,
     grid: tuple[int, int, int],
-    ratio: float,
+    ratio: float | Sequence[float] | torch.Tensor,
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -109,13 +146,16 @@ def tube_mask(
 ) -> torch.Tensor:
     """VideoMAE tube mask: one random spatial mask per sample, repeated through every frame.
 
-    Per sample exactly ``hidden_count(ratio, H*W)`` positions of the frame are hidden,
-    chosen uniformly among all subsets of that size.
+    Per sample b exactly ``hidden_count(ratio_b, H*W)`` positions of the frame are hidden,
+    chosen uniformly among all subsets of that size. A sample's mask depends only on the seed,
+    its index b and its own count: the same seed with a larger ratio hides a superset.
 
     Args:
         batch_size: B >= 1.
         grid: (T, H, W) ints.
-        ratio: fraction of each frame hidden, in [0, 1).
+        ratio: fraction of each frame hidden, in [0, 1): one float for the batch, or one per
+            sample as a sequence of B floats or a 1-D tensor [B] (any real dtype; its values are
+            read on the host, so a CUDA tensor synchronises).
         seed / generator: see the module docstring.
         device: where the mask is built (default CPU).
         backend: "auto", "torch" or "cuda".
@@ -127,7 +167,7 @@ def tube_mask(
     check_backend(op, backend)
     batch_size = _check_positive_int(op, "batch_size", batch_size)
     grid = check_grid(op, grid)
-    ratio = _check_ratio(op, ratio)
+    ratio = _check_ratios(op, ratio, batch_size)
     device = _device(op, device)
     _check_mask_size(op, batch_size, grid, device, per_frame=8)  # the reference's int64 keys
     return dispatch(op, backend, device, batch_size, grid, ratio, _seed(op, generator, seed), device)
@@ -135,19 +175,19 @@ def tube_mask(
 
 @register_reference("tube_mask")
 def tube_mask_reference(
-    batch_size: int, grid: tuple[int, int, int], ratio: float, seed: int, device: torch.device
+    batch_size: int, grid: tuple[int, int, int], ratio: float | tuple[float, ...], seed: int, device: torch.device
 ) -> torch.Tensor:
     # key[b, p] = philox_bits(seed, STREAM_TUBE, b*S + p) (uint32); the positions with the
-    # `hidden_count` smallest keys are hidden, ties to the lower index (stable sort). A uniform
-    # random order restricted to its first k elements is a uniform k-subset; 32-bit keys tie
-    # with probability ~S^2 / 2^33 per sample, a negligible bias.
+    # k_b = hidden_count(ratio_b, S) smallest keys are hidden, ties to the lower index (stable
+    # sort). A uniform random order restricted to its first k elements is a uniform k-subset;
+    # 32-bit keys tie with probability ~S^2 / 2^33 per sample, a negligible bias.
     T, H, W = grid
     S = H * W
-    k = hidden_count(ratio, S)
+    k = torch.tensor(tube_hidden_counts(ratio, batch_size, S), dtype=torch.int64).to(device)
     counter = torch.arange(batch_size * S, dtype=torch.int64, device=device).view(batch_size, S)
     order = torch.sort(philox_bits(seed, STREAM_TUBE, counter), dim=1, stable=True).indices
-    hidden_frame = torch.zeros(batch_size, S, dtype=torch.bool, device=device)
-    hidden_frame.scatter_(1, order[:, :k], True)
+    first_k = torch.arange(S, device=device)[None, :] < k[:, None]  # by rank in the sorted order
+    hidden_frame = torch.empty(batch_size, S, dtype=torch.bool, device=device).scatter_(1, order, first_k)
     return hidden_frame[:, None, :].expand(batch_size, T, S).reshape(batch_size, T * S)
 
 

@@ -248,7 +248,7 @@ def predictor_terms(cfg: PredictorConfig, in_dim: int, rows_in: int, batch_size:
     layer = linear_flops(rows, Wp, 3 * Wp) + linear_flops(rows, Wp, Wp) + linear_flops(rows, Wp, 2 * I) + linear_flops(rows, I, Wp)
     pairs = 0
     for i in range(cfg.depth):
-        if (cfg.first_layer_id + i) % cfg.global_every == 0:
+        if cfg.layer_is_global(cfg.first_layer_id + i):
             pairs += N * N
         elif cfg.local_window_3d is not None:
             pairs += window_pairs((T, H, W), cfg.local_window_3d)
