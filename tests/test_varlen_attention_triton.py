@@ -283,11 +283,21 @@ def test_band_parameters():
     assert kattn._band(10**9, 10**9, 10, 20) == [20, 10]
 
 
-def test_head_dim_range_literal_matches_the_kernels():
-    from invnext.ops.attention import TRITON_HEAD_DIM_RANGE
+def test_auto_on_a_gpu_takes_head_dims_to_256_and_says_why_it_falls_back(monkeypatch):
+    """A GPU faked from the device check alone (invnext.ops._dispatch): the kernels take D = 192
+    (masked_attention's do not), decline D = 4, and auto's fallback then warns naming the limit."""
+    import invnext.ops as ops
+    from invnext.ops import _dispatch
 
-    assert TRITON_HEAD_DIM_RANGE == {"masked_attention": kattn.HEAD_DIM_RANGE,
-                                     "varlen_attention": kattn.VARLEN_HEAD_DIM_RANGE}
+    monkeypatch.setattr(_dispatch, "_on_gpu", lambda dev: True)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    cu = cu_of([5])
+    q = torch.randn(5, 2, 192)
+    assert ops.explain(ops.varlen_attention, q, q, q, cu, cu).chosen == "triton"
+    assert ops.explain(ops.masked_attention, q, q, q, cu, 5).chosen == "torch"
+    small = torch.randn(5, 2, 4)
+    with pytest.warns(RuntimeWarning, match=r"varlen_attention: backend='auto' .* head dims 8\.\.256, not 4"):
+        varlen_attention(small, small, small, cu, cu)
 
 
 # --------------------------------------------------------------------------- torch.library / compile
