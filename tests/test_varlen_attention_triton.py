@@ -312,8 +312,12 @@ def _tiny(device):
 
 def test_opcheck_custom_op(triton_device):
     q, k, v, cq, ck = _tiny(triton_device)
-    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, [3, 0]),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, [3, 0]), test_utils=utils)
+    tq, tk = torch.rand(20, 2, 8, device=triton_device).unbind(1), torch.rand(13, 2, 8, device=triton_device).unbind(1)
+    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, []),
+                          {"rope_cos_q": tq[0], "rope_sin_q": tq[1], "rope_cos_k": tk[0], "rope_sin_k": tk[1],
+                           "rope_interleaved": True}, test_utils=utils)
 
 
 def test_compile_traces_through_op(triton_device):
