@@ -255,7 +255,7 @@ def _varlen_cases(all_variants: bool):
 
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if all_variants else (torch.bfloat16, torch.float32)
     for dtype in dtypes:
-        for d in ((64, 128) if dtype != torch.float32 else (64,)):
+        for d in ((64, 128, 256) if dtype != torch.float32 else (64, 256)):
             yield dtype, d, False, (-1, -1)
             yield dtype, d, True, (-1, -1)
             yield dtype, d, False, (256, 64)

@@ -73,10 +73,15 @@ from ._attention_common import head_dim_padded, log2e, rope_tables, window_geome
 from ._attention_fwd import attn_fwd_kernel
 from ._attention_rope import attn_rope_kernel, rope_table_kernel
 
-__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "masked_attention_triton", "varlen_attention_triton"]
+__all__ = ["HEAD_DIM_RANGE", "SUPPORTED_DTYPES", "VARLEN_HEAD_DIM_RANGE", "masked_attention_triton",
+           "varlen_attention_triton"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_RANGE = (16, 128)
+# varlen_attention (no in-loop RoPE: its tables rotate in a pre-pass) also takes head dims padded
+# to 16 (D = 8..15) and to 256 (129..256), on the smaller tiles of ``_gpu_blocks``. masked_attention
+# stays at 128: its in-loop R^T reads a [DP, DP] permutation matrix, 4x larger at 256.
+VARLEN_HEAD_DIM_RANGE = (8, 256)
 
 # Tile shapes (BLOCK_M query rows, BLOCK_N key rows) per kernel. Fixed per head-dim class so
 # that window tile lists built on the host match the kernel; only warps/stages are tuned
@@ -90,6 +95,10 @@ def _interpret() -> bool:
 
 
 def _gpu_blocks(kind: str, head_dp: int, fp32: bool) -> tuple[int, int]:
+    if head_dp > 128:  # (varlen only) sm_90 builds without spills: compile_report's D=256 rows
+        if fp32:
+            return 16, 16
+        return {"fwd": (64, 32), "dkdv": (32, 32), "dq": (64, 32)}[kind]
     if fp32:  # fp32 matmuls run on CUDA cores (no TF32): small tiles keep them in registers
         # (on sm_90, dk/dv at 32 x 64 spilled 0.7 KB per thread with a window; at head dims
         # padded to 128 every fp32 tile spilled 0.4-2.6 KB at 4 or 8 warps and none at 16)
@@ -126,6 +135,8 @@ def _configs(kind: str, head_dp: int, window: bool, fp32: bool):
     builds of the variants (registers / spills): with 4 warps the dk/dv kernel at BLOCK_N=128,
     the dq kernel and RoPE forwards spill."""
     C = triton.Config
+    if head_dp > 128:  # one stage for dk/dv: two spilled 16-300 bytes on sm_90
+        return [C({}, num_warps=8, num_stages=1 if kind == "dkdv" else 2)]
     if fp32 and head_dp > 64:
         return [C({}, num_warps=16, num_stages=2), C({}, num_warps=8, num_stages=2)]
     if fp32:
@@ -634,7 +645,7 @@ def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     Args (checked by the public op; dtypes and head dims outside the kernel's are declined by
     ``varlen_attention_triton.unsupported`` before this runs):
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hk, D]``, ``Hq % Hk == 0``; float16/bfloat16/
-            float32, one dtype; ``16 <= D <= 128``.
+            float32, one dtype; ``8 <= D <= 256`` (``VARLEN_HEAD_DIM_RANGE``).
         cu_seqlens_q, cu_seqlens_k: int32 or int64 ``[B+1]``.
         max_seqlen_q, max_seqlen_k: ints >= every sample's query / key length.
         softmax_scale: float.
@@ -661,7 +672,12 @@ def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 def _varlen_unsupported(q, k, v, *rest) -> str | None:
     """Why the kernels cannot take these inputs (None when they can)."""
-    return _unsupported(q, k, v)
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernel takes float16/bfloat16/float32, not {str(q.dtype).replace('torch.', '')}"
+    lo, hi = VARLEN_HEAD_DIM_RANGE
+    if not lo <= q.shape[-1] <= hi:
+        return f"the Triton kernel takes head dims {lo}..{hi}, not {q.shape[-1]}"
+    return None
 
 
 varlen_attention_triton.unsupported = _varlen_unsupported

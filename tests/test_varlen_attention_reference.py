@@ -13,8 +13,6 @@ its list (32 .. 256, odd ones too).
 from __future__ import annotations
 
 import re
-import types
-import warnings
 
 import pytest
 import torch
@@ -280,21 +278,6 @@ def test_reference_is_the_registered_torch_backend():
 
     assert resolve("varlen_attention", "torch", "cpu")[1] is varlen_attention_reference
     assert resolve("varlen_attention", "auto", "cpu")[1] is varlen_attention_reference
-
-
-def test_auto_on_a_gpu_warns_when_the_head_dim_sends_it_to_the_reference():
-    from invnext.ops.attention import warn_gpu_head_dim_fallback
-
-    fake = types.SimpleNamespace(device=torch.device("cuda"), shape=(4, 2, 192), dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match=r"varlen_attention: head dim D=192 \(last dim of q\) is outside"):
-        warn_gpu_head_dim_fallback("varlen_attention", fake, "auto")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_gpu_head_dim_fallback("varlen_attention", fake, "torch")  # chosen explicitly: no warning
-        ok = types.SimpleNamespace(device=torch.device("cuda"), shape=(4, 2, 128), dtype=torch.bfloat16)
-        warn_gpu_head_dim_fallback("varlen_attention", ok, "auto")
-        cpu = types.SimpleNamespace(device=torch.device("cpu"), shape=(4, 2, 192), dtype=torch.bfloat16)
-        warn_gpu_head_dim_fallback("varlen_attention", cpu, "auto")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -283,10 +283,21 @@ def test_band_parameters():
     assert kattn._band(10**9, 10**9, 10, 20) == [20, 10]
 
 
-def test_head_dim_range_literal_matches_the_kernels():
-    from invnext.ops.attention import TRITON_HEAD_DIM_RANGE
+def test_auto_on_a_gpu_takes_head_dims_to_256_and_says_why_it_falls_back(monkeypatch):
+    """A GPU faked from the device check alone (invnext.ops._dispatch): the kernels take D = 192
+    (masked_attention's do not), decline D = 4, and auto's fallback then warns naming the limit."""
+    import invnext.ops as ops
+    from invnext.ops import _dispatch
 
-    assert TRITON_HEAD_DIM_RANGE == kattn.HEAD_DIM_RANGE
+    monkeypatch.setattr(_dispatch, "_on_gpu", lambda dev: True)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    cu = cu_of([5])
+    q = torch.randn(5, 2, 192)
+    assert ops.explain(ops.varlen_attention, q, q, q, cu, cu).chosen == "triton"
+    assert ops.explain(ops.masked_attention, q, q, q, cu, 5).chosen == "torch"
+    small = torch.randn(5, 2, 4)
+    with pytest.warns(RuntimeWarning, match=r"varlen_attention: backend='auto' .* head dims 8\.\.256, not 4"):
+        varlen_attention(small, small, small, cu, cu)
 
 
 # --------------------------------------------------------------------------- torch.library / compile
@@ -301,8 +312,12 @@ def _tiny(device):
 
 def test_opcheck_custom_op(triton_device):
     q, k, v, cq, ck = _tiny(triton_device)
-    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, [3, 0]),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, [3, 0]), test_utils=utils)
+    tq, tk = torch.rand(20, 2, 8, device=triton_device).unbind(1), torch.rand(13, 2, 8, device=triton_device).unbind(1)
+    torch.library.opcheck(kattn.varlen_attention_triton_fwd, (q, k, v, cq, ck, 17, 9, 0.25, []),
+                          {"rope_cos_q": tq[0], "rope_sin_q": tq[1], "rope_cos_k": tk[0], "rope_sin_k": tk[1],
+                           "rope_interleaved": True}, test_utils=utils)
 
 
 def test_compile_traces_through_op(triton_device):
@@ -331,11 +346,18 @@ def test_rejects_float64(triton_device):
         varlen_attention(q, q, q, cu, cu, backend="triton")
 
 
-def test_rejects_head_dim_over_128(triton_device):
-    q = torch.randn(4, 1, 160, device=triton_device)
+def test_rejects_head_dims_outside_8_to_256(triton_device):
     cu = cu_of([4], device=triton_device)
-    with pytest.raises(BackendUnavailableError, match="head dims 16..128, not 160"):
-        varlen_attention(q, q, q, cu, cu, backend="triton")
+    for d in (4, 7):
+        q = torch.randn(4, 1, d, device=triton_device)
+        with pytest.raises(BackendUnavailableError, match=f"head dims 8..256, not {d}"):
+            varlen_attention(q, q, q, cu, cu, backend="triton")
+
+
+def test_head_dims_256_and_8(triton_device):
+    # D = 200 pads to 256 (the smaller GPU tiles); D = 8 pads to 16
+    check_case([20, 1], [37, 3], 2, 1, 200, torch.bfloat16, triton_device, causal=True, seed=8)
+    check_case([33, 5], [12, 40], 2, 2, 8, torch.float16, triton_device, window=(4, 9), seed=9)
 
 
 def test_auto_takes_the_kernel_where_it_can(triton_device, monkeypatch):
@@ -356,7 +378,7 @@ def test_auto_takes_the_kernel_where_it_can(triton_device, monkeypatch):
 
 @pytest.mark.requires_cuda
 @pytest.mark.skipif(not ON_GPU, reason="compiled kernels only (TRITON_INTERPRET=0)")
-@pytest.mark.parametrize("dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("dim", [32, 64, 80, 128, 192, 256])
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (200, 37))])
 def test_gpu_large_bf16(dim, causal, window):
     torch.manual_seed(dim)

@@ -40,7 +40,6 @@ The reference computes in float32 (float64 for float64 inputs) and rounds once a
 from __future__ import annotations
 
 import math
-import warnings
 from itertools import pairwise
 
 import torch
@@ -117,25 +116,6 @@ def _unpack_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Te
         if t.shape != q.shape:
             raise ValueError(f"{_OP}: {name} has shape {list(t.shape)} but q has {list(q.shape)}; q, k, v must match")
     return q, k, v
-
-
-# The Triton kernels' head dims (a literal: ops/ does not import the kernels; tests/test_varlen_attention_triton.py
-# checks it against invnext_kernels.attention.HEAD_DIM_RANGE).
-TRITON_HEAD_DIM_RANGE = (16, 128)
-
-
-def warn_gpu_head_dim_fallback(op: str, q: torch.Tensor, backend: str) -> None:
-    """``auto`` on a GPU falls back to the reference for a head dim the Triton kernels cannot
-    take: warn (naming the argument) rather than let a model silently run the slow path."""
-    lo, hi = TRITON_HEAD_DIM_RANGE
-    d = q.shape[-1]
-    if backend == "auto" and q.device.type == "cuda" and q.dtype != torch.float64 and not lo <= d <= hi:
-        warnings.warn(
-            f"{op}: head dim D={d} (last dim of q) is outside the Triton kernels' {lo}..{hi}, so "
-            "backend='auto' runs the pure-PyTorch reference (slower, more memory); "
-            "pass backend='torch' to choose it explicitly",
-            stacklevel=3,
-        )
 
 
 # --------------------------------------------------------------------------- public op
@@ -235,7 +215,6 @@ def masked_attention(
         rope = check_rope(_OP, rope, head_dim)
     window = _check_window(window, coords)
     V.check_finite(_OP, q=q, k=k, v=v)
-    warn_gpu_head_dim_fallback(_OP, q, backend)
 
     return dispatch(_OP, backend, device, q, k, v, cu_seqlens, max_seqlen, softmax_scale, coords, rope, window, num_prefix)
 

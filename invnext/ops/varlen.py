@@ -47,7 +47,6 @@ import torch
 
 from invnext.common import validate as V
 from invnext.ops._dispatch import dispatch, register_reference
-from invnext.ops.attention import warn_gpu_head_dim_fallback
 from invnext.ops.rope import ROPE_PAIRINGS, apply_rope_tables, check_rope_tables
 
 _OP = "varlen_attention"
@@ -158,8 +157,8 @@ def varlen_attention(
             ``total_k == total_q`` (self-attention: keys at the queries' positions).
         rope_pairing: ``"rotate_half"`` (channel ``c`` with ``c + R/2``: Llama, NeoX, Qwen) or
             ``"interleaved"`` (``2j`` with ``2j+1``: GPT-J, Cohere); see ``ops.rope.apply_rope_tables``.
-        backend: "auto", "torch" or "triton" (Triton: float16/bfloat16/float32, ``16 <= D <= 128``;
-            ``auto`` on a GPU warns when D is outside that and it falls back to the reference).
+        backend: "auto", "torch" or "triton" (Triton: float16/bfloat16/float32, ``8 <= D <= 256``;
+            ``auto`` on a GPU runs the reference outside that, with a one-time warning saying why).
 
     Under ``INVNEXT_CHECK_VALUES=1`` a NaN or inf in q, k or v is an error naming it.
 
@@ -217,7 +216,6 @@ def varlen_attention(
         right = 0  # flash-attn: causal is the window's right side at 0 (left stays as given)
     rope_args = _check_rope(rope, rope_k, rope_pairing, total_q, total_k, head_dim, device)
     V.check_finite(_OP, q=q, k=k, v=v)
-    warn_gpu_head_dim_fallback(_OP, q, backend)
 
     out, lse = dispatch(_OP, backend, device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         softmax_scale, left, right, rope_args)
