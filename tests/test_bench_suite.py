@@ -43,8 +43,11 @@ def _explicit_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
 # The tiny preset, shallower (the count's structure is per block, so depth only multiplies it):
 # 2 encoder blocks aligned with 2 teacher blocks, 3 predictor layers (layer 0 global, 1-2 local),
 # 1 decoder block; and the predictor's local window past its 196 tokens (module docstring).
-SMALL = {"encoder": {"depth": 2}, "predictor": {"depth": 3, "local_window": 1024}}
+# a window wider than the clip: the counted (explicit, dense) attention is exact
+SMALL = {"encoder": {"depth": 2}, "predictor": {"depth": 3, "local_window": 1024, "local_window_3d": None}}
 SMALL1 = {**SMALL, "decoder": {"depth": 1}, "teacher": {"depth": 2, "layers": [0, 1]}}
+# The paper's two multi-block views (the tiny preset's Stage 2 has one future view): counts per view vary
+PAPER_VIEWS = {"views": [{"num_blocks": 8}, {"num_blocks": 2, "spatial_scale": [0.7, 0.7]}]}
 
 
 def _counted_step(model, video, **kwargs) -> int:
@@ -85,7 +88,7 @@ def test_stage1_flops_match_flop_counter(explicit_attention):
 def test_stage2_flops_match_flop_counter(explicit_attention):
     from invnext.models import Stage2Model
 
-    cfg = override(get_preset("tiny").stage2, SMALL)
+    cfg = override(get_preset("tiny").stage2, {**SMALL, **PAPER_VIEWS})
     model = Stage2Model(cfg).train()
     B, N = 2, 196
     gen = torch.Generator().manual_seed(3)
@@ -124,7 +127,7 @@ def test_window_pairs_3d_match_dense_mask(grid, window):
 def test_stage2_flops_ragged_batch_is_the_sum_of_its_samples():
     # Every term is a sum over samples (attention over each sample's own length squared, not
     # the batch's longest), except the mask token's embedding: one row per predictor call.
-    cfg = get_preset("tiny").stage2
+    cfg = override(get_preset("tiny").stage2, PAPER_VIEWS)
     both = stage2_step_flops(cfg, [[150, 90], [180, 20]])
     one = stage2_step_flops(cfg, [[150], [180]])
     two = stage2_step_flops(cfg, [[90], [20]])
@@ -133,7 +136,7 @@ def test_stage2_flops_ragged_batch_is_the_sum_of_its_samples():
 
 
 def test_flops_validation():
-    cfg2 = get_preset("tiny").stage2
+    cfg2 = override(get_preset("tiny").stage2, PAPER_VIEWS)
     with pytest.raises(ValueError, match="2 views"):
         stage2_step_flops(cfg2, [[10, 10]])
     with pytest.raises(ValueError, match="grid tokens"):
@@ -257,6 +260,7 @@ def test_suite_runs_step_benchmark_and_writes_report(tmp_path):
 
 def test_stage2_runner_same_masks_every_path_and_exact_flops():
     from benchmarks.bench_step import StepRunner, build_model
+    from invnext.models.stage2 import future_mask
     from invnext.models.switches import set_ops_backend
 
     dev = torch.device("cpu")
@@ -265,9 +269,10 @@ def test_stage2_runner_same_masks_every_path_and_exact_flops():
     a = StepRunner(model, cfg, 2, 2, dev)
     set_ops_backend(model, "auto")
     b = StepRunner(model, cfg, 2, 2, dev)
-    assert len(a.masks) == 2 and all(torch.equal(x[0], y[0]) for x, y in zip(a.masks, b.masks))
+    assert len(a.masks) == len(cfg.views) and all(torch.equal(x[0], y[0]) for x, y in zip(a.masks, b.masks))
     assert all(torch.equal(m.sum(1), n) for m, n in a.masks)  # the host counts are the masks'
-    assert not torch.equal(a.masks[0][0][0], a.masks[0][0][1])  # seeded, but not one mask for the whole batch
+    # the preset's future view hides the last token step of every clip
+    assert torch.equal(a.masks[0][0], future_mask(2, cfg.encoder.grid, cfg.views[0].hide_last, "cpu")[0])
     assert a.flops().total == stage2_step_flops(cfg, [m.sum(1).tolist() for m, _ in a.masks]).total
 
 
