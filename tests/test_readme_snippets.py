@@ -46,3 +46,13 @@ def test_main_command_matches_the_preset_it_documents():
         stated = (int(frames), int(size), int(tubelet), int(patch), int(width), int(depth))
         got = (enc.num_frames, enc.img_size, enc.tubelet_size, enc.patch_size, enc.width, enc.depth)
         assert got == stated, f"Stage {stage} encoder"
+    future = re.search(
+        r"Stage 2 hides each clip's last (\d+) token steps? \(a future view\) from a predictor of (\d+) blocks that "
+        r"attend(?:s)? within (\d+) x (\d+) x (\d+) token boxes",
+        " ".join(README.split()),
+    )
+    assert future, "the README no longer states the main command's Stage-2 views in the form this test reads"
+    hide_last, pred_depth, *box = (int(g) for g in future.groups())
+    s2 = load_train_config(2, preset="tiny").model_config()
+    assert [v.hide_last for v in s2.views] == [hide_last], "Stage 2 views"
+    assert (s2.predictor.depth, s2.predictor.local_window_3d, s2.predictor.global_every) == (pred_depth, tuple(box), 0)
