@@ -40,7 +40,9 @@ STAGE1 = "stage: 1\n" + _MODEL + """\
     teacher: {img_size: 32, depth: 2, layers: [0, 1], width: 16, heads: 1, pooled_dim: 16}
 teacher: random
 """ + _RUN
-STAGE2 = "stage: 2\n" + _MODEL + _RUN
+STAGE2 = "stage: 2\n" + _MODEL + """\
+    views: [{num_blocks: 8}, {num_blocks: 2, spatial_scale: [0.7, 0.7]}]  # one token step: no future view
+""" + _RUN
 
 
 def write_configs(folder: Path) -> list[str]:

@@ -301,7 +301,8 @@ def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys, monkeypa
         summary = json.loads((d / "summary.json").read_text())
         assert summary["finished"] and summary["steps"] == 2 and summary["final_losses"]["loss"] > 0
     assert "loss/diffusion" in _metrics(out / "stage1" / "metrics.jsonl")[0]
-    assert "loss/view1" in _metrics(out / "stage2" / "metrics.jsonl")[0]
+    views = [k for k in _metrics(out / "stage2" / "metrics.jsonl")[0] if k.startswith("loss/view")]
+    assert views == [f"loss/view{i}" for i in range(len(get_preset("tiny").stage2.views))]
     assert f"results in {out}" in printed
     # Stage 2 started from Stage 1's final encoder: its frozen target equals it.
     s1, s2 = load_file(out / "stage1" / "model.safetensors"), load_file(out / "stage2" / "model.safetensors")

@@ -129,7 +129,9 @@ def attend(
     # Only the same tensor counts as self-attention: comparing values would read the device.
     self_attention = cu_k is cu_q and L == S
     plain = self_attention and not causal and window_size == (-1, -1) and Hq == Hk and v.shape[-1] == D
-    if plain and 16 <= D <= 256:
+    # masked_attention's kernel takes head dims 16..128; without a window, prefix tokens change
+    # nothing, so larger heads go to varlen_attention, whose kernel takes up to 256
+    if plain and 16 <= D <= 128:
         out = ops.masked_attention(qr, kr, vr, cu_q.to(torch.int32), int(max_q), softmax_scale=softmax_scale,
                                    num_prefix=num_prefix, backend=backend)  # fmt: skip
     else:
