@@ -381,8 +381,8 @@ class MaskViewConfig(_Checked):
 
     By default a multi-block view (V-JEPA style): hidden = the union of ``num_blocks`` boxes.
     ``hide_last = k > 0`` makes it a future view instead: the last ``k`` token steps of the clip
-    are hidden at every place, so the predictor extrapolates them from the earlier steps (the
-    box fields are then unused). With a predictor whose attention is local (``global_every: 0``
+    are hidden at every place, so the predictor extrapolates them from the earlier steps; ``hide_first = k > 0`` a past view, the first ``k`` steps hidden (the box
+    fields are then unused). With a predictor whose attention is local (``global_every: 0``
     and a ``local_window_3d`` box), a hidden place only sees its neighbourhood one step earlier,
     so the encoder's tokens there must carry where their content is moving (README, finding E).
     """
@@ -392,9 +392,12 @@ class MaskViewConfig(_Checked):
     aspect_ratio: tuple[float, float] = (0.75, 1.5)
     temporal_scale: tuple[float, float] = (1.0, 1.0)  # (1, 1): tubes through every frame
     hide_last: int = 0  # > 0: a future view hiding the clip's last `hide_last` token steps
+    hide_first: int = 0  # > 0: a past view hiding the clip's first `hide_first` token steps
 
     def validate(self) -> None:
         self._require(self.hide_last >= 0, "hide_last", "must be >= 0 (0: a multi-block view)")
+        self._require(self.hide_first >= 0, "hide_first", "must be >= 0 (0: a multi-block view)")
+        self._require(not (self.hide_last and self.hide_first), "hide_first", "a view hides its last or its first steps, not both")
         self._require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
         for name, hi in (("spatial_scale", 1.0), ("temporal_scale", 1.0), ("aspect_ratio", float("inf"))):
             lo_v, hi_v = getattr(self, name)

@@ -260,7 +260,7 @@ def test_suite_runs_step_benchmark_and_writes_report(tmp_path):
 
 def test_stage2_runner_same_masks_every_path_and_exact_flops():
     from benchmarks.bench_step import StepRunner, build_model
-    from invnext.models.stage2 import future_mask
+    from invnext.models.stage2 import step_mask
     from invnext.models.switches import set_ops_backend
 
     dev = torch.device("cpu")
@@ -271,8 +271,9 @@ def test_stage2_runner_same_masks_every_path_and_exact_flops():
     b = StepRunner(model, cfg, 2, 2, dev)
     assert len(a.masks) == len(cfg.views) and all(torch.equal(x[0], y[0]) for x, y in zip(a.masks, b.masks))
     assert all(torch.equal(m.sum(1), n) for m, n in a.masks)  # the host counts are the masks'
-    # the preset's future view hides the last token step of every clip
-    assert torch.equal(a.masks[0][0], future_mask(2, cfg.encoder.grid, cfg.views[0].hide_last, "cpu")[0])
+    # the preset's first view hides whole token steps of every clip
+    view = cfg.views[0]
+    assert torch.equal(a.masks[0][0], step_mask(2, cfg.encoder.grid, view.hide_first, view.hide_last, "cpu")[0])
     assert a.flops().total == stage2_step_flops(cfg, [m.sum(1).tolist() for m, _ in a.masks]).total
 
 

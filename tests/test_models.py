@@ -235,9 +235,10 @@ def test_stage2_masks_with_host_counts():
         model(video, masks=[views[0], (views[1][0],)])
 
 
-def test_stage2_future_views_hide_the_last_token_steps():
-    """Future views (``hide_last`` k, the tiny preset's: k = 1) hide whole last token steps of every
-    sample; a mix with a multi-block view keeps that view's sampler; a view longer than the clip is named."""
+def test_stage2_future_and_past_views_hide_whole_token_steps():
+    """Future views (``hide_last`` k) hide the last k token steps of every sample, past views
+    (``hide_first``) the first; a mix with a multi-block view keeps that view's sampler; a view
+    longer than the clip is named."""
     assert [v.hide_last for v in TINY.stage2.views] == [1]
     cfg = override(TINY.stage2, {"encoder": {"depth": 1}, "predictor": {"depth": 1}, "views": [{"hide_last": 1}, {"hide_last": 2}]})
     model = Stage2Model(cfg).eval()
@@ -256,6 +257,11 @@ def test_stage2_future_views_hide_the_last_token_steps():
     (box, _), (last, _) = m.view_masks(2, mixed.encoder.grid, "cpu", torch.Generator().manual_seed(0))
     assert box[:, step < T - 1].any() and torch.equal(last, (step >= T - 1).expand(2, -1))
 
+    past = Stage2Model(override(cfg, {"views": [{"hide_first": 1}]}))
+    (first, n_first), = past.view_masks(2, cfg.encoder.grid, "cpu", None)
+    assert torch.equal(first, (step < 1).expand(2, -1)) and n_first.tolist() == [H * W] * 2
+    with pytest.raises(ValueError, match="not both"):
+        override(cfg, {"views": [{"hide_first": 1, "hide_last": 1}]})
     too_long = Stage2Model(override(cfg, {"views": [{"hide_last": T}]}))
     with pytest.raises(ValueError, match=rf"views\[\]\.hide_last={T} must lie in \[1, {T - 1}\]"):
         too_long.view_masks(1, cfg.encoder.grid, "cpu", None)

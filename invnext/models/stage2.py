@@ -55,7 +55,7 @@ class Stage2Model(nn.Module):
         self.view_samplers = nn.ModuleList(  # the multi-block views', in order; future views need none
             inn.MultiblockMask(v.num_blocks, v.spatial_scale, v.aspect_ratio, v.temporal_scale)
             for v in cfg.views
-            if v.hide_last == 0
+            if not (v.hide_last or v.hide_first)
         )
         for m in self.head.modules():
             if isinstance(m, nn.Linear):
@@ -83,8 +83,8 @@ class Stage2Model(nn.Module):
         """
         samplers = iter(self.view_samplers)
         return [
-            future_mask(batch_size, grid, view.hide_last, device)
-            if view.hide_last
+            step_mask(batch_size, grid, view.hide_first, view.hide_last, device)
+            if view.hide_last or view.hide_first
             else next(samplers)(batch_size, grid, generator=generator, device=device, return_counts=True)
             for view in self.cfg.views
         ]
@@ -154,15 +154,19 @@ def _with_counts(
     return hidden, counts
 
 
-def future_mask(
-    batch_size: int, grid: tuple[int, int, int], steps: int, device
+def step_mask(
+    batch_size: int, grid: tuple[int, int, int], first: int, last: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A future view: ``(hidden bool[B, N], num_hidden int64[B] on the CPU)`` hiding the last
-    ``steps`` token steps at every place (tokens in (t, h, w) order)."""
+    """A past or future view: ``(hidden bool[B, N], num_hidden int64[B] on the CPU)`` hiding the
+    first ``first`` or the last ``last`` token steps at every place (tokens in (t, h, w) order)."""
     T, H, W = grid
+    steps, name = (last, "hide_last") if last else (first, "hide_first")
     if not 0 < steps < T:
-        raise ValueError(f"Stage2Model: views[].hide_last={steps} must lie in [1, {T - 1}] for a grid of {T} token steps")
+        raise ValueError(f"Stage2Model: views[].{name}={steps} must lie in [1, {T - 1}] for a grid of {T} token steps")
     hidden = torch.zeros(T, H * W, dtype=torch.bool, device=device)
-    hidden[T - steps :] = True
+    if last:
+        hidden[T - last :] = True
+    else:
+        hidden[:first] = True
     hidden = hidden.reshape(1, -1).expand(batch_size, -1).contiguous()
     return hidden, torch.full((batch_size,), steps * H * W, dtype=torch.int64)
