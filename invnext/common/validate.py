@@ -18,6 +18,7 @@ whose smallest allocation exceeds the device's total memory (:func:`check_alloc`
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from typing import Iterable, Sequence
@@ -188,6 +189,18 @@ def check_cu_seqlens(
             )
     return t
 
+
+
+def check_softmax_scale(op: str, softmax_scale: object, head_dim: int) -> float:
+    """The attention scale as a float: ``1 / sqrt(head_dim)`` when None, else a finite value > 0."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{op}: softmax_scale must be a float, got {softmax_scale!r}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: softmax_scale must be finite and > 0, got {scale}")
+    return scale
 
 def check_index_range(op: str, name: str, index: torch.Tensor, low: int, high: int) -> None:
     """Every entry of ``index`` lies in [low, high)."""

@@ -39,7 +39,6 @@ The reference computes in float32 (float64 for float64 inputs) and rounds once a
 """
 from __future__ import annotations
 
-import math
 from itertools import pairwise
 
 import torch
@@ -193,13 +192,7 @@ def masked_attention(
             f"but one has {int(lengths.min())} (cu_seqlens={cu_seqlens.tolist()})"
         )
 
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{_OP}: softmax_scale must be a float, got {softmax_scale!r}")
-    softmax_scale = float(softmax_scale)
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"{_OP}: softmax_scale must be finite and > 0, got {softmax_scale}")
+    softmax_scale = V.check_softmax_scale(_OP, softmax_scale, head_dim)
 
     if coords is not None:
         V.check_tensor(_OP, "coords", coords, ndim=2, dtypes=COORD_DTYPES, device=device)

@@ -40,7 +40,6 @@ masked softmax over chunks of query rows, and rounds once at the end.
 """
 from __future__ import annotations
 
-import math
 from itertools import pairwise
 
 import torch
@@ -200,13 +199,7 @@ def varlen_attention(
     max_seqlen_q = _lengths_bound("max_seqlen_q", cu_seqlens_q, max_seqlen_q, total_q)
     max_seqlen_k = _lengths_bound("max_seqlen_k", cu_seqlens_k, max_seqlen_k, total_k)
 
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{_OP}: softmax_scale must be a float, got {softmax_scale!r}")
-    softmax_scale = float(softmax_scale)
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"{_OP}: softmax_scale must be finite and > 0, got {softmax_scale}")
+    softmax_scale = V.check_softmax_scale(_OP, softmax_scale, head_dim)
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {causal!r}")
     if not isinstance(return_lse, bool):
