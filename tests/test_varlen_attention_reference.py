@@ -521,3 +521,19 @@ def test_bad_rope_raises(name, edit, exc, msg):
     edit(args)
     with pytest.raises(exc, match="varlen_attention: .*" + re.escape(msg)):
         varlen_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [(True, TypeError, "softmax_scale must be a float"), (float("nan"), ValueError, "softmax_scale must be finite and > 0"), (0.0, ValueError, "softmax_scale must be finite and > 0")],
+)
+def test_softmax_scale_is_checked_alike_by_both_attention_ops(scale, error, match):
+    """masked_attention and varlen_attention share one softmax_scale check; None means 1/sqrt(D)."""
+    q = torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(error, match=f"varlen_attention: {match}"):
+        varlen_attention(q, q, q, cu, cu, softmax_scale=scale)
+    with pytest.raises(error, match=f"masked_attention: {match}"):
+        masked_attention(q, q, q, cu, 3, softmax_scale=scale)
+    default = varlen_attention(q, q, q, cu, cu)
+    torch.testing.assert_close(default, varlen_attention(q, q, q, cu, cu, softmax_scale=16**-0.5), rtol=0, atol=0)
