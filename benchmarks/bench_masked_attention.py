@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo 
 
 import torch
 
-from benchmarks.common import Row, do_bench, gpu_name, measured_peaks, need_gpu, write_results
+from benchmarks.common import Row, do_bench, gpu_name, measured_peaks, need_gpu, run_shapes
 
 DTYPE = torch.bfloat16
 NAME = "bench_masked_attention"
@@ -376,25 +376,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not need_gpu(NAME):
         return 0
-    start = time.perf_counter()
     rep_ms = 50 if args.quick else 100
     modes = [m for m in args.modes.split(",") if m]
     peak = measured_peaks().get("matmul_bf16_tflops")
     print(f"{gpu_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-    rows: list[Row] = []
-    notes: list[str] = []
-    path = None
-    for p in problems(args.quick):
-        if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-            notes.append(f"stopped before {p.label}: --max-seconds {args.max_seconds} reached")
-            break
+
+    def run_one(p, rows, notes):
         run_problem(p, baselines_for(p, args.quick), modes, rep_ms, peak, rows, notes)
-        path = write_results(NAME, rows, notes="; ".join(notes))
-        del p
-        torch.cuda.empty_cache()
-    if path is not None:
-        print(f"\nwrote {path} ({time.perf_counter() - start:.0f} s)")
-        print(path.with_suffix(".md").read_text())
+
+    run_shapes(NAME, problems(args.quick), run_one, args.max_seconds)
     return 0
 
 

@@ -193,6 +193,34 @@ def write_results(name: str, rows: list[Row], notes: str = "", out_dir: Path | N
     return path
 
 
+
+def run_shapes(
+    name: str, problems, run_one: Callable[[object, list, list], None], max_seconds: float = 0
+) -> Path | None:
+    """Run ``run_one(problem, rows, notes)`` for each problem, writing the results after each (a
+    later crash keeps the earlier rows) and freeing GPU memory between shapes; stop starting new
+    shapes after ``max_seconds`` (0: no limit). Prints and returns the results file."""
+    import time
+
+    start = time.perf_counter()
+    rows: list[Row] = []
+    notes: list[str] = []
+    path = None
+    for p in problems:
+        if max_seconds and time.perf_counter() - start > max_seconds:
+            notes.append(f"stopped before {p.label}: --max-seconds {max_seconds} reached")
+            if rows:  # the file must say where the run stopped
+                path = write_results(name, rows, notes="; ".join(notes))
+            break
+        run_one(p, rows, notes)
+        path = write_results(name, rows, notes="; ".join(notes))
+        del p
+        torch.cuda.empty_cache()
+    if path is not None:
+        print(f"\nwrote {path} ({time.perf_counter() - start:.0f} s)")
+        print(path.with_suffix(".md").read_text())
+    return path
+
 def markdown_table(rows: list[Row], meta: dict) -> str:
     peaks = meta.get("peaks") or {}
     head = (

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -374,3 +375,28 @@ def test_gpu_benchmarks_run_by_path_and_say_they_need_a_gpu(script):
     )
     assert res.returncode == 0, res.stderr
     assert "needs a CUDA GPU" in res.stdout + res.stderr
+
+
+def test_run_shapes_writes_after_each_shape_and_stops_at_the_time_limit(tmp_path, monkeypatch, capsys):
+    """The attention benchmarks' shared loop: results are written after every shape (a crash
+    keeps the earlier rows), and no shape starts once --max-seconds has passed."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import RESULTS_ENV, Row, run_shapes
+
+    monkeypatch.setenv(RESULTS_ENV, str(tmp_path))
+    seen = []
+
+    def run_one(p, rows, notes):
+        seen.append(p.label)
+        rows.append(Row("loop", "invnext", "fwd", p.label, "bf16", 1.0, 0.9, 1.1))
+        if p.label == "b":
+            time.sleep(0.05)
+
+    shapes = [SimpleNamespace(label=x) for x in "abc"]
+    path = run_shapes("loop", shapes, run_one, max_seconds=0.01)
+    assert seen == ["a", "b"]
+    saved = json.loads(path.read_text())
+    assert [r["shape"] for r in saved["rows"]] == ["a", "b"] and "stopped before c" in saved["meta"]["notes"]
+    assert f"wrote {path}" in capsys.readouterr().out
+    assert run_shapes("loop", [], run_one) is None
