@@ -157,9 +157,9 @@ if __name__ == "__main__":
             # the repository's kernels/ folder does not shadow it when run from the root.
             # transformers>=5.0: invnext.integrations.transformers uses its attention and mask registries.
             "test": ["pytest", "pytest-benchmark", "transformers>=5.0", "kernels"],
-            # timm imports torchvision, whose PyPI wheels need pip's default (CUDA) torch: installing it
-            # next to the CPU torch that scripts/setup.sh puts on a CPU machine would replace that torch.
-            # tests/test_integrations_timm.py skips, saying so, where timm is not importable.
+            # timm imports torchvision, which must match torch; pip would rather replace the installed
+            # torch to suit the newest torchvision. scripts/setup.sh therefore installs timm and the
+            # matching torchvision for the tests into .venv/test-site itself (it says why).
             "timm": ["timm>=1.0"],
         },
         entry_points={"console_scripts": ["invnext = invnext.cli:main"]},

@@ -35,4 +35,15 @@ if [ -z "${INVNEXT_SKIP_CUDA_BUILD:-}" ]; then
   if [ "$has_gpu" = 1 ]; then export INVNEXT_SKIP_CUDA_BUILD=0; else export INVNEXT_SKIP_CUDA_BUILD=1; fi
 fi
 pip_install -e ".[test]"
+
+# timm, for the tests of invnext.integrations.timm, goes into .venv/test-site, which only the tests put
+# on their path (tests/conftest.py), with the torchvision that matches the kept torch (0.(minor+15)).
+# Not into .venv itself: pip would take the newest torchvision and replace torch to suit it, and on
+# x86_64 PyPI's torchvision is built against the CUDA torch, so beside a CPU torch its C++ ops don't
+# load and `import transformers` then fails for anything in the venv.
+torch_minor=$("$PY" -c 'import torch; print(torch.__version__.split(".")[1])')
+if ! compgen -G ".venv/test-site/timm-*.dist-info" >/dev/null || ! compgen -G ".venv/test-site/torchvision-*.dist-info" >/dev/null; then
+  pip_install --no-deps --upgrade --target .venv/test-site "timm>=1.0" "torchvision==0.$((torch_minor + 15)).*" ||
+    echo "setup: timm or a torchvision for this torch is not installable; the timm integration's tests will fail"
+fi
 "$PY" -c "import invnext, invnext.ops; print('setup: invnext', invnext.__version__, 'ready in .venv')"

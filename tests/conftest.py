@@ -13,8 +13,40 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import glob  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# scripts/setup.sh installs timm and a matching torchvision here, for the tests only (it says why).
+TEST_SITE = os.path.join(sys.prefix, "test-site")
+if os.path.isdir(TEST_SITE) and TEST_SITE not in sys.path:
+    sys.path.append(TEST_SITE)
+
+
+def _let_torchvision_import_without_its_ops() -> None:
+    """PyPI's x86_64 torchvision is built against the CUDA torch: beside the CPU torch its C++ ops do
+    not load, which torchvision allows everywhere but in registering fakes for two of them, so
+    `import torchvision` (and with it timm, and transformers where torchvision is installed) stops
+    with "operator torchvision::nms does not exist". The tests use none of its ops; declaring the
+    two schemas lets the import finish. Nothing is declared where the ops load."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so"))
+    try:
+        for lib in libs:
+            torch.ops.load_library(lib)
+        return
+    except OSError:
+        pass
+    for name in ("nms", "qnms"):
+        torch.library.define(f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+_let_torchvision_import_without_its_ops()
 
 
 def pytest_configure(config: pytest.Config) -> None:

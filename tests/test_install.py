@@ -114,3 +114,30 @@ def test_triton_layer_imports_as_invnext_kernels_from_the_root(name):
     proc = _run_in_root(f"import importlib, os; m = importlib.import_module({name!r}); print(os.path.realpath(m.__file__))")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()).resolve().parent == ROOT / "kernels"
+
+
+def _in_the_setup_venv() -> bool:
+    return Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()
+
+
+def test_setup_puts_timm_beside_the_kept_torch_for_the_tests_only():
+    # scripts/setup.sh installs timm and the torchvision of the installed torch into .venv/test-site;
+    # the next timm or torchvision release that breaks that, or a setup that lets pip swap torch,
+    # fails here rather than as skipped timm tests.
+    if not _in_the_setup_venv():
+        pytest.skip(f"runs in the .venv that scripts/setup.sh makes; this is {sys.prefix}")
+    import timm
+    import torchvision
+
+    assert Path(timm.__file__).resolve().is_relative_to((ROOT / ".venv" / "test-site").resolve())
+    torch_version = importlib.metadata.version("torch")
+    torch_minor = int(torch_version.split(".")[1])
+    assert torchvision.__version__.startswith(f"0.{torch_minor + 15}."), (torchvision.__version__, torch_version)
+    assert timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8)
+
+
+def test_the_venv_without_the_tests_path_sees_no_torchvision_that_breaks_transformers():
+    if not _in_the_setup_venv():
+        pytest.skip(f"runs in the .venv that scripts/setup.sh makes; this is {sys.prefix}")
+    proc = _run_in_root("from transformers import VideoMAEModel, VideoMAEConfig; print(VideoMAEModel.__name__)")
+    assert proc.returncode == 0, proc.stderr[-3000:]

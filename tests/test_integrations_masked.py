@@ -18,7 +18,7 @@ from invnext import ops
 from invnext.integrations import masked
 
 RATIOS = [0.5, 0.25, 0.75]
-TIMM_MISSING = "timm is not importable here (pip install 'timm>=1.0'; it imports torchvision, which must match torch)"
+TIMM_MISSING = "timm is not importable here (scripts/setup.sh installs it and its torchvision into .venv/test-site)"
 
 
 def _hf_models(family: str):
