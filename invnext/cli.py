@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_probe_parsers(sub: argparse._SubParsersAction) -> None:
-    """``probe`` and ``reconstruct`` (evaluation; parsers and entry points in :mod:`invnext.eval.cli`)."""
+    """``probe``, ``evaluate`` and ``reconstruct`` (parsers and entry points in :mod:`invnext.eval.cli`)."""
     from invnext.eval.cli import add_parsers
 
     add_parsers(sub)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_data_check(args.index, decoder=args.decoder)
         parser.parse_args(["data", "--help"])
-    if args.command in ("probe", "reconstruct"):
+    if args.command in ("probe", "evaluate", "reconstruct"):
         from invnext.eval.cli import run
 
         return run(args)

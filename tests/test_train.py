@@ -322,6 +322,24 @@ def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys, monkeypa
     assert (out / "eval" / "reconstruction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "cache" / "default_data").exists()
     assert main(["data", "check", str(tmp_path / "data" / "val.csv")]) == 0  # the bundled clips all decode
+    # `invnext evaluate` redoes the table with other probe settings, and --curve probes the Stage-1
+    # start (step 0) and each kept Stage-2 checkpoint with those settings.
+    ev = tmp_path / "ev"
+    evaluate = ["evaluate", str(out), "--data-root", str(tmp_path / "data"), "--lr", "3e-3", "--out", str(ev)]
+    assert main([*evaluate, "--curve"]) == 0
+    again = json.loads((ev / "table.json").read_text())
+    assert [r["name"] for r in again["rows"]][2:] == ["Stage 1 encoder", "Stage 2 encoder"]
+    assert again["probe"]["attentive"]["lr"] == 3e-3 and table["probe"]["attentive"]["lr"] == 1e-3
+    curve = json.loads((ev / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 1, 2] and curve["probe"]["lr"] == 3e-3
+    for p in curve["points"]:
+        assert p["val_clips"] > 0 and math.isclose(p["dynamics_se"], math.sqrt(p["dynamics"] * (1 - p["dynamics"]) / p["val_clips"]))
+    start = next(r for r in again["rows"] if r["name"] == "Stage 1 encoder")
+    assert curve["points"][0]["dynamics"] == start["dynamics"]  # same features, settings and seed as the table
+    assert set(curve["baselines"]) == {"random encoder", "image teacher, frames averaged"}
+    assert (ev / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", str(tmp_path / "no_run")]) == 2
+    assert "RUN " in capsys.readouterr().err
     # Without --resume the same folder is refused; with it, finished stages are skipped.
     assert main(args) == 1
     assert main([*args, "--resume", "--eval", "off"]) == 0

@@ -1,4 +1,4 @@
-"""``invnext probe`` and ``invnext reconstruct``: their argument parsers and entry points.
+"""``invnext probe``, ``invnext evaluate`` and ``invnext reconstruct``: their argument parsers and entry points.
 
 Only argparse is imported here: :mod:`invnext.cli` builds these parsers on every invocation,
 and the heavy modules load when a command runs.
@@ -25,9 +25,20 @@ weights, the index file (bytes + mtime) and frames/size/views: a rerun with othe
 settings does not re-encode.
 """
 
+_EVALUATE_EPILOG = """\
+examples:
+  invnext evaluate runs/tiny --epochs 100 --lr 3e-3
+      the default run's table with a probe trained to fit its train clips (the default probe under-fits)
+  invnext evaluate runs/tiny_long --epochs 100 --lr 3e-3 --curve
+      the same, and the curve over the run's kept Stage-2 checkpoints (README, the longer recipe)
+
+outputs (in --out): table.md, table.json, per-source probe folders; with --curve, curve.png and
+curve.json. Features are cached as `invnext probe` caches them.
+"""
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add the ``probe`` and ``reconstruct`` subcommands to ``sub``."""
+    """Add the ``probe``, ``evaluate`` and ``reconstruct`` subcommands to ``sub``."""
     p = sub.add_parser(
         "probe",
         help="evaluate a frozen encoder with an attentive or linear probe",
@@ -99,6 +110,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding (default 0)")
     p.add_argument("--seed", type=int, default=0, help="probe init and batch order (default 0)")
 
+    e = sub.add_parser(
+        "evaluate",
+        help="probe a finished run's encoders (and its checkpoints over steps) with chosen probe settings",
+        description="The table that ends `invnext pretrain --stage both` (random encoder, image teacher, Stage 1, "
+        "Stage 2; attentive and linear probes on the bundled dataset's labels), for a run folder RUN, with "
+        "the probe settings given here. --curve also probes every kept Stage-2 checkpoint and the Stage-1 "
+        "start (step 0) and draws the learning curve.",
+        epilog=_EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("run", metavar="RUN", help="a run folder holding stage1/ and stage2/ (trained on the bundled data)")
+    e.add_argument(
+        "--data-root", default=None, metavar="DIR",
+        help="the bundled dataset variant the run trained on (its data.default_root; default: the cache's)",
+    )
+    e.add_argument("--epochs", type=int, default=None, help="probe epochs (default: as `invnext probe`)")
+    e.add_argument("--lr", type=float, default=None, help="probe peak learning rate (default: as `invnext probe`)")
+    e.add_argument("--curve", action="store_true", help="also probe each kept Stage-2 checkpoint (attentive)")
+    e.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/eval-<epochs>ep-lr<lr>)")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    e.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    e.add_argument("--seed", type=int, default=0, help="random encoder, probe init and batch order (default 0)")
+
     r = sub.add_parser(
         "reconstruct",
         help="show what a Stage-1 model's diffusion decoder draws for the hidden patches of a clip",
@@ -166,6 +200,37 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from invnext.eval.curve import plot_curve, probe_checkpoints
+    from invnext.eval.table import evaluate_run, format_table
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"RUN {run_dir} is not a folder")
+    out = Path(args.out) if args.out is not None else run_dir / f"eval-{args.epochs or 'default'}ep-lr{args.lr or 'default'}"
+    probe = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "device": args.device, "cache": not args.no_cache}
+    data = {}
+    if args.data_root is not None:
+        from invnext.eval.sources import TeacherSource
+        from invnext.teacher_pretrain import load_default_teacher
+
+        root = Path(args.data_root)
+        teacher = TeacherSource(load_default_teacher(root), name=f"teacher of {root}")
+        data = {"train": root / "train.csv", "val": root / "val.csv", "teacher": teacher}
+    result = evaluate_run(run_dir, eval_dir=out, **data, **probe)
+    print(format_table(result), flush=True)
+    print(f"table: {result['files']['markdown']}")
+    if args.curve:
+        index = {k: v for k, v in data.items() if k in ("train", "val")}
+        curve = probe_checkpoints(run_dir / "stage2", start=run_dir / "stage1" / "model.safetensors", **index, **probe)
+        baselines = {r["name"]: r for r in result["rows"][:2]}  # the random encoder and the image teacher
+        png = plot_curve(curve, out / "curve.png", baselines, title=f"Stage 2 of {run_dir}: attentive probe")
+        print(f"curve: {png} and {png.with_suffix('.json')}")
+    return 0
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from invnext.eval.reconstruct import reconstruct
 
@@ -180,9 +245,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``probe`` / ``reconstruct``; a bad argument or input file prints one line and returns 2."""
+    """Run ``probe`` / ``evaluate`` / ``reconstruct``; a bad argument or input file prints one line and returns 2."""
     try:
-        return _probe(args) if args.command == "probe" else _reconstruct(args)
+        return {"probe": _probe, "evaluate": _evaluate, "reconstruct": _reconstruct}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"invnext {args.command}: error: {exc}", file=sys.stderr)
         return 2

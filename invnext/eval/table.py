@@ -70,7 +70,9 @@ def evaluate_run(
     device: str | torch.device | None = None,
     cache: str | os.PathLike | bool | None = True,
     epochs: int | None = None,
+    lr: float | None = None,
     teacher: Any = "teacher:default",
+    eval_dir: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Probe the four sources of the module docstring and write the table.
@@ -82,9 +84,11 @@ def evaluate_run(
         seed: the random encoder's weights, the probes' initialisation and batch order.
         device: where encoders and probes run (default CUDA when available, else CPU).
         cache: feature cache (see :func:`invnext.eval.probe.run_probe`).
-        epochs: probe epochs (default: ``run_probe``'s).
+        epochs, lr: probe epochs and peak learning rate (default: ``run_probe``'s, which under-fit: the
+            README's "converged probe" uses 100 and 3e-3).
         teacher: the image teacher's source for ``run_probe`` (default ``"teacher:default"``, the
             bundled teacher in the default cache; the trainer passes the one its run used).
+        eval_dir: where the table goes (default ``out_dir/eval``).
     Returns:
         ``{"rows": [{"name", "role", "appearance", "dynamics", "linear": {label: top1}, "seconds"}],
         "chance": {label: majority share}, "probe": {protocol: settings}, "files": {"json", "markdown"}}``;
@@ -94,7 +98,7 @@ def evaluate_run(
     from invnext.eval.probe import ProbeConfig, run_probe
 
     out_dir = Path(out_dir)
-    eval_dir = out_dir / "eval"
+    eval_dir = out_dir / "eval" if eval_dir is None else Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
     rows, full, chance, settings = [], {}, {}, None
     sources = _rows(out_dir, seed, teacher)
@@ -110,7 +114,7 @@ def evaluate_run(
         res = {
             protocol: run_probe(
                 row.source, train, val,
-                ProbeConfig(protocol=protocol, label=tuple(LABELS), epochs=epochs, seed=seed, workers=workers, **clip),
+                ProbeConfig(protocol=protocol, label=tuple(LABELS), epochs=epochs, lr=lr, seed=seed, workers=workers, **clip),
                 out=folder, cache=cache, device=device, verbose=False,
             )
             for protocol in ("attentive", "linear")  # the second reads the features the first cached
