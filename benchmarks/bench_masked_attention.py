@@ -28,18 +28,16 @@ shape so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-import traceback
 
 if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repo root must be importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from benchmarks.common import Row, do_bench, gpu_name, measured_peaks, need_gpu, run_shapes
+from benchmarks.common import attention_main, run_attention_problem
 
 DTYPE = torch.bfloat16
 NAME = "bench_masked_attention"
@@ -68,6 +66,7 @@ class Problem:
         gen = torch.Generator(device="cpu").manual_seed(0)
         self.qkv = torch.randn(self.total, 3, heads, dim, generator=gen).to(dev, DTYPE)
         self.dout = torch.randn(self.total, heads, dim, generator=gen).to(dev, DTYPE)
+        self.inputs = (self.qkv,)  # what every implementation takes
         self.coords = self._coords(grid or (16, 16, 16), gen).to(dev)
         lens = self.cu.diff().long()
         self.seg = torch.repeat_interleave(torch.arange(self.B, device=dev), lens)
@@ -255,71 +254,11 @@ def make_flash_attn(p: Problem):
 # --------------------------------------------------------------------------- timing
 
 
-def time_modes(fn, p: Problem, modes, rep_ms):
-    """{mode: (median, p20, p80)} for the modes asked."""
-    res = {}
-    x = p.qkv.detach().clone().requires_grad_(True)
-    if "fwd" in modes:
-        with torch.no_grad():
-            res["fwd"] = do_bench(lambda: fn(p.qkv), rep_ms=rep_ms)
-    if "bwd" in modes:
-        out = fn(x)
-        res["bwd"] = do_bench(lambda: torch.autograd.grad(out, x, p.dout, retain_graph=True), rep_ms=rep_ms)
-        del out
-    if "fwd+bwd" in modes:
-        res["fwd+bwd"] = do_bench(lambda: torch.autograd.grad(fn(x), x, p.dout), rep_ms=rep_ms)
-    return res
-
-
-def check_against(p: Problem, ours, other, label) -> float:
-    """Max abs difference of the outputs on the real tokens (a sanity check of the GPU run)."""
-    with torch.no_grad():
-        return float((ours(p.qkv).float() - other(p.qkv).float()).abs().max())
-
-
 def run_problem(p: Problem, baselines, modes, rep_ms, peak, rows, notes):
-    print(f"\n== {p.shape()}  ({p.pairs / 1e6:.1f} M allowed pairs)", flush=True)
     impls = [("invnext-triton", lambda: make_invnext(p))] + baselines
-    timings = {}
-    diffs = {}  # max |ours - baseline| on the outputs, kept with our rows as the run's correctness evidence
-    ours_fn = None
-    for name, maker in impls:
-        try:
-            t0 = time.perf_counter()
-            fn = maker()
-            if name == "invnext-triton":
-                ours_fn = fn
-            elif ours_fn is not None and "(no key mask" not in name and "without rope" not in name:
-                err = check_against(p, ours_fn, fn, name)
-                diffs[name] = err
-                print(f"   max |ours - {name}| on outputs: {err:.3e}", flush=True)
-            timings[name] = (time_modes(fn, p, modes, rep_ms), getattr(fn, "extra", {}))
-            print(f"   {name}: " + ", ".join(f"{m} {v[0]:.3f} ms" for m, v in timings[name][0].items())
-                  + f"  (setup+timing {time.perf_counter() - t0:.1f} s)", flush=True)
-        except Exception as exc:  # noqa: BLE001 - a missing or failing baseline is a note, not a crash
-            msg = f"{p.label}: {name} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            print("   " + msg, flush=True)
-            if name == "invnext-triton":
-                traceback.print_exc()
-            notes.append(msg)
-        torch.cuda.empty_cache()
-    for mode in modes:
-        base = [(n, t[0][mode][0]) for n, t in timings.items() if n != "invnext-triton" and mode in t[0]]
-        best = min(base, key=lambda x: x[1]) if base else None
-        for name, (tm, extra) in timings.items():
-            if mode not in tm:
-                continue
-            med, p20, p80 = tm[mode]
-            tflops = p.flops(mode) / (med * 1e-3) / 1e12
-            is_ours = name == "invnext-triton"
-            rows.append(Row(
-                bench="masked_attention", impl=name, mode=mode, shape=p.shape(), dtype="bf16",
-                ms_median=med, ms_p20=p20, ms_p80=p80, throughput=tflops, unit="TFLOP/s",
-                frac_of_peak=tflops / peak if peak else None,
-                baseline=best[0] if (is_ours and best) else None,
-                speedup_vs_baseline=(best[1] / med) if (is_ours and best) else None,
-                extra={"allowed_pairs": p.pairs, **extra, **({"max_abs_diff_vs": diffs} if is_ours else {})},
-            ))
+    # The unmasked and unrotated rows compute something else: timed, not compared.
+    run_attention_problem("masked_attention", p, impls, modes, rep_ms, peak, rows, notes,
+                          compare=lambda name: "(no key mask" not in name and "without rope" not in name)
 
 
 def encoder_lengths(batch: int, seed: int = 0) -> list[int]:
@@ -369,23 +308,8 @@ def baselines_for(p: Problem, quick: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 shapes, rep 50 ms (~3 min on an H100 with compiles)")
-    ap.add_argument("--max-seconds", type=float, default=0, help="stop starting new shapes after this long")
-    ap.add_argument("--modes", default="fwd,bwd,fwd+bwd")
-    args = ap.parse_args(argv)
-    if not need_gpu(NAME):
-        return 0
-    rep_ms = 50 if args.quick else 100
-    modes = [m for m in args.modes.split(",") if m]
-    peak = measured_peaks().get("matmul_bf16_tflops")
-    print(f"{gpu_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-
-    def run_one(p, rows, notes):
-        run_problem(p, baselines_for(p, args.quick), modes, rep_ms, peak, rows, notes)
-
-    run_shapes(NAME, problems(args.quick), run_one, args.max_seconds)
-    return 0
+    return attention_main(NAME, __doc__, "3 shapes, rep 50 ms (~3 min on an H100 with compiles)", argv, problems,
+                          baselines_for, run_problem)
 
 
 if __name__ == "__main__":

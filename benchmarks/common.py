@@ -235,3 +235,102 @@ def markdown_table(rows: list[Row], meta: dict) -> str:
         sp = f"{r.speedup_vs_baseline:.2f}x vs {r.baseline}" if r.speedup_vs_baseline is not None else ""
         lines.append(f"| {r.bench} | {r.impl} | {r.mode} | {r.shape} | {r.dtype} | {r.ms_median:.4f} | {thr} | {frac} | {sp} |")
     return head + "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- attention benchmarks
+
+
+def time_attention_modes(fn, p, modes, rep_ms: float, warmup_ms: float = 25) -> dict[str, tuple[float, float, float]]:
+    """``{mode: (median, p20, p80)}`` of ``fn(*p.inputs)`` for the modes asked ("fwd", "bwd",
+    "fwd+bwd"); "bwd" times the gradients of every input for ``p.dout``, the forward kept."""
+    res = {}
+    leaves = [t.detach().clone().requires_grad_(True) for t in p.inputs]
+    if "fwd" in modes:
+        with torch.no_grad():
+            res["fwd"] = do_bench(lambda: fn(*p.inputs), warmup_ms, rep_ms)
+    if "bwd" in modes:
+        out = fn(*leaves)
+        res["bwd"] = do_bench(lambda: torch.autograd.grad(out, leaves, p.dout, retain_graph=True), warmup_ms, rep_ms)
+        del out
+    if "fwd+bwd" in modes:
+        res["fwd+bwd"] = do_bench(lambda: torch.autograd.grad(fn(*leaves), leaves, p.dout), warmup_ms, rep_ms)
+    return res
+
+
+def run_attention_problem(bench: str, p, impls, modes, rep_ms: float, peak: float | None, rows: list, notes: list,
+                          compare: Callable[[str], bool] = lambda name: True) -> None:
+    """Time each ``(name, maker)`` of ``impls`` (ours, "invnext-triton", first) on problem ``p`` and
+    append a :class:`Row` per implementation and mode to ``rows``.
+
+    ``p`` holds ``inputs`` (the tensors the op takes), ``dout``, ``pairs`` (allowed query-key pairs),
+    ``flops(mode)``, ``shape()`` and ``label``. Each baseline for which ``compare(name)`` holds is
+    checked against ours (max |difference| of the outputs, kept in our rows as the run's correctness
+    evidence); our rows carry the speedup over the fastest baseline. A baseline that fails to build or
+    run is a note, not a crash."""
+    import time
+    import traceback
+
+    print(f"\n== {p.shape()}  ({p.pairs / 1e6:.1f} M allowed pairs)", flush=True)
+    timings, diffs, ours_fn = {}, {}, None
+    for name, maker in impls:
+        try:
+            t0 = time.perf_counter()
+            fn = maker()
+            if name == "invnext-triton":
+                ours_fn = fn
+            elif ours_fn is not None and compare(name):
+                with torch.no_grad():
+                    diffs[name] = float((ours_fn(*p.inputs).float() - fn(*p.inputs).float()).abs().max())
+                print(f"   max |ours - {name}| on outputs: {diffs[name]:.3e}", flush=True)
+            timings[name] = (time_attention_modes(fn, p, modes, rep_ms), getattr(fn, "extra", {}))
+            print(f"   {name}: " + ", ".join(f"{m} {v[0]:.3f} ms" for m, v in timings[name][0].items())
+                  + f"  (setup+timing {time.perf_counter() - t0:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing baseline is a note, not a crash
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            msg = f"{p.label}: {name} skipped: {type(exc).__name__}: {first}"
+            print("   " + msg, flush=True)
+            if name == "invnext-triton":
+                traceback.print_exc()
+            notes.append(msg)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for mode in modes:
+        base = [(n, t[0][mode][0]) for n, t in timings.items() if n != "invnext-triton" and mode in t[0]]
+        best = min(base, key=lambda x: x[1]) if base else None
+        for name, (tm, extra) in timings.items():
+            if mode not in tm:
+                continue
+            med, p20, p80 = tm[mode]
+            tflops = p.flops(mode) / (med * 1e-3) / 1e12
+            is_ours = name == "invnext-triton"
+            rows.append(Row(
+                bench=bench, impl=name, mode=mode, shape=p.shape(), dtype="bf16",
+                ms_median=med, ms_p20=p20, ms_p80=p80, throughput=tflops, unit="TFLOP/s",
+                frac_of_peak=tflops / peak if peak else None,
+                baseline=best[0] if (is_ours and best) else None,
+                speedup_vs_baseline=(best[1] / med) if (is_ours and best) else None,
+                extra={"allowed_pairs": p.pairs, **extra, **({"max_abs_diff_vs": diffs} if is_ours else {})},
+            ))
+
+
+def attention_main(name: str, doc: str, quick_help: str, argv, problems, baselines_for, run_problem) -> int:
+    """The command line of an attention benchmark (``--quick``, ``--max-seconds``, ``--modes``): for
+    each of ``problems(quick)``, ``run_problem(p, baselines_for(p, quick), modes, rep_ms, peak, rows,
+    notes)``, results written after each shape by :func:`run_shapes` under ``name``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop starting new shapes after this long")
+    ap.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    args = ap.parse_args(argv)
+    if not need_gpu(name):
+        return 0
+    rep_ms = 50 if args.quick else 100
+    modes = [m for m in args.modes.split(",") if m]
+    peak = measured_peaks().get("matmul_bf16_tflops")
+    print(f"{gpu_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+
+    def run_one(p, rows, notes):
+        run_problem(p, baselines_for(p, args.quick), modes, rep_ms, peak, rows, notes)
+
+    run_shapes(name, problems(args.quick), run_one, args.max_seconds)
+    return 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import bench_masked_attention as ba
+from benchmarks import common
 from invnext._kernels_path import ensure_kernels_importable
 
 ensure_kernels_importable()
@@ -39,3 +40,17 @@ def test_rope_inline_row_runs_the_inline_kernel(tiny, monkeypatch):
     assert "INVNEXT_ATTN_ROPE" not in os.environ
     assert torch.equal(pre, inline)
     assert not torch.equal(pre, ba.make_invnext_without_rope(tiny)(tiny.qkv))
+
+
+def test_run_problem_compares_only_what_computes_the_same(tiny, bench_wiring):
+    ran = bench_wiring(common, "do_bench")
+    rows, notes = [], []
+    baselines = [("invnext-triton without rope (reference point)", lambda: ba.make_invnext_without_rope(tiny)),
+                 ("invnext-triton rope inline (in-loop rotation)", lambda: ba.make_invnext_rope_inline(tiny))]
+    ba.run_problem(tiny, baselines, ["fwd", "fwd+bwd"], 1.0, 1000.0, rows, notes)
+    assert not notes, notes
+    assert len(rows) == 6 and len(ran) == 6  # 3 implementations x 2 modes, each timed callable called once
+    ours = [r for r in rows if r.impl == "invnext-triton"]
+    # the unrotated row is timed but not compared: it computes something else
+    assert ours[0].extra["max_abs_diff_vs"] == {"invnext-triton rope inline (in-loop rotation)": 0.0}
+    assert all(r.bench == "masked_attention" and r.baseline is not None for r in ours)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import bench_varlen_attention as bv
+from benchmarks import common
 from invnext._kernels_path import ensure_kernels_importable
 from invnext.ops import varlen_attention
 from invnext.ops.varlen import varlen_dense_mask
@@ -44,7 +45,7 @@ def test_pairs_and_padded_baseline_match_the_op(tiny, kw):
 
 
 def test_run_problem_times_every_mode(tiny, bench_wiring):
-    ran = bench_wiring(bv, "do_bench")
+    ran = bench_wiring(common, "do_bench")
     p = tiny(causal=True)
     rows, notes = [], []
     baselines = [("sdpa-math padded", lambda: bv.make_sdpa_padded(p, "math"))]
