@@ -56,3 +56,24 @@ def test_main_command_matches_the_preset_it_documents():
     s2 = load_train_config(2, preset="tiny").model_config()
     assert [v.hide_last for v in s2.views] == [hide_last], "Stage 2 views"
     assert (s2.predictor.depth, s2.predictor.local_window_3d, s2.predictor.global_every) == (pred_depth, tuple(box), 0)
+
+
+def test_longer_recipe_commands_are_valid_and_keep_the_whole_curve():
+    """The README's longer recipe: its --set keys load, and the checkpoints it keeps span Stage 2."""
+    import shlex
+
+    from invnext.cli import _parser
+    from invnext.train.config import load_train_config
+
+    block = re.search(r"```bash\n(bash scripts/setup\.sh && [^`]*runs/tiny_long[^`]*)```", README)
+    assert block, "the README's longer recipe block is gone: update this test"
+    lines = block.group(1).replace("\\\n", " ").splitlines()
+    pretrain = shlex.split(lines[0].split("&&", 1)[1])[1:]
+    evaluate = shlex.split(lines[1])[1:]
+    args = _parser().parse_args(pretrain)
+    assert (args.command, args.stage, args.preset, args.evaluate) == ("pretrain", "both", "tiny", "off")
+    cfg = load_train_config(2, preset="tiny", sets=args.sets)
+    assert cfg.schedule.steps == 4 * load_train_config(2, preset="tiny").schedule.steps  # "four times as long"
+    assert cfg.save_every * cfg.keep_last >= cfg.schedule.steps, "the curve would lose its first checkpoints"
+    ev = _parser().parse_args(evaluate)
+    assert (ev.command, ev.run, ev.epochs, ev.lr, ev.curve) == ("evaluate", args.out, 100, 3e-3, True)
