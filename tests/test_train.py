@@ -326,16 +326,25 @@ def test_default_pipeline_both_stages_on_bundled_data(tmp_path, capsys, monkeypa
     # start (step 0) and each kept Stage-2 checkpoint with those settings.
     ev = tmp_path / "ev"
     evaluate = ["evaluate", str(out), "--data-root", str(tmp_path / "data"), "--lr", "3e-3", "--out", str(ev)]
+    from invnext.eval import probe as probe_module
+
+    trained, real_run_probe = [], probe_module.run_probe
+    monkeypatch.setattr(probe_module, "run_probe", lambda *a, **k: trained.append(a[0]) or real_run_probe(*a, **k))
     assert main([*evaluate, "--curve"]) == 0
+    # 4 rows x 2 protocols for the table, then only the checkpoint the table did not already probe
+    assert len(trained) == 8 + 1
     again = json.loads((ev / "table.json").read_text())
     assert [r["name"] for r in again["rows"]][2:] == ["Stage 1 encoder", "Stage 2 encoder"]
     assert again["probe"]["attentive"]["lr"] == 3e-3 and table["probe"]["attentive"]["lr"] == 1e-3
     curve = json.loads((ev / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2] and curve["probe"]["lr"] == 3e-3
+    assert [p["reused"] for p in curve["points"]] == [True, False, True]  # Stage-1 start, final Stage-2 weights
     for p in curve["points"]:
         assert p["val_clips"] > 0 and math.isclose(p["dynamics_se"], math.sqrt(p["dynamics"] * (1 - p["dynamics"]) / p["val_clips"]))
     start = next(r for r in again["rows"] if r["name"] == "Stage 1 encoder")
-    assert curve["points"][0]["dynamics"] == start["dynamics"]  # same features, settings and seed as the table
+    assert curve["points"][0]["dynamics"] == start["dynamics"]
+    final = next(r for r in again["rows"] if r["name"] == "Stage 2 encoder")
+    assert curve["points"][2]["dynamics"] == final["dynamics"]
     assert set(curve["baselines"]) == {"random encoder", "image teacher, frames averaged"}
     assert (ev / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["evaluate", str(tmp_path / "no_run")]) == 2

@@ -224,7 +224,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"table: {result['files']['markdown']}")
     if args.curve:
         index = {k: v for k, v in data.items() if k in ("train", "val")}
-        curve = probe_checkpoints(run_dir / "stage2", start=run_dir / "stage1" / "model.safetensors", **index, **probe)
+        # The table probed the Stage-1 start and the final Stage-2 weights with these settings already.
+        known = {r["attentive"]["fingerprint"]: r["attentive"] for r in result["probes"].values()}
+        curve = probe_checkpoints(
+            run_dir / "stage2", start=run_dir / "stage1" / "model.safetensors", known=known, **index, **probe
+        )
         baselines = {r["name"]: r for r in result["rows"][:2]}  # the random encoder and the image teacher
         png = plot_curve(curve, out / "curve.png", baselines, title=f"Stage 2 of {run_dir}: attentive probe")
         print(f"curve: {png} and {png.with_suffix('.json')}")

@@ -14,13 +14,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 __all__ = ["checkpoint_steps", "probe_checkpoints", "plot_curve", "standard_error"]
 
-LABELS = ("appearance", "dynamics")
+from invnext.eval.table import LABELS
 
 
 def standard_error(top1: float, clips: int) -> float:
@@ -54,6 +54,7 @@ def probe_checkpoints(
     seed: int = 0,
     device: str | torch.device | None = None,
     cache: str | os.PathLike | bool | None = True,
+    known: Mapping[str, Mapping[str, Any]] | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Probe the encoder of every kept checkpoint of ``stage_dir`` (and ``start`` as step 0).
@@ -64,23 +65,32 @@ def probe_checkpoints(
             drawn at step 0; None: no step-0 point.
         train, val: labelled indexes (default: the bundled dataset's).
         epochs, lr, seed, device, cache: as :func:`invnext.eval.table.evaluate_run`.
+        known: attentive ``run_probe`` results already computed on these indexes with these settings,
+            by encoder fingerprint (``evaluate_run``'s ``probes``): a point whose encoder holds the same
+            weights (the Stage-1 start, the final checkpoint) reuses its result instead of training
+            the probe again.
     Returns:
-        ``{"stage_dir", "probe": settings, "points": [{"step", "source", "val_clips", label: top1,
-        f"{label}_se": standard error}]}``, points by step.
+        ``{"stage_dir", "probe": settings, "points": [{"step", "source", "val_clips", "reused", label:
+        top1, f"{label}_se": standard error}]}``, points by step.
     """
     from invnext.eval.probe import ProbeConfig, run_probe
+    from invnext.eval.sources import resolve_source
 
-    sources = [(0, Path(start))] if start is not None else []
-    sources += checkpoint_steps(stage_dir)
+    paths = [(0, Path(start))] if start is not None else []
+    paths += checkpoint_steps(stage_dir)
     points, settings = [], None
-    for step, source in sources:
-        res = run_probe(
-            source, train, val,
-            ProbeConfig(protocol="attentive", label=LABELS, epochs=epochs, lr=lr, seed=seed, workers=1),
-            cache=cache, device=device, verbose=False,
-        )
+    for step, path in paths:
+        source = resolve_source(path, seed=seed, verbose=False)
+        res = (known or {}).get(source.fingerprint())
+        reused = res is not None
+        if not reused:
+            res = run_probe(
+                source, train, val,
+                ProbeConfig(protocol="attentive", label=LABELS, epochs=epochs, lr=lr, seed=seed, workers=1),
+                cache=cache, device=device, verbose=False,
+            )
         clips = res["features"]["val"]["clips"]
-        point: dict[str, Any] = {"step": step, "source": str(source), "val_clips": clips}
+        point: dict[str, Any] = {"step": step, "source": str(path), "val_clips": clips, "reused": reused}
         for name in LABELS:
             top1 = res["results"][name]["top1"]
             point[name], point[f"{name}_se"] = top1, standard_error(top1, clips)

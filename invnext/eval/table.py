@@ -91,7 +91,8 @@ def evaluate_run(
         eval_dir: where the table goes (default ``out_dir/eval``).
     Returns:
         ``{"rows": [{"name", "role", "appearance", "dynamics", "linear": {label: top1}, "seconds"}],
-        "chance": {label: majority share}, "probe": {protocol: settings}, "files": {"json", "markdown"}}``;
+        "chance": {label: majority share}, "probe": {protocol: settings}, "probes": {row name: {protocol:
+        run_probe result}}, "files": {"json", "markdown"}}``;
         accuracies are top-1 fractions: ``appearance`` / ``dynamics`` of the attentive probe (the
         paper's protocol), ``linear`` of a linear probe on the pooled embedding.
     """
@@ -130,10 +131,10 @@ def evaluate_run(
         if verbose:
             print(f"eval: {row.name}: attentive probe appearance {100 * acc['appearance']:.1f}%, "
                   f"dynamics {100 * acc['dynamics']:.1f}% ({seconds:.0f} s)", flush=True)
-    result = {"rows": rows, "chance": chance, "probe": settings}
+    result = {"rows": rows, "chance": chance, "probe": settings, "probes": full}
     md = format_table(result)
     (eval_dir / "table.md").write_text(md + "\n")
-    (eval_dir / "table.json").write_text(json.dumps({**result, "probes": full}, indent=1, default=str))
+    (eval_dir / "table.json").write_text(json.dumps(result, indent=1, default=str))
     result["files"] = {"json": str(eval_dir / "table.json"), "markdown": str(eval_dir / "table.md")}
     return result
 
