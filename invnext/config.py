@@ -381,8 +381,9 @@ class MaskViewConfig(_Checked):
 
     By default a multi-block view (V-JEPA style): hidden = the union of ``num_blocks`` boxes.
     ``hide_last = k > 0`` makes it a future view instead: the last ``k`` token steps of the clip
-    are hidden at every place, so the predictor extrapolates them from the earlier steps; ``hide_first = k > 0`` a past view, the first ``k`` steps hidden (the box
-    fields are then unused). With a predictor whose attention is local (``global_every: 0``
+    are hidden at every place, so the predictor extrapolates them from the earlier steps;
+    ``hide_first = k > 0`` makes it a past view, the first ``k`` steps hidden (for both, the box
+    fields are unused). With a predictor whose attention is local (``global_every: 0``
     and a ``local_window_3d`` box), a hidden place only sees its neighbourhood one step earlier,
     so the encoder's tokens there must carry where their content is moving (README, finding E).
     """

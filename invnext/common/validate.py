@@ -190,7 +190,6 @@ def check_cu_seqlens(
     return t
 
 
-
 def check_softmax_scale(op: str, softmax_scale: object, head_dim: int) -> float:
     """The attention scale as a float: ``1 / sqrt(head_dim)`` when None, else a finite value > 0."""
     if softmax_scale is None:
@@ -201,6 +200,7 @@ def check_softmax_scale(op: str, softmax_scale: object, head_dim: int) -> float:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{op}: softmax_scale must be finite and > 0, got {scale}")
     return scale
+
 
 def check_index_range(op: str, name: str, index: torch.Tensor, low: int, high: int) -> None:
     """Every entry of ``index`` lies in [low, high)."""
